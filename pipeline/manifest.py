@@ -1,0 +1,128 @@
+"""Read and validate a manifest before any work starts.
+
+A manifest is CSV, JSONL or Parquet, local or on s3://, with at least a ``uri`` column.
+``media_id`` and ``label`` are optional; every other column is carried through to the
+verdict table unchanged (a column whose name clashes with a verdict column is renamed
+``manifest_<name>``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for
+
+# Columns the pipeline adds itself; manifest columns with these names are renamed.
+ROW_INDEX = "manifest_row"
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be audited; the message says what to fix."""
+
+
+def manifest_format(uri: str) -> str:
+    lower = uri.lower()
+    for suffix, fmt in FORMATS.items():
+        if lower.endswith(suffix):
+            return fmt
+    raise ManifestError(
+        f"cannot tell the manifest format of {uri!r}: name it *.csv, *.tsv, *.jsonl or *.parquet"
+    )
+
+
+def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
+    fmt = manifest_format(uri)
+    fs, path = filesystem_for(uri, storage)
+    if not fs.exists(path):
+        raise ManifestError(f"manifest not found: {uri}")
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise ManifestError(f"manifest {uri} is empty: list at least one media uri")
+    try:
+        if fmt in ("csv", "tsv"):
+            return pacsv.read_csv(
+                io.BytesIO(data),
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                # Ids and labels like "007" or "1" must stay strings.
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"uri": pa.string(), "media_id": pa.string(), "label": pa.string()},
+                    strings_can_be_null=True,
+                ),
+            )
+        if fmt == "jsonl":
+            return pajson.read_json(io.BytesIO(data))
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise ManifestError(f"cannot parse manifest {uri} as {fmt}: {exc}") from exc
+
+
+def validate_manifest(table: pa.Table, reserved: set[str], source: str = "manifest") -> pa.Table:
+    """Check a raw manifest table and normalise it.
+
+    Returns a table with string ``uri`` and ``media_id`` columns (``media_id`` defaults to
+    the uri), a ``manifest_row`` index, and extra columns renamed where they clash.
+    """
+    if "uri" not in table.column_names:
+        raise ManifestError(
+            f"{source} has no 'uri' column (columns: {', '.join(table.column_names) or 'none'}). "
+            "Add a column named 'uri' holding a local path or s3://bucket/key per row."
+        )
+    if table.num_rows == 0:
+        raise ManifestError(f"{source} has no rows: list at least one media uri")
+
+    renames = {}
+    for name in table.column_names:
+        if name in reserved and name not in ("uri", "media_id"):
+            renames[name] = f"manifest_{name}"
+    if renames:
+        table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+
+    uri = pc.cast(table["uri"], pa.string())
+    uri = pc.if_else(pc.is_null(uri), "", uri)
+    table = table.set_column(table.column_names.index("uri"), "uri", uri)
+    if "media_id" in table.column_names:
+        mid = pc.cast(table["media_id"], pa.string())
+        mid = pc.if_else(pc.or_(pc.is_null(mid), pc.equal(mid, "")), uri, mid)
+        table = table.set_column(table.column_names.index("media_id"), "media_id", mid)
+    else:
+        table = table.append_column("media_id", uri)
+    if "label" in table.column_names:
+        table = table.set_column(
+            table.column_names.index("label"), "label", pc.cast(table["label"], pa.string())
+        )
+
+    ids = table["media_id"].to_pylist()
+    dupes = [(k, n) for k, n in Counter(ids).items() if n > 1]
+    if dupes:
+        shown = ", ".join(f"{k!r} x{n}" for k, n in dupes[:5])
+        more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
+        raise ManifestError(
+            f"{source} has {len(dupes)} duplicate media ids: {shown}{more}. "
+            "Each row needs a unique media_id (it defaults to the uri): remove the repeated "
+            "rows or give them distinct media_id values."
+        )
+    if ROW_INDEX in table.column_names:
+        table = table.drop_columns([ROW_INDEX])
+    return table.append_column(ROW_INDEX, pa.array(range(table.num_rows), pa.int64()))
+
+
+def read_manifest(uri: str, reserved: set[str], storage: StorageConfig | None = None) -> pa.Table:
+    """Read, validate and normalise a manifest; raises :class:`ManifestError`."""
+    return validate_manifest(_read_raw(uri, storage or StorageConfig()), reserved, source=uri)

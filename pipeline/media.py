@@ -1,0 +1,255 @@
+"""Fetch, probe and sample-decode media with FFmpeg (ffmpeg-python + Debian's ffmpeg).
+
+Videos and images take the same path; an image is a one-frame video.
+
+* Local files are read in place. s3:// objects are read by ffmpeg through a presigned
+  HTTP URL, so a sampled decode only fetches the byte ranges it needs and an MP4 whose
+  index (``moov``) sits at the end still decodes (ffmpeg cannot seek a pipe).
+* Frames are picked with ffmpeg's ``select`` filter *before* scaling and pixel-format
+  conversion, so unused frames are decoded but never converted or shipped. When the
+  sampled frames are far apart (long videos), each one is fetched with an input seek
+  instead, which decodes only from the nearest keyframe.
+* Every failure raises :class:`MediaError` with a short code (the row's ``error``
+  starts with it) and ffmpeg's own message, with URL credentials redacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import ffmpeg
+import numpy as np
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, redact
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class MediaError(Exception):
+    """A media item cannot be audited. ``code`` is a stable short reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    frames: int = 16
+    # Decoded frames are scaled so their long side is at most this (faces are cropped
+    # from these frames; detection runs on a smaller copy).
+    max_side: int = 1920
+    # Inputs above this many pixels per frame are refused rather than decoded.
+    max_pixels: int = 80_000_000
+    # Above this spacing between sampled frames, seek to each frame instead of decoding all.
+    seek_spacing_s: float = 4.0
+    timeout_s: float = 180.0
+    presign_expiry_s: int = 3600
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.max_side < 64:
+            raise ValueError(f"max_side must be >= 64, got {self.max_side}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where ffmpeg reads the media from, and the input's fingerprint."""
+
+    location: str  # a local path or an http(s) URL ffmpeg can read with range requests
+    size_bytes: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    media_type: str  # "video" or "image"
+    width: int  # display size, after rotation
+    height: int
+    n_frames: int  # exact or estimated from duration x frame rate
+    fps: float
+    duration_s: float
+    codec: str
+
+
+def media_type_of(uri: str) -> str:
+    return "image" if uri.lower().endswith(IMAGE_EXTENSIONS) else "video"
+
+
+def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def open_source(uri: str, storage: StorageConfig, config: DecodeConfig) -> Iterator[Source]:
+    """Resolve ``uri`` to something ffmpeg can read; raise MediaError if it is missing."""
+    if not uri:
+        raise MediaError("bad_uri", "the manifest row has an empty uri")
+    fs, path = filesystem_for(uri, storage)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise MediaError("missing", f"no such object: {uri}") from None
+    except PermissionError as exc:
+        raise MediaError("access_denied", redact(str(exc))) from None
+    except Exception as exc:  # network, bad bucket name, etc.
+        raise MediaError("fetch_failed", f"{type(exc).__name__}: {redact(str(exc))}") from None
+    if info.get("type") == "directory":
+        raise MediaError("not_a_file", f"{uri} is a directory")
+    size = int(info.get("size") or 0)
+    if size == 0:
+        raise MediaError("empty", f"{uri} is zero bytes")
+    if is_s3(uri):
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        fingerprint = f"size={size};etag={etag}"
+        url = fs.url(path, expires=config.presign_expiry_s)
+        yield Source(location=url, size_bytes=size, fingerprint=fingerprint)
+    else:
+        mtime = os.stat(path).st_mtime
+        fingerprint = f"size={size};mtime={mtime:.6f};sha256={_sha256_file(path)}"
+        yield Source(location=path, size_bytes=size, fingerprint=fingerprint)
+
+
+def _ffmpeg_error(code: str, exc: ffmpeg.Error | subprocess.CalledProcessError) -> MediaError:
+    stderr = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+    # ffmpeg's last lines carry the reason; the banner is noise.
+    tail = " | ".join(line.strip() for line in stderr[-3:] if line.strip()) or "no message"
+    return MediaError(code, redact(tail)[:500])
+
+
+def _rate(text: str | None) -> float:
+    try:
+        value = float(Fraction(text)) if text and text != "0/0" else 0.0
+    except (ValueError, ZeroDivisionError):
+        value = 0.0
+    return value
+
+
+def _rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", []) or []:
+        if "rotation" in side:
+            return int(float(side["rotation"]))
+    return int(float((stream.get("tags") or {}).get("rotate", 0) or 0))
+
+
+def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
+    """ffprobe the input: picks the first video stream and estimates its frame count."""
+    try:
+        meta = ffmpeg.probe(source.location, timeout=config.timeout_s)
+    except ffmpeg.Error as exc:
+        raise _ffmpeg_error("not_media", exc) from None
+    except subprocess.TimeoutExpired:
+        raise MediaError("timeout", f"ffprobe took longer than {config.timeout_s:.0f}s") from None
+    streams = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"]
+    # Cover art attached to audio files is a "video" stream of one picture: not a video.
+    real = [s for s in streams if not (s.get("disposition") or {}).get("attached_pic")]
+    if not real:
+        kinds = sorted({s.get("codec_type", "?") for s in meta.get("streams", [])})
+        raise MediaError("no_video_stream", f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    s = real[0]
+    width, height = int(s.get("width") or 0), int(s.get("height") or 0)
+    if width <= 0 or height <= 0:
+        raise MediaError("not_media", f"video stream has no frame size ({s.get('codec_name')})")
+    if width * height > config.max_pixels:
+        raise MediaError(
+            "too_large", f"{width}x{height} exceeds the {config.max_pixels / 1e6:.0f} MP limit"
+        )
+    if abs(_rotation(s)) % 180 == 90:
+        width, height = height, width
+    fmt = meta.get("format", {})
+    is_image = media_type_of(uri) == "image" or fmt.get("format_name", "").endswith("_pipe")
+    fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
+    duration = float(s.get("duration") or fmt.get("duration") or 0.0)
+    n_frames = int(s.get("nb_frames") or 0)
+    if n_frames <= 0:
+        n_frames = int(round(duration * fps)) if duration > 0 and fps > 0 else 1
+    if is_image:
+        n_frames, duration = 1, 0.0
+    return MediaInfo(
+        media_type="image" if is_image else "video",
+        width=width,
+        height=height,
+        n_frames=max(1, n_frames),
+        fps=fps,
+        duration_s=duration,
+        codec=str(s.get("codec_name") or "unknown"),
+    )
+
+
+def sample_indices(n_frames: int, k: int) -> list[int]:
+    """``k`` evenly spaced frame indices (centres of k equal segments), unique, sorted."""
+    k = max(1, min(k, n_frames))
+    return sorted({min(n_frames - 1, int((i + 0.5) * n_frames / k)) for i in range(k)})
+
+
+def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(2, int(round(width * scale))) // 2 * 2, max(2, int(round(height * scale))) // 2 * 2
+
+
+def _run(args: list[str], timeout: float) -> bytes:
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError("timeout", f"ffmpeg took longer than {timeout:.0f}s") from None
+    if proc.returncode != 0 and not proc.stdout:
+        raise _ffmpeg_error(
+            "decode_failed", subprocess.CalledProcessError(proc.returncode, args, b"", proc.stderr)
+        )
+    return proc.stdout
+
+
+def decode_frames(
+    source: Source, info: MediaInfo, config: DecodeConfig
+) -> tuple[list[int], np.ndarray]:
+    """Decode the sampled frames as RGB uint8 ``[k, H, W, 3]``; returns (indices, frames).
+
+    Truncated inputs may yield fewer frames than asked; zero frames is an error.
+    """
+    indices = sample_indices(info.n_frames, config.frames)
+    w, h = output_size(info.width, info.height, config.max_side)
+    frame_bytes = w * h * 3
+    spacing = (info.duration_s / len(indices)) if info.media_type == "video" else 0.0
+    if info.media_type == "video" and len(indices) > 1 and spacing >= config.seek_spacing_s:
+        chunks, kept = [], []
+        for idx in indices:
+            t = idx / info.fps if info.fps > 0 else idx * spacing
+            args = (
+                ffmpeg.input(source.location, ss=f"{t:.3f}", loglevel="error")
+                .video.filter("scale", w, h)
+                .output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=1)
+                .compile()
+            )
+            data = _run(args, config.timeout_s)
+            if len(data) >= frame_bytes:
+                chunks.append(data[:frame_bytes])
+                kept.append(idx)
+        raw, indices = b"".join(chunks), kept
+    else:
+        expr = "+".join(f"eq(n,{i})" for i in indices)
+        stream = ffmpeg.input(source.location, loglevel="error").video
+        if info.media_type == "video":
+            stream = stream.filter("select", expr)
+        args = (
+            stream.filter("scale", w, h)
+            .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
+                    vframes=len(indices))
+            .compile()
+        )
+        raw = _run(args, config.timeout_s)
+    k = len(raw) // frame_bytes
+    if k == 0:
+        raise MediaError("decode_failed", "ffmpeg produced no frames (corrupt or truncated input)")
+    frames = np.frombuffer(raw[: k * frame_bytes], np.uint8).reshape(k, h, w, 3)
+    return indices[:k], frames
