@@ -1,0 +1,312 @@
+"""The audit job: manifest in, exactly one verdict row per manifest row out.
+
+Layout of OUT (a local folder or an s3:// prefix)::
+
+    OUT/runs/<run_id>/verdicts-00000.parquet   verdict rows of that run
+    OUT/runs/<run_id>/_summary.json            that run's summary
+    OUT/_summary.json                          a copy of the latest run's summary
+
+Each run writes under its own id, so runs never overwrite each other. Verdict rows
+are small (crops never reach the driver), so the driver streams them into Parquet as
+they arrive, counts them, and at the end writes an error row for any manifest row
+the pipeline failed to return: rows out always equal rows in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for, join, redact
+from deepaudit.models.checkpoint import ModelHandle, resolve_model
+from deepaudit.models.face_detector import FaceDetectorConfig
+from deepaudit.pipeline.manifest import ROW_INDEX, read_manifest
+from deepaudit.pipeline.media import DecodeConfig
+from deepaudit.pipeline.plan import StagePlan, plan_stages
+from deepaudit.pipeline.schema import (
+    RESERVED_COLUMNS,
+    STAGE_VERDICT_SCHEMA,
+    STATUS_ERROR,
+    STATUSES,
+    VERDICT_SCHEMA,
+)
+from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage, CropConfig, DecodeCropStage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AuditConfig:
+    """Everything one audit run needs. ``None`` means "derive it" (model card, cluster)."""
+
+    manifest: str
+    output: str
+    model: str | None = None
+    frames: int | None = None
+    address: str = "local"
+    num_cpus: int | None = None  # local Ray only
+    s3_endpoint: str | None = None
+    decode_actors: int | None = None
+    classify_actors: int | None = None
+    batch_size: int | None = None
+    crop_batch: int = 64
+    device: str = "auto"
+    threshold: float | None = None
+    detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
+    max_side: int = 1920
+    run_id: str | None = None
+    rows_per_file: int = 100_000
+    progress: bool = True
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _with_threshold(handle: ModelHandle, threshold: float | None) -> ModelHandle:
+    if threshold is None:
+        return handle
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
+    from dataclasses import replace
+
+    return replace(handle, config=replace(handle.config, threshold=threshold))
+
+
+def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg: AuditConfig):
+    """The Ray Data pipeline: manifest rows → DecodeCropStage → ClassifyStage."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    keys = manifest.select([ROW_INDEX, "media_id", "uri"])
+    # Small blocks spread the media over the decode actors; ~8 blocks per actor balances tails.
+    per_block = max(1, min(32, -(-keys.num_rows // (plan.decode_actors * 8))))
+    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
+    frames = cfg.frames or handle.config.frames
+    storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        DecodeCropStage,
+        fn_constructor_kwargs={
+            "decode": DecodeConfig(frames=frames, max_side=cfg.max_side),
+            "detector": cfg.detector,
+            "crop": CropConfig(size=handle.config.input_size),
+            "storage": storage,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.decode_actors),
+        num_cpus=plan.decode_cpus,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        ClassifyStage,
+        fn_constructor_kwargs={
+            "handle": handle,
+            "config": ClassifyConfig(
+                device=cfg.device, crop_batch=cfg.crop_batch, threads=plan.torch_threads
+            ),
+        },
+        batch_size=plan.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.classify_actors),
+        num_cpus=plan.classify_cpus,
+        num_gpus=plan.classify_gpus or None,
+        udf_modifying_row_count=False,
+    )
+    return ds
+
+
+class VerdictWriter:
+    """Streams verdict batches into rolling Parquet files and keeps the run's tallies."""
+
+    def __init__(self, out_dir: str, storage: StorageConfig, manifest: pa.Table, run_id: str,
+                 rows_per_file: int) -> None:
+        self.fs, self.dir = filesystem_for(out_dir, storage)
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self.uri = out_dir
+        self.extras = manifest.drop_columns(["uri", "media_id"])
+        extra_fields = [f for f in self.extras.schema if f.name != ROW_INDEX]
+        self.schema = pa.schema(list(VERDICT_SCHEMA) + extra_fields)
+        self.run_id, self.rows_per_file = run_id, rows_per_file
+        self.seen: set[int] = set()
+        self.status: Counter[str] = Counter()
+        self.verdicts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.files: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._sink = None
+        self._rows_in_file = 0
+
+    def write(self, batch: pa.Table) -> None:
+        batch = batch.select(STAGE_VERDICT_SCHEMA.names).cast(STAGE_VERDICT_SCHEMA)
+        rows = batch.column(ROW_INDEX).to_pylist()
+        fresh = [i for i, r in enumerate(rows) if r not in self.seen]  # retried tasks can repeat
+        if len(fresh) < len(rows):
+            batch = batch.take(pa.array(fresh, pa.int64()))
+            rows = [rows[i] for i in fresh]
+        if not rows:
+            return
+        self.seen.update(rows)
+        now = datetime.now(timezone.utc)
+        n = batch.num_rows
+        batch = batch.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+        batch = batch.append_column("audited_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+        extras = self.extras.take(pa.array(rows, pa.int64()))
+        for f in self.extras.schema:
+            if f.name != ROW_INDEX:
+                batch = batch.append_column(f, extras.column(f.name))
+        table = batch.select(self.schema.names).cast(self.schema)
+        self._tally(table)
+        if self._writer is None or self._rows_in_file >= self.rows_per_file:
+            self._roll()
+        self._writer.write_table(table)
+        self._rows_in_file += n
+
+    def _tally(self, table: pa.Table) -> None:
+        self.status.update(table.column("status").to_pylist())
+        self.verdicts.update(v or "none" for v in table.column("verdict").to_pylist())
+        for status, err in zip(table.column("status").to_pylist(), table.column("error").to_pylist()):
+            if status == STATUS_ERROR and err:
+                self.errors[err.split(":", 1)[0]] += 1
+
+    def _roll(self) -> None:
+        self._close_file()
+        name = f"verdicts-{len(self.files):05d}.parquet"
+        self._sink = self.fs.open(f"{self.dir}/{name}", "wb")
+        self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
+        self.files.append(join(self.uri, name))
+        self._rows_in_file = 0
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+    def fill_missing(self, manifest: pa.Table, reason: str) -> int:
+        """Write an error row for every manifest row the pipeline did not return."""
+        missing = [r for r in range(manifest.num_rows) if r not in self.seen]
+        for start in range(0, len(missing), 10_000):
+            part = manifest.take(pa.array(missing[start : start + 10_000], pa.int64()))
+            n = part.num_rows
+            cols = {name: pa.nulls(n, STAGE_VERDICT_SCHEMA.field(name).type)
+                    for name in STAGE_VERDICT_SCHEMA.names}
+            cols[ROW_INDEX] = part.column(ROW_INDEX).combine_chunks()
+            cols["media_id"] = part.column("media_id").combine_chunks()
+            cols["uri"] = part.column("uri").combine_chunks()
+            cols["status"] = pa.array([STATUS_ERROR] * n, pa.string())
+            cols["error"] = pa.array([f"lost: {reason}"] * n, pa.string())
+            for name in ("frame_indices", "face_boxes", "frame_p_fake"):
+                cols[name] = pa.array([[]] * n, STAGE_VERDICT_SCHEMA.field(name).type)
+            self.write(pa.table(cols, schema=STAGE_VERDICT_SCHEMA))
+        return len(missing)
+
+    def close(self) -> None:
+        self._close_file()
+
+
+def _write_json(fs, path: str, payload: dict) -> None:
+    with fs.open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
+    """Run one audit and return its summary. Raises before any work for bad inputs."""
+    from deepaudit.infra.ray_runtime import cluster_resources, connect
+
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    manifest = read_manifest(cfg.manifest, RESERVED_COLUMNS, storage)
+    handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
+    if cfg.frames is not None and cfg.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {cfg.frames}")
+    run_id = cfg.run_id or new_run_id()
+    run_dir = join(cfg.output, "runs", run_id)
+    writer = VerdictWriter(run_dir, storage, manifest, run_id, cfg.rows_per_file)
+
+    where = connect(cfg.address, num_cpus=cfg.num_cpus)
+    cpus, gpus = cluster_resources()
+    plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size)
+    log.info("run %s on %s: %s", run_id, where, plan)
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    run_error = None
+    try:
+        ds = build_dataset(manifest, plan, handle, cfg)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.write(batch)
+            if on_rows:
+                on_rows(len(writer.seen), manifest.num_rows)
+    except Exception as exc:  # the pipeline itself broke: still account for every row
+        run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
+        log.error("pipeline failed: %s", run_error)
+    lost = writer.fill_missing(manifest, run_error or "the pipeline returned no result for it")
+    writer.close()
+    if on_rows:
+        on_rows(len(writer.seen), manifest.num_rows)
+
+    wall = time.perf_counter() - t0
+    summary = {
+        "run_id": run_id,
+        "state": "failed" if run_error else "completed",
+        "run_error": run_error,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_s": round(wall, 3),
+        "manifest": cfg.manifest,
+        "output": run_dir,
+        "files": writer.files,
+        "model": handle.model_id,
+        "model_sha256": handle.sha256,
+        "model_trained": handle.trained,
+        "threshold": handle.config.threshold,
+        "frames": cfg.frames or handle.config.frames,
+        "rows_in": manifest.num_rows,
+        "rows_out": len(writer.seen),
+        "status": {s: writer.status.get(s, 0) for s in STATUSES},
+        "verdicts": {k: writer.verdicts.get(k, 0) for k in ("fake", "real", "none")},
+        "fakes": writer.verdicts.get("fake", 0),
+        "errors": writer.status.get(STATUS_ERROR, 0),
+        "error_codes": dict(writer.errors.most_common()),
+        "lost_rows": lost,
+        "throughput_items_per_s": round(manifest.num_rows / wall, 4) if wall > 0 else None,
+        "cluster": {"where": where, "cpus": cpus, "gpus": gpus},
+        "plan": asdict(plan),
+    }
+    fs, base = filesystem_for(cfg.output, storage)
+    _write_json(fs, f"{writer.dir}/_summary.json", summary)
+    _write_json(fs, f"{base}/_summary.json", summary)
+    return summary
+
+
+def read_verdicts(run_dir: str, storage: StorageConfig | None = None) -> pa.Table:
+    """All verdict rows of one run directory (``OUT/runs/<run_id>``)."""
+    fs, path = filesystem_for(run_dir, storage)
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables) if tables else VERDICT_SCHEMA.empty_table()
+    return table.sort_by(ROW_INDEX) if table.num_rows else table
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(table.column("status")).to_pylist()
+    return {c["values"]: c["counts"] for c in counts}

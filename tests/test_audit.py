@@ -1,0 +1,173 @@
+"""The audit job end to end on a local 2-CPU Ray: real FFmpeg, RetinaFace and model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deepaudit.infra.storage import StorageConfig
+from deepaudit.jobs.audit import AuditConfig, VerdictWriter, read_verdicts, run_audit
+from deepaudit.pipeline.manifest import read_manifest
+from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA, VERDICT_SCHEMA
+
+from .conftest import EXPECTED
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _check_ok_row(r: dict) -> None:
+    assert r["error"] is None, r
+    assert 0.0 < r["p_fake"] < 1.0 and r["verdict"] in ("fake", "real")
+    assert r["verdict"] == ("fake" if r["p_fake"] >= r["threshold"] else "real")
+    assert 0.0 <= r["confidence"] <= 1.0
+    assert len(r["frame_p_fake"]) == r["n_frames_with_face"] == len(r["frame_indices"]) >= 1
+    assert r["model"].startswith("resnext_lstm_tiny@") and len(r["model_sha256"]) == 64
+
+
+def test_bad_input_matrix_rows_out_equal_rows_in(ray_local, tiny_model, media, tmp_path):
+    rows = [{"uri": str(media[name]), "media_id": name, "camera": f"cam-{i}"}
+            for i, name in enumerate(sorted(EXPECTED))]
+    rows.append({"uri": "", "media_id": "blank-uri", "camera": "none"})
+    manifest = _write_manifest(tmp_path / "manifest.csv", rows)
+    summary = run_audit(AuditConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                                    model=str(tiny_model), frames=4))
+    table = read_verdicts(summary["output"])
+    assert table.num_rows == len(rows) == summary["rows_in"] == summary["rows_out"]
+    assert summary["state"] == "completed" and summary["lost_rows"] == 0
+    # The documented schema, then the manifest's extra column.
+    assert table.schema.names[: len(VERDICT_SCHEMA)] == VERDICT_SCHEMA.names
+    assert table.schema.names[len(VERDICT_SCHEMA):] == ["camera"]
+    by_id = {r["media_id"]: r for r in table.to_pylist()}
+    assert by_id["blank-uri"]["status"] == "error"
+    for i, name in enumerate(sorted(EXPECTED)):
+        r = by_id[name]
+        status, code = EXPECTED[name]
+        assert r["status"] == status, (name, r["error"])
+        assert r["camera"] == f"cam-{i}" and r["run_id"] == summary["run_id"]
+        if status == "ok":
+            _check_ok_row(r)
+        else:
+            assert r["verdict"] is None and r["p_fake"] is None
+            assert r["error"].startswith(code + ":"), r["error"]
+    assert summary["status"] == {
+        "ok": sum(s == "ok" for s, _ in EXPECTED.values()),
+        "no_face": sum(s == "no_face" for s, _ in EXPECTED.values()),
+        "error": sum(s == "error" for s, _ in EXPECTED.values()) + 1,
+    }
+    assert summary["error_codes"]["not_media"] == 3
+    on_disk = json.loads(Path(summary["output"], "_summary.json").read_text())
+    assert on_disk["run_id"] == summary["run_id"]
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["run_id"] == summary["run_id"]
+
+
+def test_untrained_model_withholds_verdicts(ray_local, media, tmp_path):
+    manifest = _write_manifest(tmp_path / "m.csv", [{"uri": str(media["face_image"])}])
+    summary = run_audit(AuditConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                                    model="resnext_lstm_tiny"))
+    (row,) = read_verdicts(summary["output"]).to_pylist()
+    assert summary["model_trained"] is False and summary["model"].endswith("@untrained")
+    assert row["status"] == "ok" and row["verdict"] is None
+    assert row["error"].startswith("untrained_model:") and 0.0 < row["p_fake"] < 1.0
+
+
+def test_two_runs_never_overwrite_each_other(ray_local, tiny_model, media, tmp_path):
+    manifest = _write_manifest(tmp_path / "m.csv", [{"uri": str(media["face_png"])}])
+    out = tmp_path / "out"
+    a = run_audit(AuditConfig(manifest=str(manifest), output=str(out), model=str(tiny_model)))
+    b = run_audit(AuditConfig(manifest=str(manifest), output=str(out), model=str(tiny_model)))
+    assert a["run_id"] != b["run_id"]
+    assert read_verdicts(a["output"]).num_rows == read_verdicts(b["output"]).num_rows == 1
+    # Both runs queryable together with pyarrow, as the README shows.
+    assert pq.read_table(out / "runs").num_rows == 2
+
+
+def test_writer_fills_rows_the_pipeline_lost(tmp_path):
+    """The driver's safety net: rows missing from the pipeline become error rows."""
+    p = tmp_path / "m.csv"
+    p.write_text("uri,media_id,site\n/a.mp4,a,x\n/b.mp4,b,y\n/c.mp4,c,z\n")
+    manifest = read_manifest(str(p), RESERVED_COLUMNS)
+    w = VerdictWriter(str(tmp_path / "run"), StorageConfig(), manifest, "r1", 1)
+    got = {n: [None] for n in STAGE_VERDICT_SCHEMA.names}
+    got.update(manifest_row=[1], media_id=["b"], uri=["/b.mp4"], status=["no_face"],
+               frame_indices=[[]], face_boxes=[[]], frame_p_fake=[[]])
+    w.write(pa.table(got, schema=STAGE_VERDICT_SCHEMA))
+    w.write(pa.table(got, schema=STAGE_VERDICT_SCHEMA))  # a retried task repeats a row
+    assert w.fill_missing(manifest, "actor died") == 2
+    w.close()
+    t = read_verdicts(str(tmp_path / "run"))
+    assert t.column("media_id").to_pylist() == ["a", "b", "c"]
+    assert t.column("status").to_pylist() == ["error", "no_face", "error"]
+    assert t.column("error").to_pylist()[0] == "lost: actor died"
+    assert t.column("site").to_pylist() == ["x", "y", "z"]
+    assert len(w.files) == 2  # files roll between batches once 1 row is reached
+
+
+@pytest.mark.s3
+def test_audit_on_s3_manifest_and_output(ray_local, tiny_model, media, s3_server, s3fs_client):
+    names = ["face_video", "face_image", "no_face_image", "not_media"]
+    for n in names:
+        s3fs_client.put(str(media[n]), f"audit/archive/{media[n].name}")
+    body = "uri,media_id,label\n" + "".join(
+        f"s3://audit/archive/{media[n].name},{n},\n" for n in names) + "s3://audit/archive/gone.mp4,gone,\n"
+    s3fs_client.pipe("audit/manifest.csv", body.encode())
+    summary = run_audit(AuditConfig(manifest="s3://audit/manifest.csv", output="s3://audit/results",
+                                    model=str(tiny_model), frames=4, s3_endpoint=s3_server))
+    assert summary["output"].startswith("s3://audit/results/runs/")
+    table = read_verdicts(summary["output"], StorageConfig(endpoint_url=s3_server))
+    by_id = {r["media_id"]: r for r in table.to_pylist()}
+    assert set(by_id) == set(names) | {"gone"}
+    _check_ok_row(by_id["face_video"])
+    _check_ok_row(by_id["face_image"])
+    assert "etag=" in by_id["face_video"]["fingerprint"]
+    assert by_id["no_face_image"]["status"] == "no_face"
+    assert by_id["not_media"]["error"].startswith("not_media:")
+    assert by_id["gone"]["error"].startswith("missing:")
+    assert s3fs_client.exists("audit/results/_summary.json")
+    # No presigned URL or key material leaks into the output.
+    text = json.dumps(table.to_pylist(), default=str) + json.dumps(summary)
+    assert "X-Amz-Signature" not in text and "deepaudit-test-secret" not in text
+
+
+def _shared_manifest(shared_data: Path, tmp_path: Path, kinds=("video", "image")) -> Path:
+    rows = []
+    with (shared_data / "MANIFEST.tsv").open() as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            if r["kind"] in kinds:
+                rows.append({"uri": str(shared_data / r["relative_path"]),
+                             "media_id": r["relative_path"], "label": r["label"]})
+    return _write_manifest(tmp_path / "shared.csv", rows)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_audit_all_shared_media(ray_local, tiny_model, shared_data, tmp_path):
+    """Every video and image in ../shared/data, the faceless ones included."""
+    manifest = _shared_manifest(shared_data, tmp_path)
+    n_in = sum(1 for _ in manifest.open()) - 1
+    summary = run_audit(AuditConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                                    model=str(tiny_model), frames=4))
+    table = read_verdicts(summary["output"])
+    assert table.num_rows == n_in == summary["rows_out"]
+    by_id = {r["media_id"]: r for r in table.to_pylist()}
+    assert by_id["videos/unknown/deepsafe__sample_video_big_buck_bunny.mp4"]["status"] == "no_face"
+    assert by_id["images/unknown/dlib__faces_dogs.jpg"]["status"] == "no_face"
+    assert summary["status"]["error"] == 0, summary["error_codes"]
+    ok = [r for r in by_id.values() if r["status"] == "ok"]
+    assert len(ok) >= 0.9 * n_in
+    for r in ok:
+        _check_ok_row(r)
+    videos = [r for r in ok if r["media_type"] == "video"]
+    assert len(videos) == 15 and all(r["n_frames_sampled"] == 4 for r in videos)
