@@ -1,0 +1,177 @@
+"""Model registry (timm/detectron2 style): names → builders + preprocessing/decision config.
+
+``create_model`` only builds architectures, with random weights; checkpoints and model
+cards are handled by :mod:`deepaudit.models.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from torch import nn
+
+from deepaudit.models.resnext import ResNeXt
+from deepaudit.models.resnext_lstm import ResNeXtLSTM
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model needs around it: its builder name and arguments, the crop size and
+    normalisation it expects, frames sampled per video, and the fake/real threshold."""
+
+    arch: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frames: int
+    threshold: float
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (tuples become lists)."""
+        return {f.name: _to_json(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict` (lists become tuples again); rejects unknown keys."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; expected {sorted(names)}")
+        return cls(**{key: _from_json(value) for key, value in data.items()})
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return tuple(_from_json(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+_REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {}
+
+
+def register_model(name: str, config: ModelConfig) -> Callable[[Builder], Builder]:
+    """Decorator registering ``fn(**arch_kwargs) -> nn.Module`` under ``name``.
+
+    ``config.arch`` must equal ``name`` (cards rebuild models from ``config.arch``), and
+    ``config.arch_kwargs`` must list every argument the builder accepts.
+    """
+    if config.arch != name:
+        raise ValueError(f"config.arch {config.arch!r} must equal the registered name {name!r}")
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = (fn, config)
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[Builder, ModelConfig]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; registered models: {', '.join(list_models())}"
+        ) from None
+
+
+def get_config(name: str) -> ModelConfig:
+    """The registered config of ``name`` (a copy: mutating it does not touch the registry)."""
+    config = _lookup(name)[1]
+    return replace(config, arch_kwargs=dict(config.arch_kwargs))
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build ``name`` with random weights (never loads any), ``arch_kwargs`` updated by
+    the non-``None`` ``overrides``. The result carries ``model.config``, whose
+    ``arch_kwargs`` are the arguments actually used."""
+    builder, config = _lookup(name)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - set(config.arch_kwargs))
+    if unknown:
+        raise TypeError(
+            f"unknown arguments {unknown} for model {name!r}; "
+            f"accepted: {sorted(config.arch_kwargs)}"
+        )
+    arch_kwargs = {**config.arch_kwargs, **overrides}
+    model = builder(**arch_kwargs)
+    model.config = replace(config, arch_kwargs=arch_kwargs)
+    return model
+
+
+@register_model(
+    "resnext_lstm",
+    ModelConfig(
+        arch="resnext_lstm",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        frames=16,
+        threshold=0.5,
+        arch_kwargs=dict(
+            layers=(3, 4, 6, 3), groups=32, width_per_group=4, base_channels=64,
+            hidden_size=256, num_layers=1, bidirectional=False, dropout=0.4,
+        ),
+    ),
+)
+@register_model(
+    "resnext_lstm_tiny",  # ~0.2M parameters: for tests and CI
+    ModelConfig(
+        arch="resnext_lstm_tiny",
+        input_size=64,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        frames=8,
+        threshold=0.5,
+        arch_kwargs=dict(
+            layers=(1, 1, 1, 1), groups=4, width_per_group=32, base_channels=8,
+            hidden_size=32, num_layers=1, bidirectional=False, dropout=0.4,
+        ),
+    ),
+)
+def _build_resnext_lstm(
+    *,
+    layers: tuple[int, int, int, int],
+    groups: int,
+    width_per_group: int,
+    base_channels: int,
+    hidden_size: int,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+) -> ResNeXtLSTM:
+    """A ResNeXt backbone of the given shape under an LSTM head."""
+    backbone = ResNeXt(
+        layers=layers, groups=groups, width_per_group=width_per_group, base_channels=base_channels
+    )
+    return ResNeXtLSTM(
+        backbone,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        dropout=dropout,
+    )
