@@ -59,6 +59,7 @@ class AuditConfig:
     decode_actors: int | None = None
     classify_actors: int | None = None
     batch_size: int | None = None
+    torch_threads: int | None = None
     crop_batch: int = 64
     device: str = "auto"
     threshold: float | None = None
@@ -238,7 +239,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
 
     where = connect(cfg.address, num_cpus=cfg.num_cpus)
     cpus, gpus = cluster_resources()
-    plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size)
+    plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
+                       cfg.torch_threads)
     log.info("run %s on %s: %s", run_id, where, plan)
 
     import ray.data

@@ -28,10 +28,11 @@ def run_demo(workdir: Path, seconds: float = 4.0, model: str | None = None,
     table = read_verdicts(summary["output"])
     from rich.table import Table
 
-    t = Table("media_id", "label", "status", "verdict", "p_fake", "faces/frames", "error")
+    t = Table("media_id", "label", "status", "verdict", "p_fake", "faces", "error")
     for r in table.to_pylist():
         p = "-" if r["p_fake"] is None else f"{r['p_fake']:.3f}"
         t.add_row(r["media_id"], r.get("label") or "", r["status"], r["verdict"] or "-", p,
-                  f"{r['n_frames_with_face']}/{r['n_frames_sampled']}", (r["error"] or "")[:60])
+                  f"{r['n_frames_with_face']}/{r['n_frames_sampled']}",
+                  (r["error"] or "").split(":", 1)[0])
     Console().print(t)
     return summary

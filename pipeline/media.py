@@ -146,7 +146,7 @@ def _rotation(stream: dict) -> int:
 def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
     """ffprobe the input: picks the first video stream and estimates its frame count."""
     try:
-        meta = ffmpeg.probe(source.location, timeout=config.timeout_s)
+        meta = ffmpeg.probe(source.location, timeout=config.timeout_s, v="error")
     except ffmpeg.Error as exc:
         raise _ffmpeg_error("not_media", exc) from None
     except subprocess.TimeoutExpired:

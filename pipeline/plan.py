@@ -41,6 +41,7 @@ def plan_stages(
     decode_actors: int | None = None,
     classify_actors: int | None = None,
     batch_size: int | None = None,
+    torch_threads: int | None = None,
 ) -> StagePlan:
     """Defaults from the cluster's resources; explicit counts win.
 
@@ -62,5 +63,5 @@ def plan_stages(
     dec_cpus = min(1.0, 0.5 * cpus / (n_dec + n_cls))
     cls_cpus = max(0.1, (cpus * 0.95 - n_dec * dec_cpus) / n_cls)
     # Decode actors idle part of the time (ffmpeg runs in its own process): round torch up.
-    threads = max(1, math.ceil(cls_cpus))
+    threads = torch_threads or max(1, math.ceil(cls_cpus))
     return StagePlan(n_dec, dec_cpus, n_cls, cls_cpus, 0.0, batch_size or 4, threads)
