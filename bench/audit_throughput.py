@@ -12,7 +12,7 @@ Prints one JSON line. ``efficiency`` is the pipeline's throughput divided by the
 throughput the stages' measured costs allow on this machine's cores:
 ``ideal = cores / (decode + detect + classify CPU-seconds per video)``.
 
-    python bench/audit_throughput.py [--videos 12] [--seconds 10] [--frames 16]
+    python bench/audit_throughput.py [--videos 24] [--seconds 10] [--frames 16]
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Scorer:
 
 
 def main(
-    videos: Annotated[int, typer.Option(help="Number of clips.")] = 12,
+    videos: Annotated[int, typer.Option(
+        help="Number of clips (enough that actor start-up is amortised, as in an archive).")] = 24,
     seconds: Annotated[float, typer.Option(help="Clip length.")] = 10.0,
     frames: Annotated[int, typer.Option(help="Frames sampled per clip.")] = 16,
     model: Annotated[str, typer.Option(help="Model name or checkpoint.")] = "resnext_lstm",

@@ -240,7 +240,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     where = connect(cfg.address, num_cpus=cfg.num_cpus)
     cpus, gpus = cluster_resources()
     plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
-                       cfg.torch_threads)
+                       cfg.torch_threads, input_size=handle.config.input_size)
     log.info("run %s on %s: %s", run_id, where, plan)
 
     import ray.data

@@ -122,7 +122,11 @@ def audit(
     ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option(min=1, help="Videos per classifier call; their crops share "
-                                    "forward passes (default: 16 on GPU, 4 on CPU).")
+                                    "forward passes (default: 16 on GPU, 2 on CPU).")
+    ] = None,
+    torch_threads: Annotated[
+        Optional[int], typer.Option(min=1, help="torch threads per CPU classifier actor "
+                                    "(default 1: CPU clusters scale by actors, not threads).")
     ] = None,
     crop_batch: Annotated[int, typer.Option(min=1, help="Crops per CNN forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -146,7 +150,8 @@ def audit(
     cfg = AuditConfig(
         manifest=manifest, output=output, model=model, frames=frames, address=address,
         num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
-        classify_actors=classify_actors, batch_size=batch_size, crop_batch=crop_batch,
+        classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
+        crop_batch=crop_batch,
         device=device, threshold=threshold, run_id=run_id, progress=progress,
     )
     try:
