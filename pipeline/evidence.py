@@ -214,6 +214,10 @@ def render_strip(
             panel = cv2.resize(panel, (side, side), interpolation=interp) if side != h else panel
             x = gap + c * (side + gap)
             img[y : y + side, x : x + side] = panel
+        if not mask.any():  # nothing raised the video score: say so, not just black
+            x3 = gap + 3 * (side + gap)
+            _text(img, "empty: no region", (x3 + 8, y + side // 2 - 8), 0.45, (160, 160, 160))
+            _text(img, "raised the score", (x3 + 8, y + side // 2 + 12), 0.45, (160, 160, 160))
         label = f"frame {frame_indices[r]}  p={frame_p[r]:.3f}"
         cv2.rectangle(img, (gap, y + side - 20), (gap + side, y + side), (0, 0, 0), -1)
         _text(img, label, (gap + 4, y + side - 6), 0.45)
