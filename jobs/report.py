@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
@@ -229,7 +230,8 @@ def _counts_section(s: dict, rows: pa.Table) -> str:
             width = round(160 * n / total)
             trs.append(f'<tr data-{key}="{_e(name)}"><td>{_e(name)}</td>'
                        f'<td class="num count">{_e(n)}</td>'
-                       f'<td><span class="bar {_e(name)}" style="width:{width}px"></span></td></tr>')
+                       f'<td><span class="bar {_e(name)}" style="width:{width}px"></span>'
+                       "</td></tr>")
         return (f"<h3>{_e(title)}</h3><table><thead><tr><th>{_e(key)}</th><th class=num>items"
                 f"</th><th></th></tr></thead><tbody>{''.join(trs)}</tbody></table>")
 
@@ -252,7 +254,8 @@ def _histogram_section(s: dict, scores: list[float], labels) -> str:
     if not scores:
         body = '<p class="note">No item was scored, so there is no score histogram.</p>'
     else:
-        png = histogram_png(scores, labels, s.get("threshold"), title=f"p_fake ({len(scores)} items)")
+        png = histogram_png(scores, labels, s.get("threshold"),
+                            title=f"p_fake ({len(scores)} items)")
         body = _img(png, "histogram of p_fake")
         body += '<p class="note">Dashed line: the decision threshold.</p>'
     return f'<section id="histogram"><h2>Score histogram</h2>{body}</section>'
@@ -300,16 +303,16 @@ def _metrics_sections(s: dict, scores: list[float], labels) -> str:
 
 def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
     rows = data.rows
-    flagged = [r for r in rows.to_pylist() if r.get("verdict") == "fake"]
-    flagged.sort(key=lambda r: -(r.get("p_fake") or 0.0))
-    total = len(flagged)
+    fakes = rows.filter(pc.equal(rows.column("verdict"), "fake"))
+    total = fakes.num_rows
+    flagged = fakes.sort_by([("p_fake", "descending")]).slice(0, top).to_pylist()
     if not total:
         note = "No item was flagged fake."
         if not data.summary.get("model_trained", True):
             note += " The model is untrained, so every verdict was withheld."
         return f'<section id="flagged"><h2>Flagged items</h2><p class="note">{note}</p></section>'
     items = []
-    for rank, r in enumerate(flagged[:top], 1):
+    for rank, r in enumerate(flagged, 1):
         thumb = _thumbnail(r.get("evidence"), r["media_id"], data.summary["run_id"], data.out,
                            storage)
         pic = (_img(thumb, f"evidence for {r['media_id']}", "image/jpeg", "thumb") if thumb
@@ -343,18 +346,19 @@ def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
 def _errors_section(s: dict, rows: pa.Table, limit: int) -> str:
     codes = s.get("error_codes") or {}
     code_rows = [[_e(k), f'<span class="num">{_e(v)}</span>'] for k, v in codes.items()]
-    bad = [r for r in rows.select(_present(rows, ["media_id", "status", "error"])).to_pylist()
-           if r["status"] != "ok"]
+    not_ok = rows.filter(pc.not_equal(rows.column("status"), "ok"))
+    n_bad = not_ok.num_rows
+    bad = not_ok.slice(0, limit).select(_present(rows, ["media_id", "status", "error"])).to_pylist()
     body = _table(["error code", "items"], code_rows) if code_rows else \
         '<p class="note">No errors.</p>'
     if bad:
         shown = [[f'<span class="id">{_e(r["media_id"])}</span>', _e(r["status"]),
                   f'<span class="err">{_e((r.get("error") or "")[:400])}</span>']
-                 for r in bad[:limit]]
+                 for r in bad]
         body += "<h3>Items not scored</h3>" + _table(["media id", "status", "error"], shown,
                                                        "error-rows")
-        if len(bad) > limit:
-            body += f'<p class="note">{len(bad) - limit} more not shown.</p>'
+        if n_bad > limit:
+            body += f'<p class="note">{n_bad - limit} more not shown.</p>'
     return f'<section id="errors"><h2>Errors</h2>{body}</section>'
 
 
@@ -381,7 +385,8 @@ def _throughput_section(s: dict, rows: pa.Table) -> str:
     tput = s.get("throughput_items_per_s")
     kv = [
         ("throughput", f"{tput:.3f} items/s" if isinstance(tput, (int, float)) else "–"),
-        ("wall time", f'{s["wall_s"]:.1f} s' if isinstance(s.get("wall_s"), (int, float)) else "–"),
+        ("wall time",
+         f'{s["wall_s"]:.1f} s' if isinstance(s.get("wall_s"), (int, float)) else "–"),
         ("cluster", _cluster_text(s.get("cluster"))),
         ("actor plan", _plan_text(s.get("plan"))),
     ]

@@ -62,7 +62,10 @@ def score_gradients(
     if sum(lengths) != features.shape[0] or min(lengths, default=1) < 1:
         raise ValueError(f"lengths {lengths} do not split {features.shape[0]} frames")
     # cuDNN's RNN has no backward in eval mode; the LSTM here is small, native kernels do.
-    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+    # fp32 even inside a caller's autocast: these are small, and gradients want precision.
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), torch.autocast(
+        features.device.type, enabled=False
+    ):
         f = features.detach().clone().float().requires_grad_(True)  # a normal, fp32 leaf
         frame_logits = model.frame_logits(f)
         padded = pad_sequence(list(f.split(lengths)), batch_first=True)

@@ -186,7 +186,8 @@ def render_strip(
     are enlarged to ``min_panel`` px so the tiny test model's strips stay legible."""
     k, h, w = crops.shape[:3]
     if video_cam.shape != (k, h, w) or frame_cam.shape != (k, h, w):
-        raise ValueError(f"maps {video_cam.shape}/{frame_cam.shape} do not match crops {crops.shape}")
+        raise ValueError(
+            f"maps {video_cam.shape}/{frame_cam.shape} do not match crops {crops.shape}")
     if len(frame_indices) != k or len(frame_p) != k:
         raise ValueError("need one frame index and one score per crop")
     side = max(h, min_panel)
@@ -291,7 +292,8 @@ class EvidenceBuilder:
             frames.append({
                 "frame_index": idx, "position": int(pos), "frame_p_fake": round(p, 6),
                 **mask_stats(suspect_mask(ex.video_cam[r], cfg.mask_threshold)),
-                "video_cam_peak": float(ex.video_peak[r]), "frame_cam_peak": float(ex.frame_peak[r]),
+                "video_cam_peak": float(ex.video_peak[r]),
+                "frame_cam_peak": float(ex.frame_peak[r]),
             })
         name = safe_filename(cfg.run_id)
         uri = self.writer.write(row["media_id"], f"{name}.png", png)

@@ -176,7 +176,9 @@ class ClassifyStage:
     :mod:`deepaudit.pipeline.evidence`), computed after scoring on those rows only.
     """
 
-    def __init__(self, handle, config: ClassifyConfig, evidence: EvidenceConfig | None = None) -> None:
+    def __init__(
+        self, handle, config: ClassifyConfig, evidence: EvidenceConfig | None = None
+    ) -> None:
         import torch
 
         self.torch = torch

@@ -72,7 +72,8 @@ def test_usage_errors_exit_2(tiny_model, media, tmp_path):
     code, _, out = _check(str(media["face_image"]), "--model", "no-such-model")
     assert code == 2 and "resnext_lstm" in out
     assert _check(str(media["face_image"]), "--frames", "0")[0] == 2
-    code, _, out = _check(str(media["face_image"]), "--model", str(tiny_model), "--threshold", "1.5")
+    code, _, out = _check(str(media["face_image"]), "--model", str(tiny_model),
+                          "--threshold", "1.5")
     assert code == 2 and "threshold" in out
 
 

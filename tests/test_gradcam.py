@@ -13,11 +13,14 @@ from deepaudit.models.gradcam import explain, explain_from_features, score_gradi
 from deepaudit.models.registry import create_model
 
 
-def _model(seed: int = 7):
+def _model(seed: int = 3):
     """The tiny architecture with every BatchNorm randomised, so no block is the identity
-    (zero-init residuals would make the maps nearly trivial)."""
+    (zero-init residuals would make the maps nearly trivial). Seeded: with seed 3 no map
+    of these tests is all zero, so every comparison below compares real maps."""
     g = torch.Generator().manual_seed(seed)
-    model = create_model("resnext_lstm_tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model("resnext_lstm_tiny")
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -73,7 +76,8 @@ def test_matches_hook_based_gradcam_through_the_full_model():
     frame = np.concatenate([e.frame_cam for e in got])
     video = np.concatenate([e.video_cam for e in got])
     assert frame.shape == video.shape == (7, 64, 64)  # crop resolution
-    assert (ref_video.max(axis=(1, 2)) == 1.0).sum() >= 5  # the maps are not trivial
+    assert (ref_video.max(axis=(1, 2)) == 1.0).all()  # the maps are not trivial
+    assert (ref_frame.max(axis=(1, 2)) == 1.0).all()
     np.testing.assert_allclose(frame, ref_frame, atol=2e-5)
     np.testing.assert_allclose(video, ref_video, atol=2e-5)
     for m in (frame, video):
@@ -104,6 +108,7 @@ def test_batching_and_padding_do_not_change_a_videos_maps():
     a, b = _crops(3, seed=1), _crops(6, seed=2)
     alone = explain(model, a, [3])[0]
     batched = explain(model, torch.cat([b, a]), [6, 3])[1]  # a padded behind a longer video
+    assert alone.video_cam.max() == alone.frame_cam.max() == 1.0
     np.testing.assert_allclose(batched.video_cam, alone.video_cam, atol=2e-5)
     np.testing.assert_allclose(batched.frame_cam, alone.frame_cam, atol=2e-5)
     assert batched.video_p == pytest.approx(alone.video_p, abs=1e-6)
@@ -121,7 +126,7 @@ def test_reusing_the_classifiers_features_gives_the_same_maps():
     fast = explain_from_features(model, feats, lengths, positions, picked)
     full = explain(model, crops, lengths, positions)
     for f, e in zip(fast, full):
-        assert f.positions == e.positions
+        assert f.positions == e.positions and f.video_cam.max() == f.frame_cam.max() == 1.0
         np.testing.assert_allclose(f.video_cam, e.video_cam, atol=2e-5)
         np.testing.assert_allclose(f.frame_cam, e.frame_cam, atol=2e-5)
     assert fast[0].video_cam.shape == (2, 64, 64) and fast[1].frame_p.shape == (2,)

@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -103,7 +104,8 @@ def test_report_renders_in_chromium(audited, tmp_path):
         assert len(find("#histogram img")) == 1 and len(find("#roc img")) == 1
         assert len(find("#flagged img.thumb")) == summary["fakes"] == 4
         # Confusion matrix at threshold 0.01: every scored item predicted fake.
-        cells = {c.get_attribute("data-cell"): int(c.text) for c in find("#confusion td[data-cell]")}
+        cells = {c.get_attribute("data-cell"): int(c.text)
+                 for c in find("#confusion td[data-cell]")}
         assert cells == {"tn": 0, "fp": 2, "fn": 0, "tp": 2}
         # Hostile ids are shown as text and never run.
         assert driver.execute_script("return window.__pwned === undefined")
@@ -167,6 +169,30 @@ def test_report_picks_a_run_and_says_what_to_do(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "empty"), "-o", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "no run summary" in result.output
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.s3
+def test_report_of_an_s3_output_embeds_its_evidence(s3_server, s3fs_client, tmp_path):
+    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.pipeline.evidence import EvidenceWriter, render_strip
+
+    local = tmp_path / "out"
+    crops = np.full((1, 64, 64, 3), 128, np.uint8)
+    heat = np.zeros((1, 64, 64), np.float32)
+    heat[0, 10:30, 10:30] = 1.0
+    png = render_strip(crops, heat, heat, [7], [0.9], "FAKE")
+    storage = StorageConfig(endpoint_url=s3_server)
+    uri = EvidenceWriter("s3://audit/rep/evidence", storage).write("../a", "r1.png", png)
+    _fake_run(local, "r1", [_row("../a", 0.9, "fake", evidence=uri, label="fake"),
+                            _row("b", 0.1, "real", label="real")], fakes=1)
+    s3fs_client.put(str(local) + "/", "audit/rep/", recursive=True)
+    data = load_run("s3://audit/rep", storage=storage)
+    html = render_report(data, storage)
+    assert html.count('class="thumb"') == 1 and 'id="roc"' in html
+    result = runner.invoke(app, ["report", "s3://audit/rep", "--s3-endpoint", s3_server,
+                                 "-o", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").read_text().count('class="thumb"') == 1
 
 
 def test_labels():
