@@ -162,7 +162,7 @@ def check_command(
         help="Where evidence goes: EVIDENCE_DIR/<safe name>/<run>.png and .json.")]
     = Path(DEFAULT_EVIDENCE_DIR),
     json_out: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON document on stdout instead of a table.")] = False,
+        "--json", help="Print one JSON document on stdout instead of text.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Check a few local files now, without a manifest or Ray, and print each verdict,

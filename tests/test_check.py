@@ -104,3 +104,13 @@ def test_shared_video_and_image(tiny_model, shared_data, tmp_path):
         assert Path(f["evidence"]).is_file()
         meta = json.loads(Path(f["evidence"]).with_suffix(".json").read_text())
         assert len(meta["frames"]) == min(3, f["n_frames_with_face"])
+
+
+def test_commands_and_evidence_options_are_documented():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "report" in result.output and "check" in result.output
+    result = runner.invoke(app, ["audit", "--help"])
+    for option in ("--evidence", "--no-evidence", "--evidence-max"):
+        assert option in result.output
+    result = runner.invoke(app, ["check", "--help"])
+    assert "Exit code" in result.output and "--evidence-dir" in result.output
