@@ -284,7 +284,7 @@ class EvidenceBuilder:
         cfg = self.config
         frame_idx = [int(row["frame_indices"][p]) for p in ex.positions]
         frame_p = [float(row["frame_p_fake"][p]) for p in ex.positions]
-        title = f"FAKE p={row['p_fake']:.3f} (threshold {row['threshold']:.2f})  {row['media_id']}"
+        title = f"FAKE p={row['p_fake']:.3f} (threshold {row['threshold']:.4g})  {row['media_id']}"
         png = render_strip(crops, ex.video_cam, ex.frame_cam, frame_idx, frame_p, title,
                            cfg.mask_threshold)
         frames = []
