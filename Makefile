@@ -10,13 +10,21 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast bench clean
+.PHONY: setup system-deps test-deps demo test test-fast bench clean
 
 system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
 	  echo ">> installing Debian's ffmpeg"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q ffmpeg; \
+	fi
+
+# The report test drives a real headless Chromium (Debian's, through its chromedriver).
+test-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo ">> installing Debian's chromium and chromium-driver (for the report test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -32,10 +40,10 @@ setup: $(STAMP) system-deps
 demo: setup
 	$(BIN)/deepaudit demo --workdir demo-out
 
-test: setup
+test: setup test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup test-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

@@ -6,13 +6,20 @@ Runs, in one go and on the same fixed clips:
      recording CPU seconds per video (this process plus its ffmpeg children);
   2. the naive baseline the seed systems use: one video at a time in one process,
      decode → detect → classify, with torch on all cores;
-  3. the Ray Data pipeline (``run_audit``) on a local Ray using every core.
+  3. the Ray Data pipeline (``run_audit``) on a local Ray using every core;
+  4. evidence (Grad-CAM strips for flagged items): the classifier stage's extra cost per
+     flagged item, single-threaded, and the pipeline again with every item flagged and
+     evidence on, against the same run with evidence off (step 3).
+
+Verdicts need weights marked trained: when the model has none, the bench saves its seeded
+random weights as a checkpoint marked trained (the cost does not depend on the values) and
+runs with threshold 1e-6, so every item is flagged in steps 3 and 4.
 
 Prints one JSON line. ``efficiency`` is the pipeline's throughput divided by the ideal
 throughput the stages' measured costs allow on this machine's cores:
 ``ideal = cores / (decode + detect + classify CPU-seconds per video)``.
 
-    python bench/audit_throughput.py [--videos 24] [--seconds 10] [--frames 16]
+    python bench/audit_throughput.py [--videos 24] [--seconds 10] [--frames 16] [--no-evidence]
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ def main(
     frames: Annotated[int, typer.Option(help="Frames sampled per clip.")] = 16,
     model: Annotated[str, typer.Option(help="Model name or checkpoint.")] = "resnext_lstm",
     workdir: Annotated[Path, typer.Option(help="Clip cache and outputs.")] = Path("bench-out"),
+    evidence: Annotated[bool, typer.Option(help="Measure the Grad-CAM evidence overhead.")] = True,
 ) -> None:
     import torch
 
@@ -106,6 +114,7 @@ def main(
     clips = make_clips(workdir / "clips", videos, seconds)
     handle = resolve_model(model)
     size = handle.config.input_size
+    flag_model = trained_copy(handle, workdir)  # every item flagged: the evidence worst case
     dcfg = DecodeConfig(frames=frames)
 
     # 1. Each stage alone, single-threaded: CPU seconds per video.
@@ -114,11 +123,13 @@ def main(
     scorer = Scorer(handle)
     scorer(np.zeros((2, size, size, 3), np.uint8))  # warm-up
     costs = {"decode": 0.0, "detect": 0.0, "classify": 0.0}
+    all_crops = []
     for clip in clips:
         c0 = cpu_seconds()
         _, fr = decode_one(clip, dcfg)
         c1 = cpu_seconds()
         crops = crops_of(det, fr, size)
+        all_crops.append(crops)
         c2 = cpu_seconds()
         scorer(crops)
         c3 = cpu_seconds()
@@ -127,6 +138,7 @@ def main(
         costs["classify"] += c3 - c2
     costs = {k: v / len(clips) for k, v in costs.items()}
     ideal = cores / sum(costs.values())
+    ev_stage = evidence_stage_cost(flag_model, all_crops, workdir) if evidence else None
 
     # 2. Naive baseline: one video at a time, one process, torch on every core.
     torch.set_num_threads(cores)
@@ -150,11 +162,21 @@ def main(
             w = csv.writer(f)
             w.writerow(["uri"])
             w.writerows([[str(c.absolute())] for c in clips])
-        t0 = time.perf_counter()
-        summary = run_audit(AuditConfig(manifest=str(manifest), output=str(Path(tmp) / "out"),
-                                        model=model, frames=frames))
-        pipeline_vps = len(clips) / (time.perf_counter() - t0)
-    assert summary["status"]["ok"] == len(clips), summary
+
+        def pipeline(with_evidence: bool, out: str) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            summary = run_audit(AuditConfig(
+                manifest=str(manifest), output=str(Path(tmp) / out), model=flag_model,
+                frames=frames, threshold=1e-6, evidence=with_evidence,
+                evidence_max=len(clips)))
+            vps = len(clips) / (time.perf_counter() - t0)
+            assert summary["status"]["ok"] == summary["fakes"] == len(clips), summary
+            return vps, summary
+
+        pipeline_vps, summary = pipeline(False, "out")
+        if evidence:
+            evidence_vps, ev_summary = pipeline(True, "out-evidence")
+            assert ev_summary["evidence"]["written"] == len(clips), ev_summary["evidence"]
 
     print(json.dumps({
         "bench": "audit_throughput",
@@ -171,7 +193,63 @@ def main(
         "ideal_videos_per_s": round(ideal, 4),
         "efficiency": round(pipeline_vps / ideal, 3),
         "plan": summary["plan"],
+        **({
+            "evidence_stage_ms_per_flagged_item": ev_stage["ms_per_item"],
+            "evidence_png_kb_per_item": ev_stage["png_kb"],
+            "pipeline_all_flagged_evidence_off_videos_per_s": round(pipeline_vps, 4),
+            "pipeline_all_flagged_evidence_on_videos_per_s": round(evidence_vps, 4),
+            "evidence_pipeline_overhead": round(pipeline_vps / evidence_vps - 1.0, 3),
+        } if evidence else {}),
     }))
+
+
+def trained_copy(handle, workdir: Path) -> str:
+    """A checkpoint the audit gives verdicts with: the model's own when it has trained
+    weights, else its seeded random weights saved and marked trained (bench only)."""
+    if handle.trained and handle.weights_path:
+        return handle.weights_path
+    from deepaudit.models.checkpoint import save_checkpoint
+
+    path = workdir / "weights" / f"{handle.name}-bench-random.safetensors"
+    save_checkpoint(handle.load("cpu"), path, name=f"{handle.name}-bench-random", trained=True,
+                    notes="bench only: seeded random weights marked trained, to flag items")
+    return str(path)
+
+
+def evidence_stage_cost(model: str, all_crops: list[np.ndarray], workdir: Path) -> dict:
+    """The classifier stage's extra time per flagged item with evidence on (Grad-CAM of
+    the top 3 frames, PNG strip and JSON written to disk), single-threaded like step 1:
+    the same batches through ClassifyStage with evidence off, then on."""
+    import pyarrow as pa
+
+    from deepaudit.jobs.audit import _with_threshold
+    from deepaudit.pipeline.evidence import EvidenceConfig
+    from deepaudit.pipeline.schema import CROP_SCHEMA, table_from_rows
+    from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage
+
+    handle = _with_threshold(resolve_model(model), 1e-6)
+    rows = [{"manifest_row": i, "media_id": f"clip{i}", "uri": f"clip{i}", "status": "ok",
+             "n_frames_with_face": len(c), "frame_indices": list(range(len(c))),
+             "face_boxes": [], "crops": c.tobytes(), "crop_size": c.shape[1]}
+            for i, c in enumerate(all_crops)]
+    table = table_from_rows(rows, CROP_SCHEMA)
+    batches = [table.slice(i, 4) for i in range(0, table.num_rows, 4)]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        ev = EvidenceConfig(root=str(Path(tmp) / "evidence"), run_id="bench",
+                            max_items=len(rows) + 1)  # + the warm-up item
+        cfg = ClassifyConfig(device="cpu", threads=1)
+        off, on = ClassifyStage(handle, cfg), ClassifyStage(handle, cfg, ev)
+        off(batches[0]), on(batches[0].slice(0, 1))  # warm-up (writes one item)
+        times = {}
+        for name, stage in (("off", off), ("on", on)):
+            t0 = time.perf_counter()
+            out = pa.concat_tables([stage(b) for b in batches])
+            times[name] = time.perf_counter() - t0
+        assert out.column("evidence").null_count == 0
+        pngs = list(Path(tmp, "evidence").glob("*/*.png"))
+        png_kb = sum(p.stat().st_size for p in pngs) / len(pngs) / 1024
+    return {"ms_per_item": round((times["on"] - times["off"]) * 1e3 / len(rows), 1),
+            "png_kb": round(png_kb, 1)}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Layout of OUT (a local folder or an s3:// prefix)::
     OUT/runs/<run_id>/verdicts-00000.parquet   verdict rows of that run
     OUT/runs/<run_id>/_summary.json            that run's summary
     OUT/_summary.json                          a copy of the latest run's summary
+    OUT/evidence/<safe media dir>/<run_id>.png Grad-CAM evidence of flagged items (+ .json)
 
 Each run writes under its own id, so runs never overwrite each other. Verdict rows
 are small (crops never reach the driver), so the driver streams them into Parquet as
@@ -22,14 +23,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, join, redact
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join, redact
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
+from deepaudit.pipeline.evidence import EvidenceConfig, per_actor_cap
 from deepaudit.pipeline.manifest import ROW_INDEX, read_manifest
 from deepaudit.pipeline.media import DecodeConfig
 from deepaudit.pipeline.plan import StagePlan, plan_stages
@@ -68,6 +71,11 @@ class AuditConfig:
     run_id: str | None = None
     rows_per_file: int = 100_000
     progress: bool = True
+    # Evidence for flagged items (Grad-CAM strips under OUT/evidence/): on/off, the run's
+    # cap (split over classifier actors: ceil(cap / actors) each), frames per item.
+    evidence: bool = True
+    evidence_max: int = 500
+    evidence_frames: int = 3
 
 
 def new_run_id() -> str:
@@ -84,7 +92,26 @@ def _with_threshold(handle: ModelHandle, threshold: float | None) -> ModelHandle
     return replace(handle, config=replace(handle.config, threshold=threshold))
 
 
-def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg: AuditConfig):
+def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceConfig | None:
+    """What each classifier actor writes as evidence: OUT/evidence, at most
+    ``ceil(evidence_max / classify_actors)`` items per actor (so at most
+    ``evidence_max + actors - 1`` per run), ``evidence_frames`` frames per item."""
+    if cfg.evidence_max < 0 or cfg.evidence_frames < 1:
+        raise ValueError(f"--evidence-max must be >= 0 and evidence frames >= 1, got "
+                         f"{cfg.evidence_max} and {cfg.evidence_frames}")
+    if not cfg.evidence or cfg.evidence_max == 0:
+        return None
+    root = cfg.output if is_s3(cfg.output) else str(Path(cfg.output).expanduser().absolute())
+    return EvidenceConfig(
+        root=join(root, "evidence"), run_id=run_id,
+        storage=StorageConfig(endpoint_url=cfg.s3_endpoint),
+        max_items=per_actor_cap(cfg.evidence_max, plan.classify_actors),
+        top_k=cfg.evidence_frames,
+    )
+
+
+def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg: AuditConfig,
+                  evidence: EvidenceConfig | None = None):
     """The Ray Data pipeline: manifest rows → DecodeCropStage → ClassifyStage."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -117,6 +144,7 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
             "config": ClassifyConfig(
                 device=cfg.device, crop_batch=cfg.crop_batch, threads=plan.torch_threads
             ),
+            "evidence": evidence,
         },
         batch_size=plan.batch_size,
         batch_format="pyarrow",
@@ -144,6 +172,7 @@ class VerdictWriter:
         self.status: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.evidence_written = 0
         self.files: list[str] = []
         self._writer: pq.ParquetWriter | None = None
         self._sink = None
@@ -180,6 +209,7 @@ class VerdictWriter:
         for status, err in zip(table.column("status").to_pylist(), table.column("error").to_pylist()):
             if status == STATUS_ERROR and err:
                 self.errors[err.split(":", 1)[0]] += 1
+        self.evidence_written += table.num_rows - table.column("evidence").null_count
 
     def _roll(self) -> None:
         self._close_file()
@@ -242,6 +272,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
                        cfg.torch_threads, input_size=handle.config.input_size)
     log.info("run %s on %s: %s", run_id, where, plan)
+    evidence = evidence_config(cfg, plan, run_id)
 
     import ray.data
 
@@ -250,7 +281,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     ctx.print_on_execution_start = False
     run_error = None
     try:
-        ds = build_dataset(manifest, plan, handle, cfg)
+        ds = build_dataset(manifest, plan, handle, cfg, evidence)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write(batch)
             if on_rows:
@@ -290,11 +321,26 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "throughput_items_per_s": round(manifest.num_rows / wall, 4) if wall > 0 else None,
         "cluster": {"where": where, "cpus": cpus, "gpus": gpus},
         "plan": asdict(plan),
+        "evidence": _evidence_summary(evidence, cfg, writer),
     }
     fs, base = filesystem_for(cfg.output, storage)
     _write_json(fs, f"{writer.dir}/_summary.json", summary)
     _write_json(fs, f"{base}/_summary.json", summary)
     return summary
+
+
+def _evidence_summary(evidence: EvidenceConfig | None, cfg: AuditConfig,
+                      writer: VerdictWriter) -> dict:
+    fakes = writer.verdicts.get("fake", 0)
+    return {
+        "enabled": evidence is not None,
+        "dir": evidence.root if evidence else None,
+        "max": cfg.evidence_max if evidence else 0,
+        "per_actor_max": evidence.max_items if evidence else 0,
+        "frames": cfg.evidence_frames,
+        "written": writer.evidence_written,
+        "flagged_without_evidence": fakes - writer.evidence_written,
+    }
 
 
 def read_verdicts(run_dir: str, storage: StorageConfig | None = None) -> pa.Table:

@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepaudit.jobs.check import check_command
+from deepaudit.jobs.report import report_command
+
 app = typer.Typer(
     name="deepaudit",
     help=(
@@ -49,6 +52,7 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("throughput", f"{summary['throughput_items_per_s']:.3f} items/s"),
         ("cluster", f"{summary['cluster']['where']}, {summary['cluster']['gpus']:.0f} GPU"),
+        ("evidence", _evidence_line(summary.get("evidence"))),
         ("output", summary["output"]),
     ]
     if summary.get("run_error"):
@@ -56,6 +60,14 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t)
+
+
+def _evidence_line(ev: dict | None) -> str:
+    if not ev or not ev.get("enabled"):
+        return "off"
+    missing = ev["flagged_without_evidence"]
+    return f"{ev['written']} written to {ev['dir']}" + (f" ({missing} flagged over the cap)"
+                                                       if missing else "")
 
 
 def _run_with_progress(cfg, show: bool) -> dict:
@@ -136,6 +148,14 @@ def audit(
     run_id: Annotated[
         Optional[str], typer.Option(help="Run id (default: UTC time + random suffix).")
     ] = None,
+    evidence: Annotated[
+        bool, typer.Option(help="Write Grad-CAM evidence (PNG strip + JSON) for items flagged "
+                           "fake, under OUTPUT/evidence/, and its path in the 'evidence' column.")
+    ] = True,
+    evidence_max: Annotated[
+        int, typer.Option(min=0, help="Cap on items with evidence per run, split over the "
+                          "classifier actors (ceil(cap / actors) each); 0 = none.")
+    ] = 500,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
@@ -153,6 +173,7 @@ def audit(
         classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
         crop_batch=crop_batch,
         device=device, threshold=threshold, run_id=run_id, progress=progress,
+        evidence=evidence, evidence_max=evidence_max,
     )
     try:
         summary = _run_with_progress(cfg, progress and not json_out)
@@ -201,6 +222,10 @@ def list_models_cmd() -> None:
         t.add_row(name, str(h.config.input_size), str(h.config.frames),
                   f"{h.config.threshold:.3f}", h.model_id if h.trained else "untrained")
     Console().print(t)
+
+
+app.command("report")(report_command)
+app.command("check")(check_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

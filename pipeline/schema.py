@@ -61,6 +61,7 @@ VERDICT_FIELDS = [
     ("model", pa.string()),
     ("model_sha256", pa.string()),
     ("classify_ms", pa.float32()),
+    ("evidence", pa.string()),  # URI of the Grad-CAM evidence strip (flagged rows), else null
 ]
 RUN_FIELDS = [
     ("run_id", pa.string()),
@@ -71,6 +72,7 @@ RUN_FIELDS = [
 _ORDER = [
     "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "confidence",
     "threshold", "n_frames_sampled", "n_frames_with_face", "frame_indices", "frame_p_fake",
+    "evidence",
     "face_boxes", "model", "model_sha256", "fingerprint", "size_bytes", "width", "height",
     "duration_s", "codec", "decode_ms", "detect_ms", "classify_ms", "run_id", "audited_at",
     "manifest_row",

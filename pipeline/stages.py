@@ -25,6 +25,7 @@ import pyarrow as pa
 from deepaudit.infra.storage import StorageConfig, redact
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
 from deepaudit.pipeline.crop import align_crop, select_face
+from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
 from deepaudit.pipeline.media import (
     DecodeConfig,
     MediaError,
@@ -169,9 +170,15 @@ class ClassifyConfig:
 
 
 class ClassifyStage:
-    """Classifier stage: crops in, per-frame and per-video scores out."""
+    """Classifier stage: crops in, per-frame and per-video scores out.
 
-    def __init__(self, handle, config: ClassifyConfig) -> None:
+    With ``evidence``, rows flagged fake also get Grad-CAM evidence (see
+    :mod:`deepaudit.pipeline.evidence`), computed after scoring on those rows only.
+    """
+
+    def __init__(
+        self, handle, config: ClassifyConfig, evidence: EvidenceConfig | None = None
+    ) -> None:
         import torch
 
         self.torch = torch
@@ -190,6 +197,7 @@ class ClassifyStage:
         self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.threshold = float(cfg.threshold)
+        self.evidence = self._evidence_builder(evidence)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns(["crops"]).to_pylist()
@@ -204,14 +212,18 @@ class ClassifyStage:
         todo = [i for i, r in enumerate(rows) if r["status"] == STATUS_OK]
         if todo:
             try:
-                self._score(rows, todo, crops)
+                scored = self._score(rows, todo, crops)
             except Exception as exc:  # e.g. out of memory: fail these rows, not the run
                 message = _internal_error(exc)
                 for i in todo:
                     rows[i].update(status=STATUS_ERROR, error=f"classify_failed: {message}")
+            else:
+                self._add_evidence(rows, todo, *scored)
         return table_from_rows(rows, STAGE_VERDICT_SCHEMA)
 
-    def _score(self, rows: list[dict], todo: list[int], crops: pa.ChunkedArray) -> None:
+    def _score(self, rows: list[dict], todo: list[int], crops: pa.ChunkedArray) -> tuple:
+        """Score ``rows[todo]`` in place; return ``(arrays, feats, lengths)``: each row's
+        uint8 crops and the pooled features of them all, for the evidence step."""
         torch = self.torch
         t0 = time.perf_counter()
         arrays, lengths = [], []
@@ -254,3 +266,35 @@ class ClassifyStage:
             else:
                 row["verdict"] = None  # an untrained model's score is no verdict
                 row["error"] = "untrained_model: score withheld from verdict"
+        return arrays, feats, lengths
+
+    # Evidence (issue 5): Grad-CAM only for rows flagged fake, after the normal pass.
+
+    def _evidence_builder(self, evidence: EvidenceConfig | None) -> EvidenceBuilder | None:
+        if evidence is None or evidence.max_items == 0:
+            return None
+        torch = self.torch
+
+        def prepare(crops: np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+            return x.contiguous(memory_format=torch.channels_last)
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+        return EvidenceBuilder(evidence, self.model, prepare, autocast)
+
+    def _add_evidence(self, rows: list[dict], todo: list[int], arrays, feats, lengths) -> None:
+        """Evidence for the flagged rows among ``todo``; never on the normal path (a batch
+        with no fake verdict returns at once) and never fails a row."""
+        if self.evidence is None or not self.evidence.remaining():
+            return
+        scored = [rows[i] for i in todo]
+        if not any(r.get("verdict") == "fake" for r in scored):
+            return
+        try:
+            self.evidence.add(scored, arrays, feats, lengths)
+        except Exception as exc:
+            self.evidence.failed += 1
+            _internal_error(exc)

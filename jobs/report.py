@@ -1,0 +1,469 @@
+"""``deepaudit report OUT``: one self-contained HTML page about an audit run.
+
+The page needs no network to view: CSS is inline, every picture (matplotlib plots from
+:mod:`deepaudit.jobs.metrics`, evidence thumbnails) is a base64 ``data:`` URI, there is
+no script, and a Content-Security-Policy forbids fetching anything else. Every string
+that comes from the data (media ids, URIs, error messages) is HTML-escaped.
+
+Sections carry stable ids for tests and for people who link to them: ``#summary``,
+``#status-counts``, ``#histogram``, ``#roc`` and ``#confusion`` (when the manifest had
+labels), ``#flagged``, ``#errors``, ``#throughput``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import typer
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+
+log = logging.getLogger(__name__)
+
+FAKE_LABELS = {"fake", "1", "true", "deepfake", "manipulated", "synthetic"}
+REAL_LABELS = {"real", "0", "false", "original", "pristine", "authentic"}
+COLUMNS = [
+    "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "confidence",
+    "threshold", "n_frames_sampled", "n_frames_with_face", "evidence", "decode_ms",
+    "detect_ms", "classify_ms", "label",
+]
+
+
+class ReportError(ValueError):
+    """The report cannot be built; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    out: str
+    summary: dict
+    rows: pa.Table
+
+
+def load_run(out: str, run_id: str | None = None, storage: StorageConfig | None = None) -> RunData:
+    """The summary and verdict rows of one run of ``out`` (the latest by default)."""
+    storage = storage or StorageConfig()
+    fs, base = filesystem_for(out, storage)
+    summary_path = f"{base}/runs/{run_id}/_summary.json" if run_id else f"{base}/_summary.json"
+    if not fs.exists(summary_path):
+        runs_dir = f"{base}/runs"
+        runs = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(runs_dir, detail=False)) \
+            if fs.exists(runs_dir) else []
+        hint = f" Runs there: {', '.join(runs[-10:])}." if runs else " No runs found there."
+        raise ReportError(f"no run summary at {summary_path}: is {out!r} an audit output "
+                          f"folder (deepaudit audit --output)?{hint}")
+    with fs.open(summary_path, "r") as f:
+        summary = json.load(f)
+    run_dir = f"{base}/runs/{summary['run_id']}"
+    files = sorted(p for p in fs.ls(run_dir, detail=False) if p.endswith(".parquet")) \
+        if fs.exists(run_dir) else []
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+            tables.append(pf.read(columns=cols))
+    if not tables:
+        raise ReportError(f"run {summary['run_id']} has no verdict files in {run_dir}")
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    return RunData(out=out, summary=summary, rows=rows)
+
+
+def label_value(label) -> int | None:
+    """1 fake, 0 real, None unlabelled/unknown."""
+    if label is None:
+        return None
+    text = str(label).strip().lower()
+    return 1 if text in FAKE_LABELS else 0 if text in REAL_LABELS else None
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _img(png: bytes, alt: str, mime: str = "image/png", cls: str = "plot") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img class="{cls}" alt="{_e(alt)}" src="data:{mime};base64,{data}">'
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return _e(v)
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _thumbnail(uri: str | None, media_id: str, run_id: str, out: str,
+               storage: StorageConfig, width: int = 600) -> bytes | None:
+    """A JPEG thumbnail of an evidence strip: at its recorded URI, else where it would be
+    under ``out`` (the output folder may have been moved since the run)."""
+    import cv2
+
+    from deepaudit.pipeline.evidence import evidence_dirname, safe_filename
+
+    candidates = [uri] if uri else []
+    candidates.append(join(out, "evidence", evidence_dirname(media_id),
+                           safe_filename(run_id) + ".png"))
+    for cand in candidates:
+        try:
+            fs, path = filesystem_for(cand, storage)
+            if not fs.exists(path):
+                continue
+            with fs.open(path, "rb") as f:
+                img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
+        except Exception as exc:  # unreadable evidence: the page says so, it does not fail
+            log.warning("evidence %s unreadable: %s", cand, exc)
+            continue
+        if img is None:
+            continue
+        if img.shape[1] > width:
+            img = cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])),
+                             interpolation=cv2.INTER_AREA)
+        ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if ok:
+            return jpg.tobytes()
+    return None
+
+
+CSS = """
+:root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --fake:#c0392b;
+        --real:#1e8449; --warn:#b54708; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+       color:var(--fg); background:var(--bg); }
+main { max-width:1180px; margin:0 auto; padding:24px; }
+h1 { margin:0 0 4px; font-size:24px; } h2 { font-size:18px; margin:0 0 12px; }
+.sub { color:var(--muted); margin-bottom:16px; }
+section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px 20px;
+          margin:0 0 16px; }
+.grid { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:16px; }
+.grid > section { margin:0; }
+table { border-collapse:collapse; width:100%; }
+th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
+         vertical-align:top; }
+th { color:var(--muted); font-weight:600; font-size:12px; text-transform:uppercase; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+.kv td:first-child { color:var(--muted); width:34%; }
+.id { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px; word-break:break-all; }
+.badge { display:inline-block; padding:1px 8px; border-radius:10px; font-size:12px;
+         font-weight:600; color:#fff; background:var(--muted); }
+.badge.fake { background:var(--fake); } .badge.real { background:var(--real); }
+.badge.completed { background:var(--real); } .badge.failed { background:var(--fake); }
+.banner { border-left:4px solid var(--warn); background:#fffaeb; padding:10px 14px;
+          margin:0 0 16px; border-radius:4px; }
+.bar { height:10px; background:#98a2b3; border-radius:2px; display:inline-block; }
+.bar.ok, .bar.real { background:var(--real); } .bar.fake, .bar.error { background:var(--fake); }
+.bar.no_face { background:var(--warn); }
+img.plot { max-width:100%; height:auto; }
+img.thumb { max-width:600px; width:100%; border:1px solid var(--line); border-radius:4px; }
+.cm td, .cm th { text-align:center; width:33%; }
+.cm td.hit { background:#ecfdf3; font-weight:700; } .cm td.miss { background:#fef3f2; }
+.note { color:var(--muted); }
+.flagged-item { display:grid; grid-template-columns:360px 1fr; gap:16px; padding:12px 0;
+                border-bottom:1px solid var(--line); }
+.flagged-item .kv td:first-child { width:96px; }
+.flagged-item:last-child { border-bottom:0; }
+.err { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px; word-break:break-word; }
+"""
+
+
+def _labels_scores(rows: pa.Table) -> tuple[list[float], list[int | None] | None]:
+    scored = [r for r in rows.select(_present(rows, ["p_fake", "label"])).to_pylist()
+              if r.get("p_fake") is not None]
+    scores = [float(r["p_fake"]) for r in scored]
+    if "label" not in rows.column_names:
+        return scores, None
+    labels = [label_value(r.get("label")) for r in scored]
+    return scores, (labels if any(v is not None for v in labels) else None)
+
+
+def _present(rows: pa.Table, names: list[str]) -> list[str]:
+    return [n for n in names if n in rows.column_names]
+
+
+def _summary_section(s: dict) -> str:
+    ev = s.get("evidence") or {}
+    trained = s.get("model_trained")
+    rows = [
+        ("run id", f'<span class="id">{_e(s.get("run_id"))}</span>'),
+        ("state", f'<span class="badge {_e(s.get("state"))}">{_e(s.get("state"))}</span>'),
+        ("model", f'<span class="id">{_e(s.get("model"))}</span>'
+                  + ("" if trained else ' <span class="badge">untrained</span>')),
+        ("threshold", _fmt(s.get("threshold"))),
+        ("manifest", f'<span class="id">{_e(s.get("manifest"))}</span>'),
+        ("output", f'<span class="id">{_e(s.get("output"))}</span>'),
+        ("started / finished", f'{_e(s.get("started_at"))}<br>{_e(s.get("finished_at"))}'),
+        ("items in / out", f'{_e(s.get("rows_in"))} / {_e(s.get("rows_out"))}'
+                           + (f' ({_e(s.get("lost_rows"))} lost)' if s.get("lost_rows") else "")),
+        ("flagged fake", _e(s.get("fakes"))),
+        ("evidence written", f'{_e(ev.get("written", 0))}'
+                             + (f' (cap {_e(ev.get("max"))})' if ev.get("enabled") else " (off)")),
+    ]
+    if s.get("run_error"):
+        rows.append(("run error", f'<span class="err">{_e(s["run_error"])}</span>'))
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    return f'<section id="summary"><h2>Run summary</h2><table class="kv">{body}</table></section>'
+
+
+def _counts_section(s: dict, rows: pa.Table) -> str:
+    def block(title: str, counts: dict, key: str) -> str:
+        total = max(1, sum(counts.values()))
+        trs = []
+        for name, n in counts.items():
+            width = round(160 * n / total)
+            trs.append(f'<tr data-{key}="{_e(name)}"><td>{_e(name)}</td>'
+                       f'<td class="num count">{_e(n)}</td>'
+                       f'<td><span class="bar {_e(name)}" style="width:{width}px"></span>'
+                       "</td></tr>")
+        return (f"<h3>{_e(title)}</h3><table><thead><tr><th>{_e(key)}</th><th class=num>items"
+                f"</th><th></th></tr></thead><tbody>{''.join(trs)}</tbody></table>")
+
+    status = s.get("status") or _count(rows, "status")
+    verdicts = s.get("verdicts") or _count(rows, "verdict")
+    return (f'<section id="status-counts"><h2>Counts by status and verdict</h2>'
+            f'{block("status", status, "status")}{block("verdict", verdicts, "verdict")}</section>')
+
+
+def _count(rows: pa.Table, col: str) -> dict:
+    out: dict[str, int] = {}
+    for v in rows.column(col).to_pylist():
+        out[v or "none"] = out.get(v or "none", 0) + 1
+    return out
+
+
+def _histogram_section(s: dict, scores: list[float], labels) -> str:
+    from deepaudit.jobs.metrics import histogram_png
+
+    if not scores:
+        body = '<p class="note">No item was scored, so there is no score histogram.</p>'
+    else:
+        png = histogram_png(scores, labels, s.get("threshold"),
+                            title=f"p_fake ({len(scores)} items)")
+        body = _img(png, "histogram of p_fake")
+        body += '<p class="note">Dashed line: the decision threshold.</p>'
+    return f'<section id="histogram"><h2>Score histogram</h2>{body}</section>'
+
+
+def _metrics_sections(s: dict, scores: list[float], labels) -> str:
+    from deepaudit.jobs.metrics import binary_metrics, roc_png
+
+    if labels is None:
+        return ('<section id="metrics-note"><h2>ROC and confusion matrix</h2><p class="note">'
+                "The manifest has no <code>label</code> column with real/fake values, so "
+                "there is no ROC curve or confusion matrix.</p></section>")
+    pairs = [(lab, sc) for lab, sc in zip(labels, scores) if lab is not None]
+    y = [p[0] for p in pairs]
+    x = [p[1] for p in pairs]
+    thr = float(s.get("threshold") or 0.5)
+    m = binary_metrics(y, x, thr)
+    caveat = "" if s.get("model_trained") else (
+        '<p class="note">The model is untrained: these describe its raw scores; its '
+        "verdicts were withheld.</p>")
+    if m.roc_auc is None:
+        roc = ('<p class="note">A ROC curve needs both real and fake labelled items; '
+               f"this run has {m.n_real} real and {m.n_fake} fake.</p>")
+    else:
+        roc = _img(roc_png(y, x, title=f"ROC ({m.n} labelled items)"), "ROC curve")
+    (tn, fp), (fn, tp) = m.confusion_matrix()
+    cm = (
+        '<table class="cm"><thead><tr><th>true \\ predicted</th><th>real</th><th>fake</th>'
+        f'</tr></thead><tbody><tr><th>real</th><td class="hit" data-cell="tn">{tn}</td>'
+        f'<td class="miss" data-cell="fp">{fp}</td></tr><tr><th>fake</th>'
+        f'<td class="miss" data-cell="fn">{fn}</td><td class="hit" data-cell="tp">{tp}</td>'
+        "</tr></tbody></table>"
+    )
+    stats = [["accuracy", _fmt(m.accuracy)], ["precision", _fmt(m.precision)],
+             ["recall (TPR)", _fmt(m.recall)], ["false positive rate", _fmt(m.fpr)],
+             ["F1", _fmt(m.f1)], ["ROC AUC", _fmt(m.roc_auc)],
+             ["average precision", _fmt(m.average_precision)]]
+    return (
+        f'<div class="grid"><section id="roc"><h2>ROC curve</h2>{roc}{caveat}</section>'
+        f'<section id="confusion"><h2>Confusion matrix</h2><p class="note">{m.n} labelled, '
+        f"scored items at threshold {thr:.3f}.</p>{cm}"
+        f'{_table(["metric", "value"], stats, "kv")}</section></div>'
+    )
+
+
+def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
+    rows = data.rows
+    fakes = rows.filter(pc.equal(rows.column("verdict"), "fake"))
+    total = fakes.num_rows
+    flagged = fakes.sort_by([("p_fake", "descending")]).slice(0, top).to_pylist()
+    if not total:
+        note = "No item was flagged fake."
+        if not data.summary.get("model_trained", True):
+            note += " The model is untrained, so every verdict was withheld."
+        return f'<section id="flagged"><h2>Flagged items</h2><p class="note">{note}</p></section>'
+    items = []
+    for rank, r in enumerate(flagged, 1):
+        thumb = _thumbnail(r.get("evidence"), r["media_id"], data.summary["run_id"], data.out,
+                           storage)
+        pic = (_img(thumb, f"evidence for {r['media_id']}", "image/jpeg", "thumb") if thumb
+               else '<p class="note">no evidence for this item (over the evidence cap, '
+                    "evidence off, or its files are gone)</p>")
+        label = r.get("label")
+        facts = [
+            ("rank", str(rank)),
+            ("media id", f'<span class="id">{_e(r["media_id"])}</span>'),
+            ("uri", f'<span class="id">{_e(r.get("uri"))}</span>'),
+            ("p_fake", f'<b>{_fmt(r.get("p_fake"))}</b> (confidence {_fmt(r.get("confidence"))})'),
+            ("frames with a face", f'{_e(r.get("n_frames_with_face"))} of '
+                                   f'{_e(r.get("n_frames_sampled"))} sampled'),
+        ]
+        if label is not None:
+            facts.append(("label", _e(label)))
+        if r.get("evidence"):
+            facts.append(("evidence", f'<span class="id">{_e(r["evidence"])}</span>'))
+        kv = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
+        items.append(f'<div class="flagged-item"><table class="kv">{kv}</table>'
+                     f"<div>{pic}</div></div>")
+    more = f"<p class=note>Showing the top {top} of {total}.</p>" if total > top else ""
+    legend = ('<p class="note">Each evidence strip shows, per suspicious frame: the face crop, '
+              "the Grad-CAM of the video score, the Grad-CAM of the frame's own score, and the "
+              "suspect-region mask (the video map thresholded at half its maximum; a Grad-CAM "
+              "localisation, not a trained segmentation).</p>")
+    return (f'<section id="flagged"><h2>Top flagged items ({total})</h2>{legend}'
+            f'{"".join(items)}{more}</section>')
+
+
+def _errors_section(s: dict, rows: pa.Table, limit: int) -> str:
+    codes = s.get("error_codes") or {}
+    code_rows = [[_e(k), f'<span class="num">{_e(v)}</span>'] for k, v in codes.items()]
+    not_ok = rows.filter(pc.not_equal(rows.column("status"), "ok"))
+    n_bad = not_ok.num_rows
+    bad = not_ok.slice(0, limit).select(_present(rows, ["media_id", "status", "error"])).to_pylist()
+    body = _table(["error code", "items"], code_rows) if code_rows else \
+        '<p class="note">No errors.</p>'
+    if bad:
+        shown = [[f'<span class="id">{_e(r["media_id"])}</span>', _e(r["status"]),
+                  f'<span class="err">{_e((r.get("error") or "")[:400])}</span>']
+                 for r in bad]
+        body += "<h3>Items not scored</h3>" + _table(["media id", "status", "error"], shown,
+                                                       "error-rows")
+        if n_bad > limit:
+            body += f'<p class="note">{n_bad - limit} more not shown.</p>'
+    return f'<section id="errors"><h2>Errors</h2>{body}</section>'
+
+
+def _cluster_text(c) -> str:
+    if not isinstance(c, dict):
+        return "–"
+    return _e(f"{c.get('where')}: {c.get('cpus', 0):g} CPUs, {c.get('gpus', 0):g} GPUs")
+
+
+def _plan_text(p) -> str:
+    if not isinstance(p, dict):
+        return "–"
+    try:
+        text = (f"{p['decode_actors']} decode actor(s) x {p['decode_cpus']:.2g} CPU; "
+                f"{p['classify_actors']} classifier actor(s) x {p['classify_cpus']:.2g} CPU"
+                f"{' + 1 GPU' if p.get('classify_gpus') else ''}; batch {p['batch_size']} "
+                f"videos; torch threads {p['torch_threads']}")
+    except (KeyError, TypeError, ValueError):
+        text = json.dumps(p)
+    return _e(text)
+
+
+def _throughput_section(s: dict, rows: pa.Table) -> str:
+    tput = s.get("throughput_items_per_s")
+    kv = [
+        ("throughput", f"{tput:.3f} items/s" if isinstance(tput, (int, float)) else "–"),
+        ("wall time",
+         f'{s["wall_s"]:.1f} s' if isinstance(s.get("wall_s"), (int, float)) else "–"),
+        ("cluster", _cluster_text(s.get("cluster"))),
+        ("actor plan", _plan_text(s.get("plan"))),
+    ]
+    stage = []
+    for col in ("decode_ms", "detect_ms", "classify_ms"):
+        if col not in rows.column_names:
+            continue
+        v = np.array([x for x in rows.column(col).to_pylist() if x is not None], dtype=float)
+        if v.size:
+            stage.append([_e(col.replace("_ms", "")), f"{np.median(v):.0f}",
+                          f"{np.percentile(v, 90):.0f}", f"{v.max():.0f}"])
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
+    table = _table(["stage", "median ms / item", "p90 ms", "max ms"], stage) if stage else ""
+    return (f'<section id="throughput"><h2>Throughput</h2><table class="kv">{body}</table>'
+            f"{table}</section>")
+
+
+def render_report(data: RunData, storage: StorageConfig | None = None, top: int = 50,
+                  max_errors: int = 200) -> str:
+    """The report page as one HTML string."""
+    storage = storage or StorageConfig()
+    s = data.summary
+    scores, labels = _labels_scores(data.rows)
+    banners = []
+    if not s.get("model_trained", True):
+        banners.append("The model was untrained: scores are not evidence and verdicts were "
+                       "withheld.")
+    if s.get("state") == "failed":
+        banners.append("The run failed; rows it could not finish are error rows.")
+    banner = "".join(f'<div class="banner">{_e(b)}</div>' for b in banners)
+    parts = [
+        _summary_section(s),
+        _counts_section(s, data.rows),
+        _histogram_section(s, scores, labels),
+        _metrics_sections(s, scores, labels),
+        _flagged_section(data, storage, top),
+        _errors_section(s, data.rows, max_errors),
+        _throughput_section(s, data.rows),
+    ]
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>deepaudit report {_e(s.get('run_id'))}</title><style>{CSS}</style></head>"
+        f"<body><main><h1>deepaudit report</h1><div class=sub>run "
+        f"<span class=id>{_e(s.get('run_id'))}</span> &middot; {_e(s.get('output'))}</div>"
+        f"{banner}{''.join(parts)}</main></body></html>\n"
+    )
+
+
+def report_command(
+    out: Annotated[str, typer.Argument(help="An audit output folder or s3:// prefix "
+                                       "(what 'deepaudit audit --output' wrote).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")]
+    = Path("report.html"),
+    run_id: Annotated[Optional[str], typer.Option(help="Which run (default: the latest, "
+                                                  "OUT/_summary.json).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Flagged items shown with evidence.")] = 50,
+    max_errors: Annotated[int, typer.Option(min=0, help="Error rows listed.")] = 200,
+    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL for an s3:// "
+                                                       "OUT (overrides AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Write a self-contained HTML report of an audit run: summary, counts, score
+    histogram, ROC and confusion matrix (with labels), top flagged items with their
+    evidence, errors and throughput. It opens offline in any browser."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    try:
+        data = load_run(out, run_id, storage)
+    except ReportError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    page = render_report(data, storage, top=top, max_errors=max_errors)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(page, encoding="utf-8", errors="replace")
+    console.print(f"report of run {data.summary['run_id']} written to {output} "
+                  f"({len(page.encode('utf-8', 'replace')) / 1e6:.1f} MB)")

@@ -1,0 +1,316 @@
+"""Evidence for flagged media: Grad-CAM strips written beside the verdicts.
+
+For each item the classifier flags as fake, :class:`EvidenceBuilder` (inside the
+classifier actor, which already holds the crops and the model) maps the most suspicious
+frames with Grad-CAM (:mod:`deepaudit.models.gradcam`) and writes, under
+``OUT/evidence/<safe dir>/``:
+
+* ``<run_id>.png``: one row per frame, most suspicious first (by frame score):
+  face crop | Grad-CAM of the video score over the crop | Grad-CAM of the frame's own
+  score over the crop | the binary suspect-region mask;
+* ``<run_id>.json``: the same facts as data (frame indices, scores, mask area and box).
+
+**Suspect-region mask**: the video score's Grad-CAM map, normalised to its maximum,
+thresholded at :data:`MASK_THRESHOLD` (0.5: a pixel is suspect when its evidence is at
+least half the frame's strongest). It is a Grad-CAM-derived localisation, not a trained
+segmentation: it shows where the classifier looked, not a ground-truth manipulated area.
+
+**Paths**: media ids are hostile (slashes, ``..``, NUL, thousands of characters, bytes that
+are not UTF-8). :func:`evidence_dirname` turns any id into one folder name of safe
+characters (a readable slug, at most 48 characters, plus 16 hex of the raw id's sha256),
+so distinct ids never share a folder and nothing is written outside ``OUT/evidence``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+
+log = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 0.5  # fraction of the normalised Grad-CAM map's maximum
+SLUG_CHARS = 48
+HASH_CHARS = 16
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    """Where and how much evidence one classifier stage writes."""
+
+    root: str  # OUT/evidence: a local folder or an s3:// prefix
+    run_id: str
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    max_items: int = 500  # per ClassifyStage instance (the audit splits its cap over actors)
+    top_k: int = 3  # frames per item, the highest frame scores
+    mask_threshold: float = MASK_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ValueError("evidence root must be a folder or an s3:// prefix")
+        if self.max_items < 0:
+            raise ValueError(f"evidence max_items must be >= 0, got {self.max_items}")
+        if self.top_k < 1:
+            raise ValueError(f"evidence top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+
+
+# ---------------------------------------------------------------------------- safe names
+
+
+def raw_bytes(media_id: str | bytes) -> bytes:
+    """The id's bytes: non-UTF-8 bytes decoded with surrogateescape come back as they were."""
+    if isinstance(media_id, bytes):
+        return media_id
+    try:
+        return media_id.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        return media_id.encode("utf-8", "surrogatepass")
+
+
+def evidence_dirname(media_id: str | bytes) -> str:
+    """A folder name for ``media_id``: ``<slug>-<hash>``, or ``<hash>`` when no safe
+    character is left. Only ``[A-Za-z0-9._-]``, never starting with ``.`` or ``-``;
+    the slug keeps the id's end (usually the file name)."""
+    raw = raw_bytes(media_id)
+    digest = hashlib.sha256(raw).hexdigest()[:HASH_CHARS]
+    slug = _UNSAFE.sub("_", raw.decode("utf-8", "replace")).strip("._-")
+    if len(slug) > SLUG_CHARS:  # keep the end, from a word boundary when there is one
+        tail = slug[-SLUG_CHARS:]
+        cut = tail.find("_")
+        slug = tail[cut + 1 :] if 0 <= cut < SLUG_CHARS // 2 else tail
+    slug = slug.lstrip("._-")
+    return f"{slug}-{digest}" if slug else digest
+
+
+def safe_filename(text: str) -> str:
+    """``text`` when it is already a safe file name (e.g. a generated run id), else its
+    slug plus a hash, as for media ids."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text) and ".." not in text:
+        return text
+    return evidence_dirname(text)
+
+
+class EvidenceWriter:
+    """Writes files under ``root/<evidence_dirname(media_id)>/`` (local or s3://)."""
+
+    def __init__(self, root: str, storage: StorageConfig | None = None) -> None:
+        self.root = root.rstrip("/") or root
+        self.fs, self.base = filesystem_for(root, storage)
+        self.base = self.base.rstrip("/")
+
+    def path_for(self, media_id: str | bytes, name: str) -> tuple[str, str]:
+        """``(filesystem path, URI)`` of file ``name`` in ``media_id``'s folder."""
+        folder = evidence_dirname(media_id)
+        name = safe_filename(name)
+        path = posixpath.normpath(f"{self.base}/{folder}/{name}")
+        if not path.startswith(self.base + "/") or path.count("/") != self.base.count("/") + 2:
+            raise ValueError(f"evidence path {path!r} escapes {self.base!r}")  # cannot happen
+        return path, join(self.root, folder, name)
+
+    def write(self, media_id: str | bytes, name: str, data: bytes) -> str:
+        path, uri = self.path_for(media_id, name)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+        return uri
+
+
+# ------------------------------------------------------------------------------ pictures
+
+
+def top_frames(frame_p: list[float], k: int) -> list[int]:
+    """Positions of the ``k`` highest frame scores, highest first (ties: earlier first)."""
+    order = sorted(range(len(frame_p)), key=lambda i: (-frame_p[i], i))
+    return order[: max(0, k)]
+
+
+def suspect_mask(heatmap: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """Boolean mask of a [0, 1]-normalised heatmap: ``heatmap >= threshold``. An all-zero
+    map (nothing raised the score) gives an empty mask."""
+    if heatmap.max(initial=0.0) <= 0.0:
+        return np.zeros(heatmap.shape, bool)
+    return heatmap >= threshold
+
+
+def mask_stats(mask: np.ndarray) -> dict:
+    """Area fraction and bounding box ``[x1, y1, x2, y2]`` (crop pixels, inclusive)."""
+    ys, xs = np.nonzero(mask)
+    box = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())] if xs.size else None
+    return {"mask_area": round(float(mask.mean()), 4), "mask_box": box}
+
+
+def _ascii(text: str, limit: int) -> str:
+    """Printable ASCII for Hershey fonts (OpenCV draws nothing else)."""
+    out = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return out if len(out) <= limit else "..." + out[-(limit - 3) :]
+
+
+def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45,
+          colour: tuple[int, int, int] = (255, 255, 255)) -> None:
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def _overlay(crop_bgr: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    colour = cv2.applyColorMap(np.uint8(np.round(heat * 255)), cv2.COLORMAP_JET)
+    return cv2.addWeighted(crop_bgr, 0.5, colour, 0.5, 0.0)
+
+
+COLUMNS = ("face crop", "Grad-CAM: video score", "Grad-CAM: frame score", "suspect mask")
+
+
+def render_strip(
+    crops: np.ndarray,
+    video_cam: np.ndarray,
+    frame_cam: np.ndarray,
+    frame_indices: list[int],
+    frame_p: list[float],
+    title: str,
+    mask_threshold: float = MASK_THRESHOLD,
+    min_panel: int = 192,
+) -> bytes:
+    """The evidence strip as PNG bytes: one row per frame, four panels per row.
+
+    ``crops`` are RGB uint8 ``[k, H, W, 3]``; the maps ``[k, H, W]`` in [0, 1]. Small crops
+    are enlarged to ``min_panel`` px so the tiny test model's strips stay legible."""
+    k, h, w = crops.shape[:3]
+    if video_cam.shape != (k, h, w) or frame_cam.shape != (k, h, w):
+        raise ValueError(
+            f"maps {video_cam.shape}/{frame_cam.shape} do not match crops {crops.shape}")
+    if len(frame_indices) != k or len(frame_p) != k:
+        raise ValueError("need one frame index and one score per crop")
+    side = max(h, min_panel)
+    gap, title_h, head_h = 4, 30, 22
+    width = 4 * side + 5 * gap
+    height = title_h + head_h + k * (side + gap) + gap
+    img = np.full((height, width, 3), 32, np.uint8)
+    _text(img, _ascii(title, int(width / 8.2)), (gap + 2, 20), 0.5)
+    thr = f"suspect mask (>= {mask_threshold:g} x max)"
+    for c, name in enumerate(COLUMNS[:3] + (thr,)):
+        _text(img, name, (gap + c * (side + gap) + 2, title_h + 15), 0.42, (200, 200, 200))
+    up = cv2.INTER_CUBIC if side > h else cv2.INTER_AREA
+    for r in range(k):
+        crop = cv2.cvtColor(crops[r], cv2.COLOR_RGB2BGR)
+        mask = suspect_mask(video_cam[r], mask_threshold)
+        panels = [
+            crop,
+            _overlay(crop, video_cam[r]),
+            _overlay(crop, frame_cam[r]),
+            np.repeat((mask.astype(np.uint8) * 255)[:, :, None], 3, axis=2),
+        ]
+        y = title_h + head_h + r * (side + gap)
+        for c, panel in enumerate(panels):
+            interp = cv2.INTER_NEAREST if c == 3 else up
+            panel = cv2.resize(panel, (side, side), interpolation=interp) if side != h else panel
+            x = gap + c * (side + gap)
+            img[y : y + side, x : x + side] = panel
+        if not mask.any():  # nothing raised the video score: say so, not just black
+            x3 = gap + 3 * (side + gap)
+            _text(img, "empty: no region", (x3 + 8, y + side // 2 - 8), 0.45, (160, 160, 160))
+            _text(img, "raised the score", (x3 + 8, y + side // 2 + 12), 0.45, (160, 160, 160))
+        label = f"frame {frame_indices[r]}  p={frame_p[r]:.3f}"
+        cv2.rectangle(img, (gap, y + side - 20), (gap + side, y + side), (0, 0, 0), -1)
+        _text(img, label, (gap + 4, y + side - 6), 0.45)
+    ok, png = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()
+
+
+# ------------------------------------------------------------------------ in the actor
+
+
+class EvidenceBuilder:
+    """Grad-CAM evidence for flagged rows, inside a classifier actor.
+
+    ``prepare`` turns uint8 crops ``[k, H, W, 3]`` into the model's normalised input on
+    its device (the classifier's own preprocessing). Writes at most ``max_items`` items
+    over the builder's life; rows past the cap, or whose evidence fails, keep
+    ``evidence`` null (a failure is logged, never fails the row).
+    """
+
+    def __init__(self, config: EvidenceConfig, model, prepare, autocast) -> None:
+        self.config, self.model, self.prepare, self.autocast = config, model, prepare, autocast
+        self.writer = EvidenceWriter(config.root, config.storage)
+        self.written = 0
+        self.failed = 0
+
+    def remaining(self) -> int:
+        return max(0, self.config.max_items - self.written)
+
+    def add(self, rows: list[dict], arrays: list[np.ndarray], features, lengths: list[int]) -> None:
+        """``rows[j]`` was scored from crops ``arrays[j]`` and pooled features
+        ``features[offset_j : offset_j + lengths[j]]``. Sets ``row['evidence']`` on the
+        flagged rows it explains."""
+        from deepaudit.models.gradcam import explain_from_features
+
+        flagged = [j for j, r in enumerate(rows) if r.get("verdict") == "fake"]
+        flagged = flagged[: self.remaining()]
+        if not flagged:
+            return
+        offsets = [0, *np.cumsum(lengths).tolist()]
+        feats = [features[offsets[j] : offsets[j] + lengths[j]] for j in flagged]
+        positions = [top_frames(rows[j]["frame_p_fake"], self.config.top_k) for j in flagged]
+        picked = np.concatenate([arrays[j][pos] for j, pos in zip(flagged, positions)])
+        import torch
+
+        with self.autocast():
+            maps = explain_from_features(
+                self.model, torch.cat(feats), [lengths[j] for j in flagged], positions,
+                self.prepare(picked),
+            )
+        for j, pos, ex in zip(flagged, positions, maps):
+            row = rows[j]
+            try:
+                row["evidence"] = self._write(row, arrays[j][list(pos)], ex)
+                self.written += 1
+            except Exception as exc:  # storage or encoding trouble: keep the verdict
+                self.failed += 1
+                log.error("evidence for %r failed: %s: %s", row.get("media_id"),
+                          type(exc).__name__, exc)
+
+    def _write(self, row: dict, crops: np.ndarray, ex) -> str:
+        cfg = self.config
+        frame_idx = [int(row["frame_indices"][p]) for p in ex.positions]
+        frame_p = [float(row["frame_p_fake"][p]) for p in ex.positions]
+        title = f"FAKE p={row['p_fake']:.3f} (threshold {row['threshold']:.4g})  {row['media_id']}"
+        png = render_strip(crops, ex.video_cam, ex.frame_cam, frame_idx, frame_p, title,
+                           cfg.mask_threshold)
+        frames = []
+        for r, (pos, idx, p) in enumerate(zip(ex.positions, frame_idx, frame_p)):
+            frames.append({
+                "frame_index": idx, "position": int(pos), "frame_p_fake": round(p, 6),
+                **mask_stats(suspect_mask(ex.video_cam[r], cfg.mask_threshold)),
+                "video_cam_peak": float(ex.video_peak[r]),
+                "frame_cam_peak": float(ex.frame_peak[r]),
+            })
+        name = safe_filename(cfg.run_id)
+        uri = self.writer.write(row["media_id"], f"{name}.png", png)
+        meta = {
+            "media_id": row["media_id"], "uri": row.get("uri"), "run_id": cfg.run_id,
+            "verdict": row["verdict"], "p_fake": row["p_fake"], "threshold": row["threshold"],
+            "model": row.get("model"), "strip": uri,
+            "method": "Grad-CAM on backbone.layer4; mask = video-score map >= "
+                      f"{cfg.mask_threshold:g} x its max (a localisation, not a segmentation)",
+            "columns": list(COLUMNS), "frames": frames,
+        }
+        self.writer.write(row["media_id"], f"{name}.json",
+                          json.dumps(meta, indent=2, default=str).encode())
+        return uri
+
+
+def per_actor_cap(max_items: int, actors: int) -> int:
+    """The run's cap split over classifier actors: ``ceil(max_items / actors)`` each, so a
+    run writes at most ``max_items + actors - 1`` items (actors do not coordinate)."""
+    return math.ceil(max_items / max(1, actors)) if max_items > 0 else 0
