@@ -42,3 +42,39 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def nodes() -> list:
+    """The alive nodes of the connected cluster, as plan inputs."""
+    import ray
+
+    from deepaudit.pipeline.plan import NodeResources
+
+    return [
+        NodeResources(cpus=float(n["Resources"].get("CPU", 0.0)),
+                      gpus=float(n["Resources"].get("GPU", 0.0)))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def gpu_memory_gb(timeout_s: float = 120.0) -> float | None:
+    """Memory of one of the cluster's GPUs, probed by a tiny task on a GPU node (None if
+    the probe fails or no GPU node answers in time: the plan then stays conservative)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> float | None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    ref = probe.remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a failed probe only costs batch size
+        log.warning("GPU memory probe failed (%s); using the default batch sizes", exc)
+        ray.cancel(ref, force=True)
+        return None
