@@ -23,6 +23,16 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
+class _Server(ThreadingHTTPServer):
+    """Small send buffers: bytes count as served once they leave a 32 KiB buffer, not when
+    they enter a multi-megabyte one, so the counts reflect what clients actually read."""
+
+    def get_request(self):
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        return conn, addr
+
+
 class FaultProxy:
     def __init__(self, upstream: str, fail_every: int = 0, modes=("503", "drop")) -> None:
         parts = urlsplit(upstream)
@@ -35,7 +45,8 @@ class FaultProxy:
         self.listings = 0
         self.bytes_by_key: Counter[str] = Counter()
         self.user_agents: Counter[str] = Counter()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.faults_by_agent: Counter[str] = Counter()
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -58,6 +69,7 @@ class FaultProxy:
             self.faults.clear()
             self.bytes_by_key.clear()
             self.user_agents.clear()
+            self.faults_by_agent.clear()
 
     def _handler(self):
         proxy = self
@@ -86,15 +98,17 @@ class FaultProxy:
                 body = self._body()
                 n = next(proxy.counter)
                 path = urlsplit(self.path).path
+                agent = (self.headers.get("User-Agent") or "?").split("/")[0]
                 with proxy.lock:
                     proxy.requests += 1
                     if "list-type=2" in self.path:
                         proxy.listings += 1
-                    proxy.user_agents[(self.headers.get("User-Agent") or "?").split("/")[0]] += 1
+                    proxy.user_agents[agent] += 1
                 if proxy.fail_every and n % proxy.fail_every == 0:
                     mode = proxy.modes[(n // proxy.fail_every) % len(proxy.modes)]
                     with proxy.lock:
                         proxy.faults[mode] += 1
+                        proxy.faults_by_agent[agent] += 1
                     if mode == "drop":
                         self.close_connection = True
                         try:
@@ -134,7 +148,7 @@ class FaultProxy:
                         self.wfile.write(data)
                         self._count(path, len(data))
                         return
-                    while chunk := resp.read(64 * 1024):
+                    while chunk := resp.read(16 * 1024):
                         try:
                             self.wfile.write(chunk)
                         except (BrokenPipeError, ConnectionResetError):
