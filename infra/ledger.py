@@ -225,13 +225,20 @@ class Ledger:
                       if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
 
     def read(self) -> pa.Table:
-        """Every entry of every part, in part-name order."""
+        """Every entry of every part, in part-name order. A verdict file ledgered twice
+        (a run reconciled while it was in fact still running) counts once."""
         parts = self.parts()
         if not parts:
             return LEDGER_SCHEMA.empty_table()
         ds = pads.dataset(parts, schema=LEDGER_SCHEMA, format="parquet",
                           filesystem=_arrow_fs(self.fs))
-        return ds.to_table()
+        t = ds.to_table()
+        t = t.append_column("_i", pa.array(np.arange(t.num_rows), pa.int64()))
+        first = t.group_by(["media_id", "model", "verdict_file"], use_threads=False).aggregate(
+            [("_i", "min")])["_i_min"]
+        if len(first) < t.num_rows:
+            t = t.take(pc.take(first, pc.sort_indices(first)))  # keep the read order
+        return t.drop_columns(["_i"])
 
     def latest(self) -> pa.Table:
         return latest_entries(self.read())

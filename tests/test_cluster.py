@@ -260,7 +260,7 @@ def test_audit_submitted_to_a_two_node_cluster(two_node_cluster, tiny_model, med
     key_id = os.environ["AWS_ACCESS_KEY_ID"]
 
     result = runner.invoke(app, [
-        "submit", "--address", address, "--follow",
+        "submit", "--address", address, "--follow", "--ship-code",
         "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY", "--env",
         "AWS_DEFAULT_REGION", "--",
         "audit", "s3://audit/cluster-in/", "-o", "s3://audit/cluster-out",
@@ -305,3 +305,17 @@ def test_audit_submitted_to_a_two_node_cluster(two_node_cluster, tiny_model, med
     # The credentials went to the job through its runtime_env, and nowhere visible.
     for text in (result.output, status.output, logs.output, json.dumps(summary)):
         assert secret not in text and key_id not in text
+
+
+def test_help_lists_the_archive_and_cluster_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for word in ("manifest", "query", "submit", "status", "logs"):
+        assert word in result.output
+    result = runner.invoke(app, ["audit", "--help"])
+    for option in ("--ledger", "--max-attempts", "--retry-errors", "--any-model", "--include",
+                   "--exclude", "--rows-per-file"):
+        assert option in result.output
+    result = runner.invoke(app, ["submit", "--help"])
+    for option in ("--address", "--follow", "--ship-code", "--working-dir", "--env"):
+        assert option in result.output

@@ -134,6 +134,9 @@ def test_reconcile_ledgers_a_crashed_runs_orphan_file_once(tmp_path):
     assert row["b"]["error_code"] == "timeout" and row["b"]["attempts"] == 2
     assert row["a"]["change_key"] == "ka" and row["a"]["model"] == "A@1"
     assert row["a"]["verdict_file"] == f"{run_dir}/verdicts-00000.parquet"
+    # The run was in fact still alive and ledgers the same file itself: it counts once.
+    ledger.append("crashed-00000", got)
+    assert ledger.read().num_rows == 2 and len(ledger.parts()) == 2
     # The crashed run is now closed: a second reconcile adds nothing.
     assert ledger.unfinished_runs() == []
     assert ledger.reconcile(ledger.read(), current_run="later").num_rows == 0
