@@ -76,6 +76,10 @@ class AuditConfig:
     ledger: str | None = None  # local folder or s3:// prefix; None: audit everything
     ledger_policy: LedgerPolicy = field(default_factory=LedgerPolicy)
     listing: ListingConfig = field(default_factory=ListingConfig)  # when manifest is a prefix
+    # Autoscaling clusters: wait for at least this much before planning the actors.
+    min_cpus: int = 0
+    min_gpus: int = 0
+    wait_timeout_s: float = 900.0
 
 
 def new_run_id() -> str:
@@ -308,6 +312,11 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     except BaseException:  # interrupted: publish nothing half-written
         writer.abort()
         raise
+    finally:
+        if (cfg.min_cpus or cfg.min_gpus) and manifest.num_rows:
+            from deepaudit.infra.ray_runtime import release_resource_request
+
+            release_resource_request()
     if on_rows:
         on_rows(len(writer.seen), manifest.num_rows)
 
@@ -376,10 +385,15 @@ def read_input(uri: str, storage: StorageConfig, listing: ListingConfig) -> pa.T
 
 def _start_cluster(cfg: AuditConfig) -> tuple[str, float, float, StagePlan]:
     """Join or start Ray and derive the actor plan from its nodes."""
-    from deepaudit.infra.ray_runtime import cluster_resources, connect, gpu_memory_gb, nodes
+    from deepaudit.infra.ray_runtime import (
+        connect,
+        gpu_memory_gb,
+        nodes,
+        wait_for_resources,
+    )
 
     where = connect(cfg.address, num_cpus=cfg.num_cpus)
-    cpus, gpus = cluster_resources()
+    cpus, gpus = wait_for_resources(cfg.min_cpus, cfg.min_gpus, cfg.wait_timeout_s)
     plan = plan_for_cluster(nodes(), cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
                             cfg.torch_threads, gpu_memory_gb() if gpus >= 1 else None)
     return where, cpus, gpus, plan

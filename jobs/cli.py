@@ -181,6 +181,14 @@ def audit(
         int, typer.Option(min=1, help="Roll verdict files after this many rows (at most "
                           "5,000 with --ledger, so a crash loses little).")
     ] = 100_000,
+    min_cpus: Annotated[
+        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
+                          "cluster has this many CPUs before planning the actors.")
+    ] = 0,
+    min_gpus: Annotated[
+        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
+                          "cluster has this many GPUs (one classifier actor each).")
+    ] = 0,
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.ledger import LedgerPolicy
@@ -195,13 +203,13 @@ def audit(
             num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
             classify_actors=classify_actors, batch_size=batch_size, crop_batch=crop_batch,
             device=device, threshold=threshold, run_id=run_id, progress=progress,
-            ledger=ledger, rows_per_file=rows_per_file,
+            ledger=ledger, rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
         )
         summary = _run_with_progress(cfg, progress and not json_out)
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
+    except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if json_out:

@@ -319,3 +319,14 @@ def test_help_lists_the_archive_and_cluster_commands():
     result = runner.invoke(app, ["submit", "--help"])
     for option in ("--address", "--follow", "--ship-code", "--working-dir", "--env"):
         assert option in result.output
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_wait_for_resources_asks_and_times_out_with_a_message(ray_local):
+    from deepaudit.infra.ray_runtime import release_resource_request, wait_for_resources
+
+    assert wait_for_resources(min_cpus=2, timeout_s=30) == (2.0, 0.0)
+    with pytest.raises(TimeoutError, match="--min-gpus"):
+        wait_for_resources(min_cpus=1, min_gpus=1, timeout_s=2, poll_s=0.5)
+    release_resource_request()

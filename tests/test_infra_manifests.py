@@ -153,6 +153,7 @@ def test_rayjob_manifest():
     argv = shlex.split(spec["entrypoint"])
     _parses(argv)
     assert argv[1] == "audit" and "--address" in argv and argv[argv.index("--address") + 1] == "auto"
+    assert int(argv[argv.index("--min-gpus") + 1]) >= 1
     _check_ray_cluster_spec(spec["rayClusterSpec"])
     _check_pods(job)
 
@@ -179,6 +180,8 @@ def test_raycluster_and_nightly_cronjob():
     inner = ["deepaudit", *argv[argv.index("--") + 1 :]]
     _parses(inner)  # the audit it submits
     assert inner[1] == "audit" and "--ledger" in inner
+    # The cluster idles at zero workers: the audit must ask for GPUs before it plans.
+    assert int(inner[inner.index("--min-gpus") + 1]) >= 1
     # It submits to the head service of raycluster.yaml.
     address = argv[argv.index("--address") + 1]
     assert address.startswith(f"http://{cluster['metadata']['name']}-head-svc.") and address.endswith(":8265")
