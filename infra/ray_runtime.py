@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +43,78 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def nodes() -> list:
+    """The alive nodes of the connected cluster, as plan inputs."""
+    import ray
+
+    from deepaudit.pipeline.plan import NodeResources
+
+    return [
+        NodeResources(cpus=float(n["Resources"].get("CPU", 0.0)),
+                      gpus=float(n["Resources"].get("GPU", 0.0)))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def gpu_memory_gb(timeout_s: float = 120.0) -> float | None:
+    """Memory of one of the cluster's GPUs, probed by a tiny task on a GPU node (None if
+    the probe fails or no GPU node answers in time: the plan then stays conservative)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> float | None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    ref = probe.remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a failed probe only costs batch size
+        log.warning("GPU memory probe failed (%s); using the default batch sizes", exc)
+        ray.cancel(ref, force=True)
+        return None
+
+
+def wait_for_resources(min_cpus: float = 0, min_gpus: float = 0, timeout_s: float = 900.0,
+                       poll_s: float = 2.0) -> tuple[float, float]:
+    """Ask the autoscaler for at least ``min_cpus`` CPUs and ``min_gpus`` GPUs and wait
+    until the cluster offers them, so the actor plan is made for the cluster the audit
+    will run on, not for the few nodes an idle autoscaling cluster keeps. Returns the
+    cluster's (CPUs, GPUs); raises TimeoutError, saying what is missing, after
+    ``timeout_s``. On a cluster without an autoscaler the request is a no-op."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if min_cpus <= 0 and min_gpus <= 0:
+        return cluster_resources()
+    bundles = [{"GPU": 1}] * int(min_gpus)
+    request_resources(num_cpus=int(min_cpus) or None, bundles=bundles or None)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cpus, gpus = cluster_resources()
+        if cpus >= min_cpus and gpus >= min_gpus:
+            return cpus, gpus
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the cluster offers {cpus:g} CPUs and {gpus:g} GPUs after {timeout_s:.0f} s; "
+                f"the audit asked for at least {min_cpus:g} and {min_gpus:g} (--min-cpus, "
+                "--min-gpus). Check the autoscaler's max workers and the cloud's quotas.")
+        log.info("waiting for the cluster: %g/%g CPUs, %g/%g GPUs", cpus, min_cpus, gpus, min_gpus)
+        time.sleep(poll_s)
+        ray.nodes()  # keep the GCS connection warm
+
+
+def release_resource_request() -> None:
+    """Drop the standing autoscaler request made by :func:`wait_for_resources`."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception as exc:  # noqa: BLE001 - best effort at the end of a run
+        log.debug("could not clear the resource request: %s", exc)

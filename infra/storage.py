@@ -82,7 +82,9 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-_SECRET_QUERY = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.I)
+_SECRET_QUERY = re.compile(
+    r"((?:X-Amz-(?:Credential|Signature|Security-Token)|AWSAccessKeyId|Signature)=)[^&\s'\"]+",
+    re.I)
 _URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import time
 from collections import Counter
@@ -25,17 +26,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from deepaudit.infra.ledger import LedgerPolicy
+from deepaudit.infra.listing import ListingConfig
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join, redact
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
 from deepaudit.pipeline.evidence import EvidenceConfig, per_actor_cap
-from deepaudit.pipeline.manifest import ROW_INDEX, read_manifest
+from deepaudit.pipeline.manifest import FORMATS, ROW_INDEX, ManifestError, read_manifest
 from deepaudit.pipeline.media import DecodeConfig
-from deepaudit.pipeline.plan import StagePlan, plan_stages
+from deepaudit.pipeline.plan import StagePlan, plan_for_cluster
 from deepaudit.pipeline.schema import (
     RESERVED_COLUMNS,
     STAGE_VERDICT_SCHEMA,
@@ -63,7 +67,7 @@ class AuditConfig:
     classify_actors: int | None = None
     batch_size: int | None = None
     torch_threads: int | None = None
-    crop_batch: int = 64
+    crop_batch: int | None = None  # None: from the plan (64 on CPU, from memory on GPU)
     device: str = "auto"
     threshold: float | None = None
     detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
@@ -76,6 +80,14 @@ class AuditConfig:
     evidence: bool = True
     evidence_max: int = 500
     evidence_frames: int = 3
+    # Archives and incremental runs (see jobs/incremental.py and infra/ledger.py).
+    ledger: str | None = None  # local folder or s3:// prefix; None: audit everything
+    ledger_policy: LedgerPolicy = field(default_factory=LedgerPolicy)
+    listing: ListingConfig = field(default_factory=ListingConfig)  # when manifest is a prefix
+    # Autoscaling clusters: wait for at least this much before planning the actors.
+    min_cpus: int = 0
+    min_gpus: int = 0
+    wait_timeout_s: float = 900.0
 
 
 def new_run_id() -> str:
@@ -142,7 +154,8 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
         fn_constructor_kwargs={
             "handle": handle,
             "config": ClassifyConfig(
-                device=cfg.device, crop_batch=cfg.crop_batch, threads=plan.torch_threads
+                device=cfg.device, crop_batch=cfg.crop_batch or plan.crop_batch,
+                threads=plan.torch_threads,
             ),
             "evidence": evidence,
         },
@@ -160,11 +173,22 @@ class VerdictWriter:
     """Streams verdict batches into rolling Parquet files and keeps the run's tallies."""
 
     def __init__(self, out_dir: str, storage: StorageConfig, manifest: pa.Table, run_id: str,
-                 rows_per_file: int) -> None:
+                 rows_per_file: int,
+                 on_file_closed: Callable[[str, pa.Table], None] | None = None,
+                 roll_seconds: float | None = None) -> None:
         self.fs, self.dir = filesystem_for(out_dir, storage)
         self.fs.makedirs(self.dir, exist_ok=True)
         self.uri = out_dir
         self.extras = manifest.drop_columns(["uri", "media_id"])
+        # manifest_row values of the rows to write (a ledger may have filtered the
+        # manifest): sorted, so a row's position is a binary search away.
+        self._rows = manifest.column(ROW_INDEX).to_numpy()
+        if len(self._rows) > 1 and not np.all(self._rows[1:] > self._rows[:-1]):
+            raise ValueError("manifest_row must be strictly increasing")
+        self.on_file_closed, self.roll_seconds = on_file_closed, roll_seconds
+        self._file_rows: list[pa.Table] = []  # (manifest_row, status, error, audited_at)
+        self._opened_at = 0.0
+        self._tmp: str | None = None
         extra_fields = [f for f in self.extras.schema if f.name != ROW_INDEX]
         self.schema = pa.schema(list(VERDICT_SCHEMA) + extra_fields)
         self.run_id, self.rows_per_file = run_id, rows_per_file
@@ -192,16 +216,19 @@ class VerdictWriter:
         n = batch.num_rows
         batch = batch.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
         batch = batch.append_column("audited_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
-        extras = self.extras.take(pa.array(rows, pa.int64()))
+        extras = self.extras.take(pa.array(np.searchsorted(self._rows, rows), pa.int64()))
         for f in self.extras.schema:
             if f.name != ROW_INDEX:
                 batch = batch.append_column(f, extras.column(f.name))
         table = batch.select(self.schema.names).cast(self.schema)
         self._tally(table)
-        if self._writer is None or self._rows_in_file >= self.rows_per_file:
+        if self._writer is None or self._rows_in_file >= self.rows_per_file or (
+                self.roll_seconds and time.monotonic() - self._opened_at > self.roll_seconds):
             self._roll()
         self._writer.write_table(table)
         self._rows_in_file += n
+        if self.on_file_closed:
+            self._file_rows.append(table.select([ROW_INDEX, "status", "error", "audited_at"]))
 
     def _tally(self, table: pa.Table) -> None:
         self.status.update(table.column("status").to_pylist())
@@ -214,20 +241,46 @@ class VerdictWriter:
     def _roll(self) -> None:
         self._close_file()
         name = f"verdicts-{len(self.files):05d}.parquet"
-        self._sink = self.fs.open(f"{self.dir}/{name}", "wb")
+        # A file only ever appears complete: on S3 the object exists once the upload
+        # completes on close; locally it is written under a hidden name and renamed.
+        self._tmp = None if is_s3(self.uri) else f"{self.dir}/.{name}.inprogress"
+        self._sink = self.fs.open(self._tmp or f"{self.dir}/{name}", "wb")
         self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
         self.files.append(join(self.uri, name))
         self._rows_in_file = 0
+        self._opened_at = time.monotonic()
 
     def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
             self._writer = self._sink = None
+            if self._tmp:
+                os.replace(self._tmp, f"{self.dir}/{self.files[-1].rsplit('/', 1)[-1]}")
+                self._tmp = None
+            if self.on_file_closed:
+                rows = pa.concat_tables(self._file_rows) if self._file_rows else None
+                self._file_rows = []
+                if rows is not None:
+                    self.on_file_closed(self.files[-1], rows)
+
+    def abort(self) -> None:
+        """Drop the open file without publishing it (the run is being torn down)."""
+        if self._writer is not None:
+            sink, tmp = self._sink, self._tmp
+            self._writer = self._sink = self._tmp = None
+            self.files.pop()
+            if tmp:
+                sink.close()
+                os.remove(tmp)
+            else:  # s3fs: abort the upload, and never let close() commit a partial object
+                sink.discard()
+                sink.closed = True
 
     def fill_missing(self, manifest: pa.Table, reason: str) -> int:
         """Write an error row for every manifest row the pipeline did not return."""
-        missing = [r for r in range(manifest.num_rows) if r not in self.seen]
+        missing = [i for i, r in enumerate(manifest.column(ROW_INDEX).to_pylist())
+                   if r not in self.seen]
         for start in range(0, len(missing), 10_000):
             part = manifest.take(pa.array(missing[start : start + 10_000], pa.int64()))
             n = part.num_rows
@@ -254,43 +307,47 @@ def _write_json(fs, path: str, payload: dict) -> None:
 
 def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Run one audit and return its summary. Raises before any work for bad inputs."""
-    from deepaudit.infra.ray_runtime import cluster_resources, connect
+    from deepaudit.jobs.incremental import (
+        LEDGER_ROLL_SECONDS,
+        LEDGER_ROWS_PER_FILE,
+        prepare_incremental,
+    )
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
-    manifest = read_manifest(cfg.manifest, RESERVED_COLUMNS, storage)
+    manifest = read_input(cfg.manifest, storage, cfg.listing)
     handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
     if cfg.frames is not None and cfg.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {cfg.frames}")
     run_id = cfg.run_id or new_run_id()
     run_dir = join(cfg.output, "runs", run_id)
-    writer = VerdictWriter(run_dir, storage, manifest, run_id, cfg.rows_per_file)
+    inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
+                              run_dir, storage)
+    manifest = inc.todo  # the rows this run audits (all of them without a ledger)
+    rows_per_file = min(cfg.rows_per_file, LEDGER_ROWS_PER_FILE) if cfg.ledger else cfg.rows_per_file
+    writer = VerdictWriter(run_dir, storage, manifest, run_id, rows_per_file,
+                           on_file_closed=inc.on_file_closed if cfg.ledger else None,
+                           roll_seconds=LEDGER_ROLL_SECONDS if cfg.ledger else None)
 
-    where = connect(cfg.address, num_cpus=cfg.num_cpus)
-    cpus, gpus = cluster_resources()
-    plan = plan_stages(cpus, gpus, cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
-                       cfg.torch_threads, input_size=handle.config.input_size)
-    log.info("run %s on %s: %s", run_id, where, plan)
-    evidence = evidence_config(cfg, plan, run_id)
-
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    run_error = None
+    run_error, plan, evidence = None, None, None
+    where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0
     try:
-        ds = build_dataset(manifest, plan, handle, cfg, evidence)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.write(batch)
-            if on_rows:
-                on_rows(len(writer.seen), manifest.num_rows)
-    except Exception as exc:  # the pipeline itself broke: still account for every row
-        run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
-        log.error("pipeline failed: %s", run_error)
-    lost = writer.fill_missing(manifest, run_error or "the pipeline returned no result for it")
-    writer.close()
+        if manifest.num_rows:
+            where, cpus, gpus, plan = _start_cluster(cfg, handle)
+            log.info("run %s on %s: %s", run_id, where, plan)
+            evidence = evidence_config(cfg, plan, run_id)
+            run_error = _stream_verdicts(manifest, plan, handle, cfg, writer, on_rows, evidence)
+        lost = writer.fill_missing(manifest, run_error or "the pipeline returned no result for it")
+        writer.close()
+    except BaseException:  # interrupted: publish nothing half-written
+        writer.abort()
+        raise
+    finally:
+        if (cfg.min_cpus or cfg.min_gpus) and manifest.num_rows:
+            from deepaudit.infra.ray_runtime import release_resource_request
+
+            release_resource_request()
     if on_rows:
         on_rows(len(writer.seen), manifest.num_rows)
 
@@ -312,6 +369,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "frames": cfg.frames or handle.config.frames,
         "rows_in": manifest.num_rows,
         "rows_out": len(writer.seen),
+        "items": inc.items(audited=len(writer.seen), failed=writer.status.get(STATUS_ERROR, 0)),
         "status": {s: writer.status.get(s, 0) for s in STATUSES},
         "verdicts": {k: writer.verdicts.get(k, 0) for k in ("fake", "real", "none")},
         "fakes": writer.verdicts.get("fake", 0),
@@ -320,12 +378,13 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "lost_rows": lost,
         "throughput_items_per_s": round(manifest.num_rows / wall, 4) if wall > 0 else None,
         "cluster": {"where": where, "cpus": cpus, "gpus": gpus},
-        "plan": asdict(plan),
+        "plan": asdict(plan) if plan else None,
         "evidence": _evidence_summary(evidence, cfg, writer),
     }
     fs, base = filesystem_for(cfg.output, storage)
     _write_json(fs, f"{writer.dir}/_summary.json", summary)
     _write_json(fs, f"{base}/_summary.json", summary)
+    inc.finish(summary["state"])
     return summary
 
 
@@ -341,6 +400,73 @@ def _evidence_summary(evidence: EvidenceConfig | None, cfg: AuditConfig,
         "written": writer.evidence_written,
         "flagged_without_evidence": fakes - writer.evidence_written,
     }
+
+
+def is_manifest_file(uri: str) -> bool:
+    """A manifest is named *.csv, *.tsv, *.jsonl or *.parquet; anything else is a prefix."""
+    return uri.lower().endswith(tuple(FORMATS))
+
+
+def read_input(uri: str, storage: StorageConfig, listing: ListingConfig) -> pa.Table:
+    """The validated manifest: read from a manifest file, or listed from a folder or an
+    s3:// prefix (its listing columns ``size``, ``etag``, ``mtime`` give the change keys)."""
+    if is_manifest_file(uri):
+        return read_manifest(uri, RESERVED_COLUMNS, storage)
+    from deepaudit.infra.listing import ListingStats, listing_table
+    from deepaudit.pipeline.manifest import validate_manifest
+
+    stats = ListingStats()
+    try:
+        table = listing_table(uri, storage, listing, stats)
+    except FileNotFoundError:
+        raise ManifestError(f"{uri} is neither a manifest (*.csv, *.tsv, *.jsonl, *.parquet) "
+                            "nor a folder") from None
+    if table.num_rows == 0:
+        raise ManifestError(
+            f"no media found under {uri}: {stats.listed} objects listed, {stats.excluded} "
+            f"excluded by --include/--exclude, {stats.not_media} not media. Check the prefix "
+            "and the globs.")
+    return validate_manifest(table, RESERVED_COLUMNS, source=uri)
+
+
+def _start_cluster(cfg: AuditConfig, handle: ModelHandle) -> tuple[str, float, float, StagePlan]:
+    """Join or start Ray and derive the actor plan from its nodes."""
+    from deepaudit.infra.ray_runtime import (
+        connect,
+        gpu_memory_gb,
+        nodes,
+        wait_for_resources,
+    )
+
+    where = connect(cfg.address, num_cpus=cfg.num_cpus)
+    cpus, gpus = wait_for_resources(cfg.min_cpus, cfg.min_gpus, cfg.wait_timeout_s)
+    plan = plan_for_cluster(nodes(), cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
+                            cfg.torch_threads, gpu_memory_gb() if gpus >= 1 else None,
+                            input_size=handle.config.input_size)
+    return where, cpus, gpus, plan
+
+
+def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
+                     cfg: AuditConfig, writer: VerdictWriter,
+                     on_rows: Callable[[int, int], None] | None,
+                     evidence: EvidenceConfig | None = None) -> str | None:
+    """Run the pipeline into ``writer``; return the run error, if the pipeline broke."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        ds = build_dataset(manifest, plan, handle, cfg, evidence)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.write(batch)
+            if on_rows:
+                on_rows(len(writer.seen), manifest.num_rows)
+    except Exception as exc:  # the pipeline itself broke: still account for every row
+        run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
+        log.error("pipeline failed: %s", run_error)
+        return run_error
+    return None
 
 
 def read_verdicts(run_dir: str, storage: StorageConfig | None = None) -> pa.Table:

@@ -46,6 +46,7 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
     rows = [
         ("model", f"{summary['model']}{trained}"),
         ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
+        *_items_row(summary),
         ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),
         ("verdicts", ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())),
         ("error codes", ", ".join(f"{k} {v}" for k, v in summary["error_codes"].items()) or "-"),
@@ -68,6 +69,16 @@ def _evidence_line(ev: dict | None) -> str:
     missing = ev["flagged_without_evidence"]
     return f"{ev['written']} written to {ev['dir']}" + (f" ({missing} flagged over the cap)"
                                                        if missing else "")
+
+
+def _items_row(summary: dict) -> list[tuple[str, str]]:
+    """The incremental counts: what the ledger made this run audit or skip."""
+    items = summary.get("items")
+    if not items or not items.get("ledger"):
+        return []
+    keys = ("new", "changed", "new_model", "retry", "skipped", "gave_up", "recovered",
+            "audited", "failed")
+    return [("items", ", ".join(f"{k} {items[k]}" for k in keys if k in items))]
 
 
 def _run_with_progress(cfg, show: bool) -> dict:
@@ -98,7 +109,8 @@ def audit(
     manifest: Annotated[
         str,
         typer.Argument(help="CSV, TSV, JSONL or Parquet with a 'uri' column (local or s3://). "
-                       "Optional: media_id, label; other columns are carried to the output."),
+                       "Optional: media_id, label; other columns are carried to the output. "
+                       "Or a folder / s3:// prefix: every media object under it is audited."),
     ],
     output: Annotated[
         str, typer.Option("--output", "-o", help="Output folder or s3:// prefix; each run "
@@ -140,7 +152,10 @@ def audit(
         Optional[int], typer.Option(min=1, help="torch threads per CPU classifier actor "
                                     "(default 1: CPU clusters scale by actors, not threads).")
     ] = None,
-    crop_batch: Annotated[int, typer.Option(min=1, help="Crops per CNN forward pass.")] = 64,
+    crop_batch: Annotated[
+        Optional[int], typer.Option(min=1, help="Crops per CNN forward pass (default: 64 on "
+                                    "CPU, from the GPU's memory on GPU).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threshold: Annotated[
         Optional[float], typer.Option(help="Override the model card's fake threshold.")
@@ -161,23 +176,64 @@ def audit(
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    ledger: Annotated[
+        Optional[str], typer.Option(help="Ledger folder or s3:// prefix: audit only items that "
+                                    "are new, changed, errored (up to --max-attempts) or not "
+                                    "yet audited by this model, and record what was audited.")
+    ] = None,
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="With --ledger: an item that errored this many times "
+                          "(same model, unchanged) is not retried again.")
+    ] = 3,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="With --ledger: retry every errored item, "
+                           "whatever its attempt count.")
+    ] = False,
+    any_model: Annotated[
+        bool, typer.Option("--any-model", help="With --ledger: an unchanged item audited by "
+                           "any model counts as done (default: a new model re-audits all).")
+    ] = False,
+    include: Annotated[
+        Optional[list[str]], typer.Option(help="With a prefix: keep keys matching this glob "
+                                          "(relative to the prefix; repeatable).")
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]], typer.Option(help="With a prefix: drop keys matching this glob "
+                                          "(repeatable).")
+    ] = None,
+    rows_per_file: Annotated[
+        int, typer.Option(min=1, help="Roll verdict files after this many rows (at most "
+                          "5,000 with --ledger, so a crash loses little).")
+    ] = 100_000,
+    min_cpus: Annotated[
+        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
+                          "cluster has this many CPUs before planning the actors.")
+    ] = 0,
+    min_gpus: Annotated[
+        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
+                          "cluster has this many GPUs (one classifier actor each).")
+    ] = 0,
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
+    from deepaudit.infra.ledger import LedgerPolicy
+    from deepaudit.infra.listing import ListingConfig
     from deepaudit.jobs.audit import AuditConfig
     from deepaudit.pipeline.manifest import ManifestError
 
     _setup_logging(verbose)
-    cfg = AuditConfig(
-        manifest=manifest, output=output, model=model, frames=frames, address=address,
-        num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
-        classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
-        crop_batch=crop_batch,
-        device=device, threshold=threshold, run_id=run_id, progress=progress,
-        evidence=evidence, evidence_max=evidence_max,
-    )
     try:
+        cfg = AuditConfig(
+            manifest=manifest, output=output, model=model, frames=frames, address=address,
+            num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
+            classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
+            crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
+            progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger, rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
+            ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
+                                       any_model=any_model),
+            listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
+        )
         summary = _run_with_progress(cfg, progress and not json_out)
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
+    except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if json_out:
@@ -224,6 +280,17 @@ def list_models_cmd() -> None:
     Console().print(t)
 
 
+from deepaudit.jobs.manifest_cmd import manifest_command  # noqa: E402
+from deepaudit.jobs.query import query_command  # noqa: E402
+from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command  # noqa: E402
+
+app.command("manifest")(manifest_command)
+app.command("query")(query_command)
+app.command(
+    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(submit_command)
+app.command("status")(job_status_command)
+app.command("logs")(job_logs_command)
 app.command("report")(report_command)
 app.command("check")(check_command)
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -51,6 +53,9 @@ class DecodeConfig:
     seek_spacing_s: float = 4.0
     timeout_s: float = 180.0
     presign_expiry_s: int = 3600
+    # Reads over HTTP (s3:// through presigned URLs): ffmpeg reconnects mid-stream by
+    # itself; a call that fails on a transient error (5xx, reset) is rerun this often.
+    http_retries: int = 3
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -121,6 +126,35 @@ def open_source(uri: str, storage: StorageConfig, config: DecodeConfig) -> Itera
         yield Source(location=path, size_bytes=size, fingerprint=fingerprint)
 
 
+# ffmpeg/ffprobe messages that mean the network failed, not the media.
+_TRANSIENT = re.compile(
+    r"Server returned 5\d\d|5XX|Connection reset|Connection refused|Connection timed out|"
+    r"Broken pipe|Input/output error|I/O error|End of file|Stream ends prematurely|"
+    r"timed out|Network is unreachable|HTTP error 50[0-9]", re.I)
+
+
+def http_input_options(location: str) -> dict:
+    """ffmpeg input options that ride out dropped connections and 5xx answers mid-read."""
+    if not location.startswith(("http://", "https://")):
+        return {}
+    return {"reconnect": 1, "reconnect_on_network_error": 1, "reconnect_on_http_error": "5xx",
+            "reconnect_delay_max": 4}
+
+
+def _retrying(location: str, config: DecodeConfig, call):
+    """Run ``call()``; for HTTP inputs, rerun it on transient network errors."""
+    attempts = 1 + (config.http_retries if location.startswith(("http://", "https://")) else 0)
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (ffmpeg.Error, subprocess.CalledProcessError) as exc:
+            text = (exc.stderr or b"").decode("utf-8", "replace")
+            if attempt + 1 >= attempts or not _TRANSIENT.search(text):
+                raise
+            time.sleep(min(2.0, 0.2 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
 def _ffmpeg_error(code: str, exc: ffmpeg.Error | subprocess.CalledProcessError) -> MediaError:
     stderr = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
     # ffmpeg's last lines carry the reason; the banner is noise.
@@ -146,7 +180,9 @@ def _rotation(stream: dict) -> int:
 def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
     """ffprobe the input: picks the first video stream and estimates its frame count."""
     try:
-        meta = ffmpeg.probe(source.location, timeout=config.timeout_s, v="error")
+        meta = _retrying(source.location, config, lambda: ffmpeg.probe(
+            source.location, timeout=config.timeout_s, v="error",
+            **http_input_options(source.location)))
     except ffmpeg.Error as exc:
         raise _ffmpeg_error("not_media", exc) from None
     except subprocess.TimeoutExpired:
@@ -198,16 +234,21 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale))) // 2 * 2, max(2, int(round(height * scale))) // 2 * 2
 
 
-def _run(args: list[str], timeout: float) -> bytes:
+def _run(args: list[str], timeout: float, location: str = "",
+         config: DecodeConfig | None = None) -> bytes:
+    def once() -> bytes:
+        try:
+            proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise MediaError("timeout", f"ffmpeg took longer than {timeout:.0f}s") from None
+        if proc.returncode != 0 and not proc.stdout:
+            raise subprocess.CalledProcessError(proc.returncode, args, b"", proc.stderr)
+        return proc.stdout
+
     try:
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise MediaError("timeout", f"ffmpeg took longer than {timeout:.0f}s") from None
-    if proc.returncode != 0 and not proc.stdout:
-        raise _ffmpeg_error(
-            "decode_failed", subprocess.CalledProcessError(proc.returncode, args, b"", proc.stderr)
-        )
-    return proc.stdout
+        return _retrying(location, config or DecodeConfig(), once)
+    except subprocess.CalledProcessError as exc:
+        raise _ffmpeg_error("decode_failed", exc) from None
 
 
 def decode_frames(
@@ -226,19 +267,21 @@ def decode_frames(
         for idx in indices:
             t = idx / info.fps if info.fps > 0 else idx * spacing
             args = (
-                ffmpeg.input(source.location, ss=f"{t:.3f}", loglevel="error")
+                ffmpeg.input(source.location, ss=f"{t:.3f}", loglevel="error",
+                             **http_input_options(source.location))
                 .video.filter("scale", w, h)
                 .output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=1)
                 .compile()
             )
-            data = _run(args, config.timeout_s)
+            data = _run(args, config.timeout_s, source.location, config)
             if len(data) >= frame_bytes:
                 chunks.append(data[:frame_bytes])
                 kept.append(idx)
         raw, indices = b"".join(chunks), kept
     else:
         expr = "+".join(f"eq(n,{i})" for i in indices)
-        stream = ffmpeg.input(source.location, loglevel="error").video
+        stream = ffmpeg.input(source.location, loglevel="error",
+                              **http_input_options(source.location)).video
         if info.media_type == "video":
             stream = stream.filter("select", expr)
         args = (
@@ -247,7 +290,7 @@ def decode_frames(
                     vframes=len(indices))
             .compile()
         )
-        raw = _run(args, config.timeout_s)
+        raw = _run(args, config.timeout_s, source.location, config)
     k = len(raw) // frame_bytes
     if k == 0:
         raise MediaError("decode_failed", "ffmpeg produced no frames (corrupt or truncated input)")

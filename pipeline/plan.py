@@ -22,6 +22,7 @@ class StagePlan:
     classify_gpus: float  # 1 per actor on GPU clusters, else 0
     batch_size: int  # videos per classifier call (their crops share forward passes)
     torch_threads: int  # CPU classifier only
+    crop_batch: int = 64  # crops per forward pass of the CNN trunk
 
     def __post_init__(self) -> None:
         if self.decode_actors < 1 or self.classify_actors < 1:
@@ -30,6 +31,8 @@ class StagePlan:
             raise ValueError("actor CPU reservations must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.crop_batch < 1:
+            raise ValueError(f"crop_batch must be >= 1, got {self.crop_batch}")
 
     def reserved_cpus(self) -> float:
         return self.decode_actors * self.decode_cpus + self.classify_actors * self.classify_cpus
@@ -88,3 +91,82 @@ def plan_stages(
     # Two videos per classifier call: their crops share forward passes, and the first
     # call does not wait long for the decoders to fill a bigger batch.
     return StagePlan(n_dec, per_actor, n_cls, per_actor, 0.0, batch_size or 2, threads)
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What one Ray node offers."""
+
+    cpus: float
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.gpus < 0:
+            raise ValueError(f"node resources must be >= 0, got {self}")
+
+
+# Device memory one 224 px crop may hold in flight through ResNeXt50_32x4d under fp16
+# autocast: the largest activations plus cuDNN workspace, rounded up generously. An
+# estimate (no GPU was available to measure it); --batch-size/--crop-batch override it.
+MB_PER_CROP_FP16 = 24
+
+
+def gpu_batch_sizes(gpu_memory_gb: float | None) -> tuple[int, int]:
+    """(videos per classifier call, crops per forward pass) for a GPU with this much
+    memory, using half of it. Unknown memory: the conservative (16, 64)."""
+    if not gpu_memory_gb or gpu_memory_gb <= 0:
+        return 16, 64
+    crops = int(gpu_memory_gb * 1024 * 0.5 / MB_PER_CROP_FP16)
+    crop_batch = max(32, min(1024, crops // 32 * 32))
+    return max(16, min(128, crop_batch // 8)), crop_batch
+
+
+def plan_for_cluster(
+    nodes: list[NodeResources],
+    decode_actors: int | None = None,
+    classify_actors: int | None = None,
+    batch_size: int | None = None,
+    torch_threads: int | None = None,
+    gpu_memory_gb: float | None = None,
+    input_size: int = 224,
+) -> StagePlan:
+    """The plan for a cluster of ``nodes``: every actor must fit on one node.
+
+    * One node: :func:`plan_stages` on its resources (GPU batch sizes from its memory).
+    * GPU nodes: one classifier actor per GPU (``num_gpus=1``, up to one CPU to feed it),
+      a batch size that fits the smallest GPU (``gpu_memory_gb``); decode actors take
+      every other core of every node, one core each, less one for the driver. Decode
+      scales with the CPU cores, classification with the GPUs.
+    * CPU nodes only: each node gets the single-node mix of decode and classifier actors;
+      a pool has one reservation, so each pool reserves the smallest node's share.
+      Ray Data spreads actor pools over the nodes.
+    """
+    nodes = [n for n in nodes if n.cpus > 0 or n.gpus > 0]
+    total_cpus = sum(n.cpus for n in nodes)
+    total_gpus = sum(math.floor(n.gpus) for n in nodes)
+    batch, crop_batch = gpu_batch_sizes(gpu_memory_gb)
+    if len(nodes) <= 1:
+        plan = plan_stages(total_cpus, total_gpus, decode_actors, classify_actors, batch_size,
+                           torch_threads, input_size)
+        if total_gpus >= 1:
+            from dataclasses import replace
+
+            plan = replace(plan, batch_size=batch_size or batch, crop_batch=crop_batch)
+        return plan
+    if total_gpus >= 1:
+        gpu_nodes = [n for n in nodes if n.gpus >= 1]
+        cls_cpus = max(0.1, min(1.0, min(n.cpus / math.floor(n.gpus) for n in gpu_nodes) / 2))
+        free = [max(0.0, n.cpus - cls_cpus * math.floor(n.gpus)) for n in nodes]
+        dec_cpus = 1.0 if max(free) >= 1.0 else 0.5
+        n_dec = decode_actors or max(1, sum(math.floor(f / dec_cpus) for f in free) - 1)
+        return StagePlan(n_dec, dec_cpus, classify_actors or total_gpus, cls_cpus, 1.0,
+                         batch_size or batch, 1, crop_batch)
+    subs = [plan_stages(n.cpus, 0.0, input_size=input_size) for n in nodes]
+    dec_cpus = min(p.decode_cpus for p in subs)
+    cls_cpus = min(p.classify_cpus for p in subs)
+    threads = torch_threads or 1
+    return StagePlan(
+        decode_actors or sum(p.decode_actors for p in subs), dec_cpus,
+        classify_actors or sum(p.classify_actors for p in subs), cls_cpus, 0.0,
+        batch_size or 2, threads,
+    )

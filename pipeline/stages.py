@@ -60,7 +60,7 @@ class CropConfig:
 
 
 def _internal_error(exc: BaseException) -> str:
-    log.error("internal error:\n%s", traceback.format_exc())
+    log.error("internal error:\n%s", redact(traceback.format_exc()))
     return f"internal: {type(exc).__name__}: {redact(str(exc))[:300]}"
 
 

@@ -1,0 +1,112 @@
+"""Incremental audits: what this run audits given the ledger, and what it records there.
+
+Kept out of :mod:`deepaudit.jobs.audit` on purpose: the audit calls
+:func:`prepare_incremental` before it starts the pipeline, hands
+:meth:`Incremental.on_file_closed` to its verdict writer, and asks
+:meth:`Incremental.items` for the summary's counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deepaudit.infra.ledger import (
+    NEW,
+    PLAN_SCHEMA,
+    REASONS,
+    SKIPPED,
+    GAVE_UP,
+    Ledger,
+    LedgerPolicy,
+    change_keys,
+    decide,
+    ledger_rows,
+)
+from deepaudit.infra.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+# Verdict files roll at least this often when a ledger is kept, so a crash loses little.
+LEDGER_ROWS_PER_FILE = 5_000
+LEDGER_ROLL_SECONDS = 300.0
+
+
+@dataclass
+class Incremental:
+    """The to-do part of the manifest and the bookkeeping around it."""
+
+    todo: pa.Table  # manifest rows to audit; ``manifest_row`` keeps the original positions
+    manifest_rows: int
+    reasons: Counter = field(default_factory=Counter)
+    recovered: int = 0
+    ledger: Ledger | None = None
+    plan: pa.Table | None = None
+    model: str = ""
+    run_id: str = ""
+    parts: list[str] = field(default_factory=list)
+
+    def on_file_closed(self, file_uri: str, rows: pa.Table) -> None:
+        """Ledger the rows of a verdict file that was just durably closed."""
+        if self.ledger is None:
+            return
+        stem = file_uri.rsplit("/", 1)[-1].removesuffix(".parquet").removeprefix("verdicts-")
+        part = ledger_rows(rows, self.plan, self.model, self.run_id, file_uri)
+        self.parts.append(self.ledger.append(f"{self.run_id}-{stem}", part))
+
+    def items(self, audited: int, failed: int) -> dict:
+        """The summary's item counts."""
+        out = {"manifest": self.manifest_rows}
+        out.update({r: self.reasons.get(r, 0) for r in REASONS})
+        out.update(recovered=self.recovered, audited=audited, failed=failed,
+                   ledger=self.ledger.uri if self.ledger else None)
+        return out
+
+    def finish(self, state: str) -> None:
+        if self.ledger is not None:
+            self.ledger.finish_run(self.run_id, state=state, parts=len(self.parts))
+
+
+def prepare_incremental(
+    manifest: pa.Table,
+    ledger_uri: str | None,
+    policy: LedgerPolicy,
+    model: str,
+    run_id: str,
+    run_dir: str,
+    storage: StorageConfig,
+) -> Incremental:
+    """Decide, per manifest row, whether this run audits it; record the run's plan."""
+    n = manifest.num_rows
+    if not ledger_uri:
+        return Incremental(todo=manifest, manifest_rows=n, reasons=Counter({NEW: n}))
+    ledger = Ledger(ledger_uri, storage)
+    entries = ledger.read()
+    recovered = ledger.reconcile(entries, current_run=run_id)
+    if recovered.num_rows:
+        entries = pa.concat_tables([entries, recovered])
+    keys = change_keys(manifest, storage)
+    items = pa.table({"manifest_row": manifest["manifest_row"],
+                      "media_id": manifest["media_id"], "change_key": keys})
+    decision = decide(items, entries, model, policy)
+    reasons = Counter(decision["reason"].to_pylist())
+    mask = pc.invert(pc.is_in(decision["reason"], pa.array([SKIPPED, GAVE_UP])))
+    todo = manifest.filter(mask)
+    plan = pa.table({
+        "manifest_row": manifest["manifest_row"],
+        "media_id": manifest["media_id"],
+        "uri": manifest["uri"],
+        "change_key": keys,
+        "attempt": decision["attempt"],
+        "reason": decision["reason"],
+    }, schema=PLAN_SCHEMA).filter(mask)
+    ledger.start_run(run_id, run_dir, model, plan)
+    log.info("ledger %s: %s; %d recovered from unfinished runs", ledger_uri,
+             dict(reasons), recovered.num_rows)
+    return Incremental(todo=todo, manifest_rows=n, reasons=reasons,
+                       recovered=recovered.num_rows, ledger=ledger, plan=plan, model=model,
+                       run_id=run_id)

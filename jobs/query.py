@@ -1,0 +1,168 @@
+"""``deepaudit query OUT_OR_LEDGER "SQL"``: SQL over verdicts with DuckDB.
+
+The Parquet files are opened with pyarrow (through s3fs for ``s3://``, so the endpoint,
+retries and credentials are the audit's own, and nothing is downloaded at run time as
+DuckDB's httpfs extension would) and handed to DuckDB as lazy Arrow datasets: DuckDB
+pushes column selections and filters down, so a query reads only what it needs.
+
+Views (the same names whether the target is an OUT folder or a ledger):
+
+* ``verdicts``: every verdict row of every run (under OUT/runs, or that the ledger points to)
+* ``latest``: the latest verdict per (media_id, model)
+* ``runs``: one row per run: run_id, started, finished, rows, fakes, errors, model
+* ``last_run``: the verdict rows of the most recent run
+* ``ledger`` and ``ledger_latest``: the ledger's entries (a ledger target only)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import typer
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from rich.console import Console
+from rich.table import Table
+
+from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.pipeline.schema import VERDICT_SCHEMA
+
+
+class QueryError(ValueError):
+    """The target cannot be queried; the message says why."""
+
+
+def _dataset(fs, files: list[str]) -> pads.Dataset:
+    """One dataset over Parquet files whose schemas may differ (manifest extras differ
+    between runs): the union of their schemas, read from the footers only."""
+    arrow_fs = PyFileSystem(FSSpecHandler(fs))
+    if not files:
+        return pads.dataset(VERDICT_SCHEMA.empty_table())
+    schemas = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            schemas.append(pq.read_schema(fh))
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return pads.dataset(files, schema=schema, format="parquet", filesystem=arrow_fs)
+
+
+def _verdict_files(out: str, storage: StorageConfig) -> tuple[object, list[str]]:
+    fs, path = filesystem_for(out, storage)
+    files = fs.glob(f"{path}/runs/*/verdicts-*.parquet")
+    return fs, sorted(files)
+
+
+def open_target(target: str, storage: StorageConfig | None = None):
+    """A DuckDB connection with the views above registered for ``target``."""
+    import duckdb
+
+    storage = storage or StorageConfig()
+    fs, path = filesystem_for(target, storage)
+    if not fs.exists(path):
+        raise QueryError(f"{target} does not exist")
+    con = duckdb.connect()
+    ledger = Ledger(target, storage)
+    if ledger.parts():
+        entries = ledger.read()
+        files = sorted({f for f in entries["verdict_file"].to_pylist() if f})
+        vfs = filesystem_for(files[0], storage)[0] if files else fs
+        con.register("_ledger", pads.dataset(entries))
+        con.execute("CREATE VIEW ledger AS SELECT * FROM _ledger")
+        con.execute(
+            "CREATE VIEW ledger_latest AS SELECT * FROM ledger QUALIFY row_number() OVER "
+            "(PARTITION BY media_id, model ORDER BY audited_at DESC) = 1")
+        verdicts = _dataset(vfs, [f.split("://", 1)[1] if is_s3(f) else f for f in files])
+    elif fs.exists(f"{path}/runs"):
+        vfs, files = _verdict_files(target, storage)
+        verdicts = _dataset(vfs, files)
+        con.register("_ledger", pads.dataset(LEDGER_SCHEMA.empty_table()))
+        con.execute("CREATE VIEW ledger AS SELECT * FROM _ledger")
+        con.execute("CREATE VIEW ledger_latest AS SELECT * FROM _ledger")
+    else:
+        raise QueryError(f"{target} is neither an audit output (no runs/ folder) nor a ledger "
+                         "(no part-*.parquet files)")
+    con.register("_verdicts", verdicts)
+    con.execute("CREATE VIEW verdicts AS SELECT * FROM _verdicts")
+    con.execute(
+        "CREATE VIEW latest AS SELECT * FROM verdicts QUALIFY row_number() OVER "
+        "(PARTITION BY media_id, model ORDER BY audited_at DESC) = 1")
+    con.execute(
+        "CREATE VIEW runs AS SELECT run_id, min(audited_at) AS started, "
+        "max(audited_at) AS finished, count(*) AS rows, "
+        "count(*) FILTER (WHERE verdict = 'fake') AS fakes, "
+        "count(*) FILTER (WHERE status = 'error') AS errors, any_value(model) AS model "
+        "FROM verdicts GROUP BY run_id")
+    con.execute(
+        "CREATE VIEW last_run AS SELECT * FROM verdicts WHERE run_id = "
+        "(SELECT run_id FROM runs ORDER BY started DESC LIMIT 1)")
+    return con
+
+
+def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa.Table:
+    """Run ``sql`` against ``target``'s views and return the result as an Arrow table."""
+    import duckdb
+
+    con = open_target(target, storage)
+    try:
+        return con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise QueryError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        con.close()
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+def query_command(
+    target: Annotated[
+        str, typer.Argument(help="An audit output folder (OUT, all its runs) or a ledger, "
+                            "local or s3://.")
+    ],
+    sql: Annotated[
+        str, typer.Argument(help="SQL over the views verdicts, latest, runs, last_run, "
+                            "ledger, ledger_latest. Example: \"SELECT status, count(*) FROM "
+                            "latest GROUP BY ALL\"")
+    ],
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table (at most --limit rows "
+                                   "shown), csv or jsonl (every row, on stdout).")
+    ] = OutputFormat.table,
+    limit: Annotated[int, typer.Option(min=1, help="Rows shown by --format table.")] = 50,
+    s3_endpoint: Annotated[
+        Optional[str], typer.Option(help="S3 endpoint URL (overrides AWS_ENDPOINT_URL).")
+    ] = None,
+) -> None:
+    """Run SQL (DuckDB) over the verdicts of an audit output or a ledger."""
+    err = Console(stderr=True)
+    try:
+        result = run_query(target, sql, StorageConfig(endpoint_url=s3_endpoint))
+    except QueryError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if fmt is OutputFormat.csv:
+        import pyarrow.csv as pacsv
+
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(result, sink)
+        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+    elif fmt is OutputFormat.jsonl:
+        for row in result.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    else:
+        t = Table(*result.column_names)
+        for row in result.slice(0, limit).to_pylist():
+            t.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+        Console(width=max(120, Console().width)).print(t)
+        if result.num_rows > limit:
+            err.print(f"{result.num_rows - limit} more rows (raise --limit, or --format csv)")
