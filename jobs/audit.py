@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import secrets
 import time
@@ -88,6 +89,18 @@ class AuditConfig:
     min_cpus: int = 0
     min_gpus: int = 0
     wait_timeout_s: float = 900.0
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids name folders under OUT/runs: letters, digits, '.', '_' and '-' only."""
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(
+            f"--run-id {run_id!r} is not a safe folder name: use 1-128 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit, and no '..'")
+    return run_id
 
 
 def new_run_id() -> str:
@@ -320,7 +333,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
     if cfg.frames is not None and cfg.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {cfg.frames}")
-    run_id = cfg.run_id or new_run_id()
+    run_id = check_run_id(cfg.run_id) if cfg.run_id else new_run_id()
     run_dir = join(cfg.output, "runs", run_id)
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
                               run_dir, storage)

@@ -60,3 +60,12 @@ def test_audit_json_summary(ray_local, tiny_model, media, tmp_path):
     assert summary["rows_in"] == summary["rows_out"] == 2
     assert summary["status"] == {"ok": 1, "no_face": 0, "error": 1}
     assert summary["error_codes"] == {"not_media": 1}
+
+
+@pytest.mark.parametrize("bad", ["../../x", "a/b", ".hidden", "x" * 200])
+def test_unsafe_run_id_is_refused_before_any_work(tmp_path, bad):
+    m = tmp_path / "m.csv"
+    m.write_text("uri\n/a.mp4\n")
+    result = runner.invoke(app, ["audit", str(m), "-o", str(tmp_path / "out"), "--run-id", bad])
+    assert result.exit_code == 2 and "safe folder name" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
