@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepaudit.jobs.evaluate import evaluate_command
+from deepaudit.jobs.train import train_command
+
 app = typer.Typer(
     name="deepaudit",
     help=(
@@ -196,6 +199,10 @@ def list_models_cmd() -> None:
         t.add_row(name, str(h.config.input_size), str(h.config.frames),
                   f"{h.config.threshold:.3f}", h.model_id if h.trained else "untrained")
     Console().print(t)
+
+
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point
