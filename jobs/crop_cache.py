@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -192,10 +193,14 @@ def read_index(cfg: CropCacheConfig) -> pa.Table:
 
 
 class _PartWriter:
-    """Writes crop rows to one part file, then its item rows (the commit)."""
+    """Writes crop rows to one part file, then its item rows (the commit). A part is
+    committed every ``max_crops`` crops or ``max_seconds``, so an interrupted extraction
+    keeps most of its work."""
 
-    def __init__(self, fs, directory: str, token: str, max_crops: int = 4000) -> None:
+    def __init__(self, fs, directory: str, token: str, max_crops: int = 4000,
+                 max_seconds: float = 120.0) -> None:
         self.fs, self.directory, self.token, self.max_crops = fs, directory, token, max_crops
+        self.max_seconds, self.opened = max_seconds, 0.0
         self.index, self.items, self.n_crops = 0, [], 0
         self.writer = self.sink = None
         self.name = ""
@@ -204,6 +209,7 @@ class _PartWriter:
         self.name = f"part-{self.token}-{self.index:05d}"
         self.sink = self.fs.open(f"{self.directory}/{self.name}.crops.parquet", "wb")
         self.writer = pq.ParquetWriter(self.sink, CROP_ROW_SCHEMA, compression="zstd")
+        self.opened = time.monotonic()
 
     def add(self, item: dict, crops: pa.Table | None) -> None:
         if self.writer is None:
@@ -213,7 +219,7 @@ class _PartWriter:
             self.n_crops += crops.num_rows
         item["crops_file"] = f"{self.name}.crops.parquet" if item["n_crops"] else None
         self.items.append(item)
-        if self.n_crops >= self.max_crops:
+        if self.n_crops >= self.max_crops or time.monotonic() - self.opened > self.max_seconds:
             self.commit()
 
     def commit(self) -> None:

@@ -106,9 +106,9 @@ def media_type_for(path: str) -> str | None:
     return None
 
 
-def _row(uri: str, label: int, group: str, *, links: Iterable[str] = (), sequence: str | None = None,
-         source: str, method: str | None = None, media_id: str | None = None,
-         media_type: str | None = None) -> dict:
+def _row(uri: str, label: int, group: str, *, links: Iterable[str] = (),
+         sequence: str | None = None, source: str, method: str | None = None,
+         media_id: str | None = None, media_type: str | None = None) -> dict:
     return {
         "uri": uri, "media_id": media_id or uri, "label": label, "group": group,
         "links": sorted(set(links) - {group}), "sequence": sequence, "source": source,
@@ -502,18 +502,22 @@ class SplitConfig:
 
 def split_table(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, dict]:
     """Add ``component`` and ``split`` (train/val) columns; return the table and the
-    split record (settings, group → split, counts) that goes into the model card."""
+    split record (settings, group → split, counts) that goes into the model card.
+    Components are stratified by source, label make-up and whether they hold a video."""
     comps, links_ignored = group_components(table)
     labels = table["label"].to_pylist()
     sources = table["source"].to_pylist()
     members: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(comps):
         members[c].append(i)
-    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    media = table["media_type"].to_pylist()
+    strata: dict[tuple[str, str, bool], list[str]] = defaultdict(list)
     for c, idx in members.items():
         src = Counter(sources[i] for i in idx).most_common(1)[0][0]
         labs = {labels[i] for i in idx}
-        strata[(src, "mixed" if len(labs) > 1 else ("fake" if 1 in labs else "real"))].append(c)
+        kind = "mixed" if len(labs) > 1 else ("fake" if 1 in labs else "real")
+        # Components with a video form their own strata, so validation gets videos too.
+        strata[(src, kind, any(media[i] == "video" for i in idx))].append(c)
     rng = np.random.default_rng(config.seed)
     val: set[str] = set()
     for key in sorted(strata):
@@ -530,17 +534,17 @@ def split_table(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, dict]:
 
 
 def _holdout(order: list[str], members: dict[str, list[int]], fraction: float) -> set[str]:
+    """Components (in the shuffled ``order``) whose items come closest to ``fraction`` of
+    the stratum: each is taken if that brings the count nearer the target."""
     total = sum(len(members[c]) for c in order)
     target, taken, chosen = fraction * total, 0, set()
     if len(order) < 2:
         return chosen  # a lone component stays in train
     for c in order:
         size = len(members[c])
-        if taken + size <= target * 1.25 or not chosen:
+        if abs(taken + size - target) < abs(taken - target):
             chosen.add(c)
             taken += size
-        if taken >= target:
-            break
     return chosen
 
 

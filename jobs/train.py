@@ -10,8 +10,9 @@ what the workers report. At the end it writes, under ``OUTPUT``:
   (architecture, input size, mean/std, frames, threshold, data sources with counts,
   the split, validation metrics and how the model was trained);
 * ``split.json`` (group → train/val), ``crops.json`` (items without crops and why),
-  ``metrics.json`` (per-epoch history and final validation metrics) and
-  ``val_predictions.parquet`` (one row per validation item);
+  ``metrics.json`` (per-epoch history and final validation metrics),
+  ``val_predictions.parquet`` (one row per validation item) and ``val_manifest.csv``
+  (the validation items as a manifest, for ``deepaudit evaluate --calibrate``);
 * ``ray/train/``: Ray Train's checkpoints; ``--resume`` continues from the last one.
 """
 
@@ -165,6 +166,22 @@ def model_config_for(cfg: TrainConfig):
 # --------------------------------------------------------------------------- driver
 
 
+class TrainingError(RuntimeError):
+    """Training itself failed (a worker raised); the message is the worker's error."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        text = str(err).strip().splitlines()
+        last = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+        return f"worker {rank}: {last.strip()}"
+    cause = getattr(exc, "controller_failure", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
 def _resources(cfg: TrainConfig) -> tuple[bool, float, int]:
     """(use_gpu, CPUs per worker, torch threads) from the cluster and the options."""
     from deepaudit.infra.ray_runtime import cluster_resources
@@ -215,11 +232,24 @@ def _pump(q, on_event: Callable[[dict], None], stop: threading.Event) -> None:
             return
 
 
-def _resume_check(out: Path, run_dir: str, record: dict, cfg: TrainConfig) -> None:
+def _checkpoint_storage(root: str, storage) -> dict:
+    """Ray Train's ``storage_path`` (and, for S3 with a custom endpoint, the filesystem)."""
+    endpoint = storage.resolved_endpoint()
+    if not root.startswith(("s3://", "s3a://")) or not endpoint:
+        return {"storage_path": root}
+    import pyarrow.fs as pafs
+
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    fs = pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
+    return {"storage_path": root.split("://", 1)[1], "storage_filesystem": fs}
+
+
+def _resume_check(out: Path, run_dir: str, record: dict, cfg: TrainConfig, storage) -> None:
+    from deepaudit.infra.storage import filesystem_for
     from deepaudit.jobs.datasets import DatasetError
 
-    local_run = None if run_dir.startswith(("s3://", "s3a://")) else Path(run_dir)
-    exists = local_run is not None and local_run.exists() and any(local_run.iterdir())
+    fs, path = filesystem_for(run_dir, storage)
+    exists = fs.exists(path) and bool(fs.ls(path, detail=False))
     if exists and not cfg.resume:
         raise ValueError(f"{run_dir} already holds a training run: pass --resume to continue "
                          "it, or choose another --output")
@@ -258,7 +288,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     table, record = split_table(labelled.table, cfg.split_config())
     ckpt_root = cfg.checkpoint_storage or str(out / "ray")
     run_dir = f"{ckpt_root.rstrip('/')}/train"
-    _resume_check(out, run_dir, record, cfg)
+    _resume_check(out, run_dir, record, cfg, storage)
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps(record, indent=1) + "\n")
     emit({"type": "info", "message": f"{table.num_rows} labelled items "
@@ -267,8 +297,11 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
           f"{sum(s == 'val' for s in table['split'].to_pylist())} val"})
 
     where = connect(cfg.address, num_cpus=cfg.num_cpus)
+    cache_root = cfg.cache or default_cache_root()
+    if not cache_root.startswith(("s3://", "s3a://")):  # workers run in other folders
+        cache_root = str(Path(cache_root).expanduser().absolute())
     cache_cfg = CropCacheConfig(
-        root=cfg.cache or default_cache_root(), frames=cfg.train_frames,
+        root=cache_root, frames=cfg.train_frames,
         size=model_config.input_size, detector=FaceDetectorConfig(min_face_px=cfg.min_face_px),
         decode_actors=cfg.decode_actors, s3_endpoint=cfg.s3_endpoint)
     crops = build_crop_cache(
@@ -297,12 +330,14 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": per_worker}),
-        run_config=RunConfig(name="train", storage_path=ckpt_root,
+        run_config=RunConfig(name="train", **_checkpoint_storage(ckpt_root, storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=0)),
     )
     try:
         result = trainer.fit()
+    except Exception as exc:  # Ray Train wraps worker errors: surface the root cause
+        raise TrainingError(_root_cause(exc)) from exc
     finally:
         stop.set()
         pump.join(timeout=10)
@@ -340,7 +375,8 @@ def _write_outputs(cfg: TrainConfig, out: Path, name: str, model_config, final: 
         "inputs": dict(labelled.layouts),
         "labelled": labelled.counts(),
         "skipped": dict(labelled.skipped),
-        "without_crops": {"status": crop_report["status"], "error_codes": crop_report["error_codes"]},
+        "without_crops": {"status": crop_report["status"],
+                          "error_codes": crop_report["error_codes"]},
         "used": used,
         "crops": crops_per_split,
         "crop_settings": cache_cfg.settings(),
@@ -361,12 +397,28 @@ def _write_outputs(cfg: TrainConfig, out: Path, name: str, model_config, final: 
     preds = final["predictions"]
     if preds:
         pq.write_table(pa.Table.from_pylist(preds), out / "val_predictions.parquet")
+    _write_val_manifest(out / "val_manifest.csv", record, labelled.table)
     overall = final["metrics"]["overall"] or {}
     return {"weights": str(weights), "card": str(card), "output": str(out),
             "val_auc": overall.get("roc_auc"), "val_accuracy": overall.get("accuracy"),
             "val_items": overall.get("n"), "best_epochs": final["best_epochs"],
             "history": final["history"], "resumed_from": final["resumed_from"],
             "steps": final["steps"], "without_crops": crop_report["status"]}
+
+
+def _write_val_manifest(path: Path, record: dict, table) -> None:
+    """Every validation item (with or without a face) as an audit manifest, for
+    ``deepaudit evaluate ... --calibrate`` on data the model did not train on."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["uri", "media_id", "label", "group", "source"])
+        w.writeheader()
+        for r in table.to_pylist():
+            if record["groups"].get(r["group"]) == "val":
+                w.writerow({"uri": r["uri"], "media_id": r["media_id"],
+                            "label": "fake" if r["label"] else "real", "group": r["group"],
+                            "source": r["source"]})
 
 
 def _notes(cfg: TrainConfig, mc, final: dict) -> str:
@@ -403,9 +455,10 @@ class ProgressPrinter:
                                    TimeElapsedColumn)
 
         self.console = console
-        self.progress = Progress(TextColumn("[progress.description]{task.description}"),
-                                 BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), console=console, transient=False)
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=console, transient=False)
         self.task = None
         self.lock = threading.Lock()
 
@@ -467,7 +520,8 @@ def train_command(
         help="Frames the audit samples per video, recorded in the card; the LSTM trains on "
              "sequences up to this long (default: the registry's).")] = None,
     train_frames: Annotated[int, typer.Option(
-        help="Frames decoded per training video (more crops; sequences are drawn from them).")] = 32,
+        help="Frames decoded per training video (more crops; sequences are drawn from "
+             "them).")] = 32,
     epochs: Annotated[int, typer.Option(help="Phase 1 epochs: CNN + frame head on crops.")] = 12,
     seq_epochs: Annotated[int, typer.Option(
         help="Phase 2 epochs: LSTM + video head on frame features, CNN frozen.")] = 8,
@@ -508,7 +562,8 @@ def train_command(
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
     gpu: Annotated[str, typer.Option(help="auto | yes | no.")] = "auto",
     cpus_per_worker: Annotated[Optional[float], typer.Option(
-        help="CPUs each worker reserves (and torch threads); default: the cluster's share.")] = None,
+        help="CPUs each worker reserves (and torch threads); default: the cluster's "
+             "share.")] = None,
     loader_workers: Annotated[Optional[int], typer.Option(
         help="DataLoader processes per worker for augmentation (default 0 on CPU, 4 on GPU).")]
         = None,
@@ -569,6 +624,9 @@ def train_command(
     except (DatasetError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    except TrainingError as exc:
+        console.print(f"[red]training failed:[/red] {exc}")
+        raise typer.Exit(1) from None
     if json_out:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:

@@ -51,7 +51,8 @@ class FrameNet(nn.Module):
 
     def __init__(self, model: ResNeXtLSTM) -> None:
         super().__init__()
-        self.backbone, self.frame_head, self.dropout = model.backbone, model.frame_head, model.dropout
+        self.backbone, self.frame_head = model.backbone, model.frame_head
+        self.dropout = model.dropout
 
     def forward(self, x: Tensor) -> Tensor:
         return ResNeXtLSTM.frame_logits(self, self.backbone(x))  # type: ignore[arg-type]
@@ -153,7 +154,6 @@ class WorkerLoop:
         self.std = torch.tensor(cfg_m.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.loss_fn = BinaryLoss(LossConfig(self.cfg.loss, gamma=self.cfg.focal_gamma,
                                              label_smoothing=self.cfg.label_smoothing))
-        self.val_loss_fn = BinaryLoss(LossConfig("bce"))
 
         self.state = {"p1_epochs": 0, "p1_stopped": False, "p2_epochs": 0, "p2_stopped": False,
                       "best1": None, "best2": None, "bad1": 0, "bad2": 0, "history": [],
@@ -272,8 +272,8 @@ class WorkerLoop:
         if st["p1_stopped"] or st["p1_epochs"] >= cfg.epochs:
             return
         frozen = self._freeze_stages()
-        train_crops, train_labels = self._flatten(self.train_rows)
-        val_crops, val_labels = self._flatten(self.val_rows)
+        train_crops, train_labels, _ = self._flatten(self.train_rows)
+        val_crops, val_labels, val_owners = self._flatten(self.val_rows)
         n = self._min_over_workers(len(train_crops))
         if n == 0:
             raise ValueError("a training worker has no training crops: use fewer workers")
@@ -295,7 +295,7 @@ class WorkerLoop:
         workers = cfg.loader_workers if cfg.loader_workers is not None else (
             0 if self.device.type == "cpu" else 4)
         for epoch in range(st["p1_epochs"], cfg.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             data.epoch = epoch
             order = np.random.default_rng([cfg.seed, 1, epoch, self.rank]).permutation(len(data))
             loader = torch.utils.data.DataLoader(
@@ -317,9 +317,9 @@ class WorkerLoop:
                 sched.step()
                 st["steps"] += 1
                 total += float(loss.detach())
-                self._event(force=False, type="step", phase=1, epoch=epoch + 1, step=step + 1,
-                            steps=steps, loss=total / (step + 1))
-            val_loss, val_auc = self._validate_frames(val_crops, val_labels, batch)
+                self._event(force=step + 1 == steps, type="step", phase=1, epoch=epoch + 1,
+                            step=step + 1, steps=steps, loss=total / (step + 1))
+            val_loss, val_auc = self._validate_frames(val_crops, val_labels, val_owners, batch)
             st["p1_epochs"] = epoch + 1
             improved, score = self._improved(st["best1"], val_loss, val_auc)
             if improved:
@@ -333,7 +333,8 @@ class WorkerLoop:
                     st["best1"]["model"] = self._best1_weights
             row = {"phase": 1, "epoch": epoch + 1, "train_loss": total / max(1, steps),
                    "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0, "best": improved, "steps": st["steps"]}
+                   "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
             st["history"].append(row)
             st["p1_stopped"] = cfg.early_stop != "none" and st["bad1"] >= cfg.patience
             st["optim1"], st["sched1"] = optim.state_dict(), sched.state_dict()
@@ -354,18 +355,24 @@ class WorkerLoop:
             self.model.load_state_dict(best["model"])
             self._best1_weights, best["model"] = best["model"], None
 
-    def _flatten(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    def _flatten(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All crops of ``rows`` in one array, with each crop's label and item index."""
         size = self.model_config.input_size
-        arrays = [self.crops[r["item_key"]] for r in rows if r["item_key"] in self.crops]
-        labels = [r["label"] for r in rows if r["item_key"] in self.crops
-                  for _ in range(len(self.crops[r["item_key"]]))]
-        if not arrays:
-            return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
-        return np.concatenate(arrays), np.asarray(labels, np.int64)
+        kept = [r for r in rows if r["item_key"] in self.crops]
+        if not kept:
+            return (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64),
+                    np.zeros(0, np.int64))
+        counts = [len(self.crops[r["item_key"]]) for r in kept]
+        labels = np.repeat([r["label"] for r in kept], counts)
+        owners = np.repeat(np.arange(len(kept)), counts)
+        return np.concatenate([self.crops[r["item_key"]] for r in kept]), labels, owners
 
     @torch.inference_mode()
-    def _validate_frames(self, crops: np.ndarray, labels: np.ndarray, batch: int
-                         ) -> tuple[float, float | None]:
+    def _validate_frames(self, crops: np.ndarray, labels: np.ndarray, owners: np.ndarray,
+                         batch: int) -> tuple[float, float | None]:
+        """Phase 1 validation, per item (as the audit scores items, not frames): an item's
+        loss is the mean BCE of its frames, its score the mean frame probability. A video
+        counts once, however many frames it has."""
         self.model.eval()
         logits = []
         for i in range(0, len(crops), batch * 2):
@@ -373,34 +380,67 @@ class WorkerLoop:
             with self._autocast():
                 feats = self.model.backbone(self._normalise(x))
             logits.append(self.model.frame_logits(feats.float()).float().cpu())
-        local = list(zip(labels.tolist(), torch.cat(logits).tolist() if logits else []))
-        pairs = self._gather(local)
-        if not pairs:
+        local = []
+        if logits:
+            z = torch.cat(logits)
+            y = torch.from_numpy(labels).float()
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+            probs = torch.sigmoid(z)
+            for item in np.unique(owners):
+                mask = torch.from_numpy(owners == item)
+                local.append((int(labels[mask.numpy()][0]), float(losses[mask].mean()),
+                              float(probs[mask].mean())))
+        items = self._gather(local)
+        if not items:
             return float("nan"), None
-        y = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
-        z = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
-        loss = float(self.val_loss_fn(z, y))
-        return loss, roc_auc(y.int().tolist(), torch.sigmoid(z).tolist())
+        loss = float(np.mean([it[1] for it in items]))
+        return loss, roc_auc([it[0] for it in items], [it[2] for it in items])
 
     # ------------------------------------------------------------------ phase 2
 
-    @torch.inference_mode()
-    def _features(self, crops: np.ndarray, aug: AugmentConfig | None, seed: list[int],
-                  sbi: bool = False) -> Tensor:
-        """Frame features ``[T, F]`` (CPU) of one item's crops, optionally augmented."""
+    @staticmethod
+    def _prepare(crops: np.ndarray, aug: AugmentConfig | None, seed: list[int],
+                 sbi: bool = False) -> np.ndarray:
+        """One item's crops as phase 2 sees them: optionally self-blended (one blend for
+        the whole sequence: the same parameters on every frame) and augmented."""
+        if not sbi and aug is None:
+            return crops
         frames = []
         for j, crop in enumerate(crops):
-            if sbi:  # one blend for the whole sequence: same parameters on every frame
+            if sbi:
                 crop = self_blend(crop, np.random.default_rng(seed + [99]), SBIConfig())
             if aug is not None:
                 crop = augment(crop, aug, np.random.default_rng(seed + [j]))
             frames.append(crop)
-        x = torch.from_numpy(np.stack(frames))
-        out = []
-        for i in range(0, len(x), 64):
-            with self._autocast():
-                out.append(self.model.backbone(self._normalise(x[i:i + 64])).float().cpu())
-        return torch.cat(out)
+        return np.stack(frames)
+
+    @torch.inference_mode()
+    def _extract(self, jobs, batch: int = 64, flush_at: int = 1024) -> None:
+        """Frame features for a stream of ``(crops [T, S, S, 3], callback)`` jobs: crops of
+        many items share forward passes, and each callback gets its item's ``[T, F]``."""
+        pending: list = []
+        count = 0
+
+        def flush() -> None:
+            nonlocal pending, count
+            if not pending:
+                return
+            x = torch.from_numpy(np.concatenate([c for c, _ in pending]))
+            out = []
+            for i in range(0, len(x), batch):
+                with self._autocast():
+                    out.append(self.model.backbone(self._normalise(x[i:i + batch])).float().cpu())
+            feats = torch.cat(out).split([len(c) for c, _ in pending])
+            for (_, callback), f in zip(pending, feats):
+                callback(f)
+            pending, count = [], 0
+
+        for crops, callback in jobs:
+            pending.append((crops, callback))
+            count += len(crops)
+            if count >= flush_at:
+                flush()
+        flush()
 
     def _sequence_units(self):
         """Training units (feature views, label) and validation units for phase 2."""
@@ -408,38 +448,46 @@ class WorkerLoop:
         aug = AugmentConfig().confounds_only() if cfg.augment else None
         views = max(1, cfg.seq_views if aug is not None else 1)
         self.model.eval()
-        train: list[tuple[list[Tensor], int]] = []
-        feats: dict[str, list[Tensor]] = {}
-        for r in self.train_rows:
-            if r["item_key"] not in self.crops:
-                continue
-            crops = self.crops[r["item_key"]]
-            h = _stable_hash(r["item_key"])
-            feats[r["item_key"]] = [self._features(crops, aug, [cfg.seed, 21, h, v])
-                                    for v in range(views)]
-            train.append((feats[r["item_key"]], r["label"]))
-            if cfg.sbi and r["label"] == 0:
-                rng = np.random.default_rng([cfg.seed, 22, h])
-                if rng.random() < cfg.sbi:
-                    train.append(([self._features(crops, aug, [cfg.seed, 23, h], sbi=True)], 1))
-            self._event(force=False, type="features", done=len(feats), total=len(self.train_rows))
+        rows = [r for r in self.train_rows if r["item_key"] in self.crops]
+        feats: dict[str, list] = {r["item_key"]: [None] * views for r in rows}
+        sbi_units: list[list] = []
+
+        def jobs():
+            for n, r in enumerate(rows):
+                crops, h = self.crops[r["item_key"]], _stable_hash(r["item_key"])
+                for v in range(views):
+                    yield (self._prepare(crops, aug, [cfg.seed, 21, h, v]),
+                           lambda f, k=r["item_key"], v=v: feats[k].__setitem__(v, f))
+                if cfg.sbi and r["label"] == 0:
+                    if np.random.default_rng([cfg.seed, 22, h]).random() < cfg.sbi:
+                        unit: list = [None]
+                        sbi_units.append(unit)
+                        yield (self._prepare(crops, aug, [cfg.seed, 23, h], sbi=True),
+                               lambda f, u=unit: u.__setitem__(0, f))
+                self._event(force=n + 1 == len(rows), type="features", done=n + 1,
+                            total=len(rows))
+
+        self._extract(jobs())
+        train: list[tuple[list[Tensor], int]] = [(feats[r["item_key"]], r["label"]) for r in rows]
+        train += [(unit, 1) for unit in sbi_units]
         sequences: dict[str, list[dict]] = {}
-        for r in self.train_rows:
-            if r.get("sequence") and r["item_key"] in feats and r["media_type"] == "image":
+        for r in rows:
+            if r.get("sequence") and r["media_type"] == "image":
                 sequences.setdefault(r["sequence"], []).append(r)
-        for rows in sequences.values():
-            if len(rows) < 2:
+        for group in sequences.values():
+            if len(group) < 2:
                 continue
-            rows.sort(key=lambda r: r["media_id"])
-            train.append(([torch.cat([feats[r["item_key"]][v] for r in rows])
-                           for v in range(views)], rows[0]["label"]))
+            group.sort(key=lambda r: r["media_id"])
+            train.append(([torch.cat([feats[r["item_key"]][v] for r in group])
+                           for v in range(views)], group[0]["label"]))
+        val_rows = [r for r in self.val_rows if r["item_key"] in self.crops]
+        val_feats: dict[str, Tensor] = {}
+        self._extract((self.crops[r["item_key"]],
+                       lambda f, k=r["item_key"]: val_feats.__setitem__(k, f)) for r in val_rows)
         val = []
-        for r in self.val_rows:
-            if r["item_key"] not in self.crops:
-                continue
-            f = self._features(self.crops[r["item_key"]], None, [cfg.seed])
-            pick = sample_indices(len(f), self.model_config.frames)
-            val.append((f[pick], r))
+        for r in val_rows:
+            f = val_feats[r["item_key"]]
+            val.append((f[sample_indices(len(f), self.model_config.frames)], r))
         return train, val
 
     def phase2(self) -> None:
@@ -469,7 +517,7 @@ class WorkerLoop:
             sched.load_state_dict(st["sched2"])
         max_len = self.model_config.frames
         for epoch in range(st["p2_epochs"], cfg.seq_epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rng = np.random.default_rng([cfg.seed, 2, epoch, self.rank])
             order = rng.permutation(len(train))[: steps * batch]
             self.model.train()
@@ -496,8 +544,8 @@ class WorkerLoop:
                 sched.step()
                 st["steps"] += 1
                 total += float(loss.detach())
-                self._event(force=False, type="step", phase=2, epoch=epoch + 1, step=step + 1,
-                            steps=steps, loss=total / (step + 1))
+                self._event(force=step + 1 == steps, type="step", phase=2, epoch=epoch + 1,
+                            step=step + 1, steps=steps, loss=total / (step + 1))
             preds = self._predict_items(val)
             val_loss, val_auc = self._item_loss_auc(preds)
             st["p2_epochs"] = epoch + 1
@@ -511,7 +559,8 @@ class WorkerLoop:
                 st["bad2"] += 1
             row = {"phase": 2, "epoch": epoch + 1, "train_loss": total / max(1, steps),
                    "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0, "best": improved, "steps": st["steps"]}
+                   "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
             st["history"].append(row)
             st["p2_stopped"] = cfg.early_stop != "none" and st["bad2"] >= cfg.patience
             st["optim2"], st["sched2"] = optim.state_dict(), sched.state_dict()

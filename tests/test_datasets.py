@@ -48,7 +48,8 @@ def ffpp(tmp_path) -> Path:
 
 
 def test_labels_parse_words_and_numbers():
-    assert [parse_label(v) for v in ("FAKE", "real", "1", "0", " Fake ", 1, 0)] == [1, 0, 1, 0, 1, 1, 0]
+    values = ("FAKE", "real", "1", "0", " Fake ", 1, 0)
+    assert [parse_label(v) for v in values] == [1, 0, 1, 0, 1, 1, 0]
     assert parse_label("unknown") is None and parse_label(None) is None and parse_label("") is None
 
 

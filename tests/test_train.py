@@ -183,6 +183,9 @@ def test_train_end_to_end_then_resume(ray_local, toy, tmp_path):
                 "confusion_matrix"):
         assert key in val
     assert pq.read_table(out / "val_predictions.parquet").num_rows == first["val_items"]
+    val_manifest = (out / "val_manifest.csv").read_text().splitlines()
+    assert val_manifest[0] == "uri,media_id,label,group,source"
+    assert len(val_manifest) - 1 == first["val_items"]
 
     from deepaudit.models.checkpoint import resolve_model
 
@@ -202,3 +205,40 @@ def test_train_end_to_end_then_resume(ray_local, toy, tmp_path):
     steps_per_epoch = phase1[0]["steps"]
     assert again1[2]["steps"] == first["steps"] + steps_per_epoch  # the step count went on
     assert json.loads(Path(second["card"]).read_text())["metrics"]["best_epochs"]["phase2"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_ddp_workers_with_data_cache_and_checkpoints_on_s3(ray_local, s3_server, toy,
+                                                               tmp_path):
+    """The cluster setup on one machine: inputs, crop cache and Ray Train checkpoints on
+    S3 (moto), two DDP workers (gloo)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for p in sorted(toy.rglob("*")):
+        if p.suffix in (".jpg", ".mp4"):
+            s3.upload_file(str(p), "audit", f"ddp/data/{p.relative_to(toy)}")
+    out = tmp_path / "ddp"
+    result = run_train(TrainConfig(
+        inputs=("s3://audit/ddp/data",), output=str(out), model="resnext_lstm_tiny",
+        epochs=1, seq_epochs=1, batch_size=4, seq_batch_size=4, warmup_epochs=0,
+        train_frames=4, early_stop="none", val_fraction=0.25, workers=2, cpus_per_worker=0.9,
+        cache="s3://audit/ddp/cache", checkpoint_storage="s3://audit/ddp/ckpt",
+        s3_endpoint=s3_server))
+    split = json.loads((out / "split.json").read_text())
+    n_val = sum(sum(v.values()) for v in split["counts"]["val"].values())
+    # Each worker scores its own shard of the validation items; the gathered predictions
+    # cover all of them exactly once.
+    preds = pq.read_table(out / "val_predictions.parquet")
+    assert result["val_items"] == preds.num_rows == n_val
+    assert len(set(preds["media_id"].to_pylist())) == n_val
+    assert preds["uri"][0].as_py().startswith("s3://audit/ddp/data/")
+    assert result["workers"] == 2
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="audit", Prefix="ddp/")["Contents"]]
+    assert any(k.startswith("ddp/ckpt/train/checkpoint_") and k.endswith("/final.pt")
+               for k in keys)
+    assert any(k.startswith("ddp/cache/") and k.endswith(".crops.parquet") for k in keys)
+    assert Path(result["card"]).is_file()

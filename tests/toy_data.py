@@ -41,7 +41,8 @@ def _tint_face(img: np.ndarray, box: tuple[float, float, float, float]) -> np.nd
     return out
 
 
-def _view(photo: np.ndarray, rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _view(photo: np.ndarray, rng: np.random.Generator,
+          size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """A random zoom/shift/brightness/flip of ``photo``: (view, 2x3 affine used)."""
     h, w = photo.shape[:2]
     zoom = rng.uniform(1.0, 1.25)
