@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 GROUP_CANDIDATES = ("group", "source")
 MAX_LISTED = 1000
+MAX_PRINTED_GROUPS = 20
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,8 @@ def evaluate_command(
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         raise typer.Exit(0)
     t = Table(title=f"{result['model']} (threshold {result['threshold']:.4f})")
-    for col in ("slice", "n", "AUC", "AP", "acc", "prec", "recall", "F1", "FPR"):
+    t.add_column("slice", overflow="fold", min_width=16)
+    for col in ("n", "AUC", "AP", "acc", "prec", "recall", "F1", "FPR"):
         t.add_column(col)
 
     def add(name: str, m: dict | None) -> None:
@@ -287,9 +289,12 @@ def evaluate_command(
     add("overall", result["overall"])
     for k, m in result["by_media_type"].items():
         add(f"media_type={k}", m)
-    for k, g in result["by_group"].items():
+    groups = sorted(result["by_group"].items(), key=lambda kv: -kv[1]["scored"])
+    for k, g in groups[:MAX_PRINTED_GROUPS]:
         add(f"{result['group_column']}={k}", g["metrics"])
     Console().print(t)
+    if len(groups) > MAX_PRINTED_GROUPS:
+        console.print(f"{len(groups) - MAX_PRINTED_GROUPS} more groups in metrics.json")
     c = result["counts"]
     console.print(f"{c['labelled']} labelled items, {c['scored']} scored, {c['unscored']} not "
                   f"scored ({c['unscored_codes'] or 'none'}), {c['unlabelled']} unlabelled; "

@@ -49,6 +49,7 @@ class TrainConfig:
     name: str | None = None  # the card's name and the files' stem; default: the arch
     input_size: int | None = None
     frames: int | None = None  # frames the audit samples per video (the card's)
+    threshold: float | None = None  # the card's; None: max Youden J on validation
     train_frames: int = 32  # frames decoded per training video
     epochs: int = 12  # phase 1: trunk + frame head on crops
     seq_epochs: int = 8  # phase 2: LSTM + video head on frame-feature sequences
@@ -101,6 +102,8 @@ class TrainConfig:
             bad(f"--input-size must be >= 32, got {self.input_size}")
         if self.frames is not None and self.frames < 1:
             bad(f"--frames must be >= 1, got {self.frames}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            bad(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.train_frames < 1:
             bad(f"--train-frames must be >= 1, got {self.train_frames}")
         if self.epochs < 0 or self.seq_epochs < 1:
@@ -361,6 +364,7 @@ def _write_outputs(cfg: TrainConfig, out: Path, name: str, model_config, final: 
     from deepaudit.models.checkpoint import save_checkpoint
     from deepaudit.models.registry import create_model
 
+    model_config = replace(model_config, threshold=final["threshold"]["value"])
     model = create_model(model_config.arch, **model_config.arch_kwargs)
     model.load_state_dict(final["model"])
     model.config = model_config
@@ -384,6 +388,7 @@ def _write_outputs(cfg: TrainConfig, out: Path, name: str, model_config, final: 
         "recipe": recipe,
     }
     metrics = {
+        "threshold": final["threshold"],
         "val": final["metrics"],
         "val_frames": final["val_frames"],
         "best_epochs": final["best_epochs"],
@@ -439,8 +444,8 @@ def _notes(cfg: TrainConfig, mc, final: dict) -> str:
         f"sequences), {cfg.seq_views} augmented views per item. Split by identity/source "
         f"video ({'k-fold ' + str(cfg.fold) + '/' + str(cfg.folds) if cfg.folds else 'holdout'}"
         f", seed {cfg.seed}); early stopping on validation {cfg.early_stop}. Validation "
-        "metrics are item-level, scored as the audit scores (threshold "
-        f"{mc.threshold})."
+        "metrics are item-level, scored as the audit scores, at threshold "
+        f"{final['threshold']['value']:.4f} ({final['threshold']['rule']})."
     )
 
 
@@ -519,6 +524,9 @@ def train_command(
     frames: Annotated[Optional[int], typer.Option(
         help="Frames the audit samples per video, recorded in the card; the LSTM trains on "
              "sequences up to this long (default: the registry's).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="The card's fake threshold (default: the one that maximises TPR - FPR on the "
+             "validation items; tune it later with evaluate --calibrate).")] = None,
     train_frames: Annotated[int, typer.Option(
         help="Frames decoded per training video (more crops; sequences are drawn from "
              "them).")] = 32,
@@ -605,7 +613,8 @@ def train_command(
     try:
         cfg = TrainConfig(
             inputs=tuple(inputs), output=output, model=model, init_from=init_from, name=name,
-            input_size=input_size, frames=frames, train_frames=train_frames, epochs=epochs,
+            input_size=input_size, frames=frames, threshold=threshold,
+            train_frames=train_frames, epochs=epochs,
             seq_epochs=seq_epochs, batch_size=batch_size, seq_batch_size=seq_batch_size, lr=lr,
             seq_lr=seq_lr, weight_decay=weight_decay, schedule=schedule,
             warmup_epochs=warmup_epochs, loss=loss, focal_gamma=focal_gamma,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from deepaudit.jobs.crop_cache import load_crops
-from deepaudit.jobs.metrics import binary_metrics, roc_auc
+from deepaudit.jobs.metrics import binary_metrics, roc_auc, threshold_max_youden
 from deepaudit.models.augment import AugmentConfig, augment
 from deepaudit.models.losses import BinaryLoss, LossConfig
 from deepaudit.models.registry import create_model
@@ -613,10 +613,12 @@ class WorkerLoop:
         weights = dict(self.model.state_dict())
         weights.update({k: v.to(self.device) for k, v in best["weights"].items()})
         self.model.load_state_dict(weights)
+        threshold = self.choose_threshold(best["predictions"])
         final = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "predictions": best["predictions"],
-            "metrics": self.final_metrics(best["predictions"]),
+            "threshold": threshold,
+            "metrics": self.final_metrics(best["predictions"], threshold["value"]),
             "history": st["history"],
             "best_epochs": {"phase1": (st["best1"] or {}).get("epoch"), "phase2": best["epoch"]},
             "resumed_from": self.resumed_from,
@@ -626,10 +628,23 @@ class WorkerLoop:
         self._event(type="info", message="training done")
         self._save({"phase": 3, "done": True, "steps": st["steps"]}, final=final)
 
-    def final_metrics(self, preds: list[dict]) -> dict:
-        """Item-level validation metrics at the card's threshold: overall, per media type
-        and per source (what ``deepaudit evaluate`` would report on the validation set)."""
-        t = self.model_config.threshold
+    def choose_threshold(self, preds: list[dict]) -> dict:
+        """The card's threshold: ``--threshold`` if given, else the one that maximises
+        Youden's J on the validation items (a trained LSTM's scores need not centre on
+        0.5; ``deepaudit evaluate --calibrate`` can then tune it to a target FPR)."""
+        if self.cfg.threshold is not None:
+            return {"value": self.cfg.threshold, "rule": "fixed (--threshold)"}
+        t = threshold_max_youden([r["label"] for r in preds], [r["p_fake"] for r in preds])
+        if t is None:
+            return {"value": self.model_config.threshold,
+                    "rule": "registry default (the validation set has one class)"}
+        return {"value": min(max(t, 1e-6), 1 - 1e-6),
+                "rule": "max Youden J (TPR - FPR) on the validation items"}
+
+    def final_metrics(self, preds: list[dict], t: float) -> dict:
+        """Item-level validation metrics at the card's threshold ``t``: overall, per media
+        type and per source (what ``deepaudit evaluate`` would report on the validation
+        set; optimistic at a threshold chosen on it)."""
 
         def block(rows: list[dict]) -> dict | None:
             if not rows:

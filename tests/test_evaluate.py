@@ -56,6 +56,16 @@ def test_compute_metrics_by_hand():
     assert {u["media_id"] for u in m["unscored_items"]} == {"e", "f"}
 
 
+def test_youden_threshold_by_hand():
+    from deepaudit.jobs.metrics import threshold_max_youden
+
+    # Scores 0.9 F, 0.8 F, 0.7 R, 0.4 R, 0.35 F, 0.1 R: J = TPR - FPR peaks (2/3) at 0.8.
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.7, 0.9]
+    assert threshold_max_youden(labels, scores) == pytest.approx(0.8)
+    assert threshold_max_youden([0, 1], [0.6, 0.61]) == pytest.approx(0.61)
+    assert threshold_max_youden([1, 1], [0.2, 0.3]) is None
+
+
 def test_calibrate_refuses_registered_names_and_unlabelled_manifests(tmp_path):
     m = _manifest(tmp_path / "m.csv", [{"uri": "/a.jpg", "label": "real", "group": "g"}])
     with pytest.raises(ValueError, match="card"):

@@ -168,8 +168,11 @@ def test_train_end_to_end_then_resume(ray_local, toy, tmp_path):
     card = json.loads(Path(first["card"]).read_text())
     assert card["trained"] is True and card["dtype"] == "float16"
     cfgc = card["config"]
-    assert (cfgc["arch"], cfgc["input_size"], cfgc["frames"], cfgc["threshold"]) == \
-        ("resnext_lstm_tiny", 64, 8, 0.5)
+    assert (cfgc["arch"], cfgc["input_size"], cfgc["frames"]) == ("resnext_lstm_tiny", 64, 8)
+    chosen = card["metrics"]["threshold"]
+    assert cfgc["threshold"] == chosen["value"] and 0 < chosen["value"] < 1
+    assert "Youden" in chosen["rule"] and card["metrics"]["val"]["overall"]["threshold"] == \
+        pytest.approx(chosen["value"])
     assert cfgc["mean"] == [0.485, 0.456, 0.406] and len(cfgc["std"]) == 3
     td = card["training_data"]
     assert td["labelled"] == {"labels": {"real": 25, "fake": 25}}
