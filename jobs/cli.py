@@ -14,6 +14,8 @@ from rich.table import Table
 
 from deepaudit.jobs.check import check_command
 from deepaudit.jobs.report import report_command
+from deepaudit.jobs.evaluate import evaluate_command
+from deepaudit.jobs.train import train_command
 
 app = typer.Typer(
     name="deepaudit",
@@ -293,6 +295,8 @@ app.command("status")(job_status_command)
 app.command("logs")(job_logs_command)
 app.command("report")(report_command)
 app.command("check")(check_command)
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

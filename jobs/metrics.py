@@ -130,6 +130,18 @@ def threshold_at_fpr(labels: Sequence[int], scores: Sequence[float], target_fpr:
     return float(np.nextafter(reals[allowed], np.inf))
 
 
+def threshold_max_youden(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """The score threshold that maximises Youden's J = TPR - FPR (the ROC point farthest
+    above the diagonal); the lowest such threshold on ties. None with only one class."""
+    y, s = _as_arrays(labels, scores)
+    if y.sum() == 0 or (1 - y).sum() == 0:
+        return None
+    fpr, tpr, thresholds = roc_curve(y, s)
+    j = (tpr - fpr)[1:]  # skip the +inf point
+    best = np.flatnonzero(j == j.max())[-1]
+    return float(thresholds[1:][best])
+
+
 def binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float) -> BinaryMetrics:
     y, s = _as_arrays(labels, scores)
     pred = s >= threshold

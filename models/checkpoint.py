@@ -171,6 +171,26 @@ def handle_from_card(path: str | Path) -> ModelHandle:
     )
 
 
+def set_card_threshold(card_path: str | Path, threshold: float,
+                       calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a new decision threshold into a model card (``config.threshold``) and record
+    how it was chosen under ``calibration``. The card's sha256 covers the weights file
+    only, so the weights stay valid. Returns the updated card."""
+    card_path = Path(card_path).with_suffix(".json")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    card = json.loads(card_path.read_text())
+    if "config" not in card or "weights_sha256" not in card:
+        raise ValueError(f"{card_path} is not a deepaudit model card")
+    card["config"]["threshold"] = float(threshold)
+    if calibration is not None:
+        card["calibration"] = calibration
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+    return card
+
+
 def _untrained(name: str) -> ModelHandle:
     """A handle for a registered architecture with no weights (seeded random init)."""
     config = get_config(name)

@@ -1,0 +1,308 @@
+"""``deepaudit evaluate``: run the audit on a labelled manifest and score it.
+
+The evaluation runs :func:`deepaudit.jobs.audit.run_audit` itself (output under
+``DIR/audit/``), so what is measured is exactly what users run: same decode, detector,
+crops, model card, frames and threshold. It then joins the manifest's ``label`` column
+(fake/real/1/0; anything else counts as unlabelled) and writes:
+
+* ``DIR/metrics.json``: accuracy, precision, recall, F1, FPR, ROC AUC, average precision
+  and the confusion matrix, overall, per media type and per group (``--group-column``,
+  else a ``group`` or ``source`` column when the manifest has one); plus the items the
+  audit could not score (no face, errors), counted per label and listed, never dropped;
+* ``DIR/roc.png`` and ``DIR/hist.png``.
+
+``--calibrate`` picks the threshold that keeps the false-positive rate on this
+(validation) manifest at or under ``--target-fpr`` and writes it into the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+STATUS_OK = "ok"  # deepaudit.pipeline.schema.STATUS_OK, without importing pyarrow for --help
+
+log = logging.getLogger(__name__)
+
+GROUP_CANDIDATES = ("group", "source")
+MAX_LISTED = 1000
+MAX_PRINTED_GROUPS = 20
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    manifest: str
+    output: str
+    model: str | None = None
+    group_column: str | None = None
+    threshold: float | None = None  # override the card's for this evaluation
+    calibrate: bool = False
+    target_fpr: float = 0.05
+    frames: int | None = None
+    address: str = "local"
+    num_cpus: int | None = None
+    s3_endpoint: str | None = None
+    decode_actors: int | None = None
+    classify_actors: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.calibrate and self.threshold is not None:
+            raise ValueError("--calibrate chooses the threshold itself: drop --threshold")
+
+
+def _calibration_card(model: str | None) -> Path:
+    """The card --calibrate will rewrite; refuse anything but a trained checkpoint path."""
+    from deepaudit.models.checkpoint import resolve_model
+
+    if model is None or Path(model).suffix not in (".json", ".safetensors"):
+        raise ValueError(
+            "--calibrate writes the threshold into a model card: pass --model PATH/TO/card.json "
+            "(or its .safetensors), not a registered name. Copy a shipped model's card and "
+            "weights elsewhere first if you want to calibrate them.")
+    handle = resolve_model(model)
+    if not handle.trained:
+        raise ValueError(f"{model} is an untrained model: its scores cannot be calibrated")
+    return Path(model).with_suffix(".json")
+
+
+def _block(labels: list[int], scores: list[float], threshold: float) -> dict | None:
+    from deepaudit.jobs.metrics import binary_metrics
+
+    return binary_metrics(labels, scores, threshold).to_dict() if labels else None
+
+
+def compute_metrics(rows: list[dict], threshold: float, group_column: str | None) -> dict:
+    """Metrics over verdict rows that carry the manifest's ``label`` (and group) column."""
+    from deepaudit.jobs.datasets import parse_label
+
+    labelled, unlabelled = [], 0
+    for r in rows:
+        y = parse_label(r.get("label"))
+        if y is None:
+            unlabelled += 1
+        else:
+            labelled.append((y, r))
+    scored = [(y, r) for y, r in labelled
+              if r["status"] == STATUS_OK and r["p_fake"] is not None]
+    unscored = [(y, r) for y, r in labelled if not (r["status"] == STATUS_OK
+                                                    and r["p_fake"] is not None)]
+    by_label: dict[str, Counter] = {"real": Counter(), "fake": Counter()}
+    for y, r in labelled:
+        by_label["fake" if y else "real"][r["status"]] += 1
+    codes = Counter((r["error"] or "error").split(":", 1)[0] for _, r in unscored)
+
+    def metrics_for(pairs) -> dict | None:
+        return _block([y for y, _ in pairs], [float(r["p_fake"]) for _, r in pairs], threshold)
+
+    out = {
+        "threshold": threshold,
+        "counts": {
+            "items": len(rows), "labelled": len(labelled), "unlabelled": unlabelled,
+            "scored": len(scored), "unscored": len(unscored),
+            "coverage": len(scored) / len(labelled) if labelled else None,
+            "by_label": {k: dict(v) for k, v in by_label.items()},
+            "unscored_codes": dict(codes.most_common()),
+        },
+        "overall": metrics_for(scored),
+        "by_media_type": {},
+        "by_group": {},
+        "group_column": group_column,
+        "unscored_items": [
+            {"media_id": r["media_id"], "uri": r["uri"], "label": "fake" if y else "real",
+             "status": r["status"], "error": r["error"]} for y, r in unscored[:MAX_LISTED]],
+    }
+    for mt in sorted({r["media_type"] or "unknown" for _, r in scored}):
+        out["by_media_type"][mt] = metrics_for([(y, r) for y, r in scored
+                                                if (r["media_type"] or "unknown") == mt])
+    if group_column:
+        for g in sorted({str(r.get(group_column)) for _, r in labelled}):
+            part = [(y, r) for y, r in scored if str(r.get(group_column)) == g]
+            out["by_group"][g] = {
+                "labelled": sum(str(r.get(group_column)) == g for _, r in labelled),
+                "scored": len(part), "metrics": metrics_for(part)}
+    return out
+
+
+def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
+    """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
+    from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+    from deepaudit.jobs.audit import AuditConfig, read_verdicts, run_audit
+    from deepaudit.jobs.datasets import parse_label
+    from deepaudit.jobs.metrics import histogram_png, roc_png
+    from deepaudit.models.checkpoint import set_card_threshold
+    from deepaudit.pipeline.manifest import read_manifest
+    from deepaudit.pipeline.schema import RESERVED_COLUMNS
+
+    storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    card_path = _calibration_card(cfg.model) if cfg.calibrate else None
+    manifest = read_manifest(cfg.manifest, RESERVED_COLUMNS, storage)
+    if "label" not in manifest.column_names:
+        raise ValueError(f"{cfg.manifest} has no 'label' column (fake/real or 1/0) to "
+                         "evaluate against")
+    group_column = cfg.group_column
+    if group_column is not None and group_column not in manifest.column_names:
+        raise ValueError(f"--group-column {group_column!r} is not a column of {cfg.manifest} "
+                         f"(columns: {', '.join(manifest.column_names)})")
+    if group_column is None:
+        group_column = next((c for c in GROUP_CANDIDATES if c in manifest.column_names), None)
+
+    summary = run_audit(AuditConfig(
+        manifest=cfg.manifest, output=join(cfg.output, "audit"), model=cfg.model,
+        frames=cfg.frames, address=cfg.address, num_cpus=cfg.num_cpus,
+        s3_endpoint=cfg.s3_endpoint, decode_actors=cfg.decode_actors,
+        classify_actors=cfg.classify_actors, batch_size=cfg.batch_size, device=cfg.device,
+        threshold=cfg.threshold), on_rows=on_rows)
+    rows = read_verdicts(summary["output"], storage).to_pylist()
+    threshold = float(summary["threshold"])
+    result = {
+        "manifest": cfg.manifest,
+        "model": summary["model"],
+        "model_trained": summary["model_trained"],
+        "audit_run": summary["output"],
+        "audit_state": summary["state"],
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **compute_metrics(rows, threshold, group_column),
+    }
+    scored = [r for r in rows if parse_label(r.get("label")) is not None
+              and r["status"] == STATUS_OK and r["p_fake"] is not None]
+    labels = [parse_label(r["label"]) for r in scored]
+    scores = [float(r["p_fake"]) for r in scored]
+    if cfg.calibrate:
+        result["calibration"] = _calibrate(card_path, labels, scores, cfg, summary)
+        set_card_threshold(card_path, result["calibration"]["threshold"],
+                           {k: v for k, v in result["calibration"].items() if k != "metrics"})
+    fs, base = filesystem_for(cfg.output, storage)
+    fs.makedirs(base, exist_ok=True)
+    plots = []
+    if scored:
+        title = f"{summary['model']} on {Path(cfg.manifest).name}"
+        for name, png in (("roc.png", roc_png(labels, scores, title=title)),
+                          ("hist.png", histogram_png(scores, labels, threshold, title=title))):
+            with fs.open(f"{base}/{name}", "wb") as f:
+                f.write(png)
+            plots.append(join(cfg.output, name))
+    result["plots"] = plots
+    with fs.open(f"{base}/metrics.json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    result["metrics_file"] = join(cfg.output, "metrics.json")
+    return result
+
+
+def _calibrate(card_path: Path, labels: list[int], scores: list[float], cfg: EvalConfig,
+               summary: dict) -> dict:
+    from deepaudit.jobs.metrics import binary_metrics, threshold_at_fpr
+
+    if 0 not in labels:
+        raise ValueError("calibration needs scored real items (label real/0) in the manifest")
+    t = threshold_at_fpr(labels, scores, cfg.target_fpr)
+    if not t < 1.0:  # a real scored 1.0: no threshold in (0, 1) keeps it out
+        t = math.nextafter(1.0, 0.0)
+    t = max(t, 1e-6)
+    m = binary_metrics(labels, scores, t)
+    return {
+        "threshold": t, "target_fpr": cfg.target_fpr, "achieved_fpr": m.fpr,
+        "recall_at_threshold": m.recall, "n_real": m.n_real, "n_fake": m.n_fake,
+        "manifest": cfg.manifest, "previous_threshold": summary["threshold"],
+        "card": str(card_path), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": m.to_dict(),
+    }
+
+
+def evaluate_command(
+    manifest: Annotated[str, typer.Argument(
+        help="Labelled manifest (csv/tsv/jsonl/parquet, local or s3://) with 'uri' and 'label' "
+             "(fake/real/1/0; other values count as unlabelled).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for metrics.json, "
+                                        "roc.png, hist.png and the audit run (audit/).")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Registered name or checkpoint (.json card / .safetensors). Default: the shipped "
+             "default weights.")] = None,
+    group_column: Annotated[Optional[str], typer.Option(
+        help="Manifest column to break the metrics down by (default: 'group' or 'source' "
+             "when present).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Use this threshold instead of the card's.")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        help="Set the card's threshold so the FPR on this (validation) manifest is at most "
+             "--target-fpr, and write it into the card given by --model.")] = False,
+    target_fpr: Annotated[float, typer.Option(help="FPR target for --calibrate.")] = 0.05,
+    frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per video "
+                                                  "(default: the card's).")] = None,
+    address: Annotated[str, typer.Option(help="'local', 'auto' or ray://HOST:PORT.")] = "local",
+    num_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs for a local Ray.")] = None,
+    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]
+        = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Audit a labelled manifest and report detection metrics (optionally calibrate)."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from deepaudit.pipeline.manifest import ManifestError
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        cfg = EvalConfig(manifest=manifest, output=output, model=model,
+                         group_column=group_column, threshold=threshold, calibrate=calibrate,
+                         target_fpr=target_fpr, frames=frames, address=address,
+                         num_cpus=num_cpus, s3_endpoint=s3_endpoint)
+        with console.status("auditing the manifest..."):
+            result = run_evaluate(cfg)
+    except (ManifestError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if json_out:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        raise typer.Exit(0)
+    t = Table(title=f"{result['model']} (threshold {result['threshold']:.4f})")
+    t.add_column("slice", overflow="fold", min_width=16)
+    for col in ("n", "AUC", "AP", "acc", "prec", "recall", "F1", "FPR"):
+        t.add_column(col)
+
+    def add(name: str, m: dict | None) -> None:
+        if m is None:
+            return
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        t.add_row(name, str(m["n"]), f(m["roc_auc"]), f(m["average_precision"]),
+                  f(m["accuracy"]), f(m["precision"]), f(m["recall"]), f(m["f1"]), f(m["fpr"]))
+
+    add("overall", result["overall"])
+    for k, m in result["by_media_type"].items():
+        add(f"media_type={k}", m)
+    groups = sorted(result["by_group"].items(), key=lambda kv: -kv[1]["scored"])
+    for k, g in groups[:MAX_PRINTED_GROUPS]:
+        add(f"{result['group_column']}={k}", g["metrics"])
+    Console().print(t)
+    if len(groups) > MAX_PRINTED_GROUPS:
+        console.print(f"{len(groups) - MAX_PRINTED_GROUPS} more groups in metrics.json")
+    c = result["counts"]
+    console.print(f"{c['labelled']} labelled items, {c['scored']} scored, {c['unscored']} not "
+                  f"scored ({c['unscored_codes'] or 'none'}), {c['unlabelled']} unlabelled; "
+                  f"metrics in {result['metrics_file']}")
+    if "calibration" in result:
+        cal = result["calibration"]
+        console.print(f"calibrated threshold {cal['threshold']:.6f} (FPR {cal['achieved_fpr']:.3f}"
+                      f", recall {cal['recall_at_threshold']}) written to {cal['card']}")
+    if not result["model_trained"]:
+        console.print("[yellow]warning:[/yellow] the model is untrained: these numbers measure "
+                      "random weights")

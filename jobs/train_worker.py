@@ -1,0 +1,664 @@
+"""The per-worker training loop that Ray Train's TorchTrainer runs (one copy per worker).
+
+Two phases, both here, both data-parallel (DDP over gloo on CPU, NCCL on GPU):
+
+1. **Frames**: the ResNeXt trunk and the per-frame head learn from single face crops
+   (images and video frames), augmented on the fly, with optional self-blended fakes
+   made from real crops. Validation: frame-level loss and ROC AUC.
+2. **Sequences**: the trunk is frozen; frame features of every item are computed once
+   (a few augmented views each), and the LSTM and the video head learn from them:
+   videos (random sorted subsets of their frames), images as one-frame sequences (the
+   audit scores an image as a one-frame video), and groups of images cut from one video.
+   Validation is item-level, exactly as the audit scores: images alone, videos on
+   ``frames`` evenly spaced frames.
+
+Each epoch ends with ``ray.train.report`` and a checkpoint (model, optimizer, scheduler,
+early-stopping state, history), so a run resumes where it stopped. The items are
+sharded over workers by sequence (a video, or images cut from one video), each worker
+loads only its shard's crops, and every worker runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deepaudit.jobs.crop_cache import load_crops
+from deepaudit.jobs.metrics import binary_metrics, roc_auc, threshold_max_youden
+from deepaudit.models.augment import AugmentConfig, augment
+from deepaudit.models.losses import BinaryLoss, LossConfig
+from deepaudit.models.registry import create_model
+from deepaudit.models.resnext_lstm import ResNeXtLSTM
+from deepaudit.models.sbi import SBIConfig, self_blend
+from deepaudit.pipeline.media import sample_indices
+
+FROZEN_STAGES = {1: (), 2: ("conv1", "bn1", "layer1"),
+                 3: ("conv1", "bn1", "layer1", "layer2", "layer3")}
+STATE_FILE = "state.pt"
+FINAL_FILE = "final.pt"
+
+
+class FrameNet(nn.Module):
+    """Phase 1 view of the model: trunk + frame head (shares the model's parameters)."""
+
+    def __init__(self, model: ResNeXtLSTM) -> None:
+        super().__init__()
+        self.backbone, self.frame_head = model.backbone, model.frame_head
+        self.dropout = model.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ResNeXtLSTM.frame_logits(self, self.backbone(x))  # type: ignore[arg-type]
+
+
+class SequenceNet(nn.Module):
+    """Phase 2 view of the model: LSTM + video head over frame features."""
+
+    def __init__(self, model: ResNeXtLSTM) -> None:
+        super().__init__()
+        self.lstm, self.video_head, self.dropout = model.lstm, model.video_head, model.dropout
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        return ResNeXtLSTM.sequence_logits(self, features, lengths)  # type: ignore[arg-type]
+
+
+def _stable_hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def lr_lambda(schedule: str, total: int, warmup: int):
+    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then cosine to
+    1% / a x0.1 step at two thirds / constant."""
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "step":
+            return 0.1 if progress >= 2 / 3 else 1.0
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Augmented single crops. Item ``i`` of epoch ``e`` is a pure function of
+    ``(seed, e, i)``, whatever DataLoader worker makes it."""
+
+    def __init__(self, crops: np.ndarray, labels: np.ndarray, aug: AugmentConfig | None,
+                 sbi: float, seed: int) -> None:
+        self.crops, self.labels, self.aug, self.sbi, self.seed = crops, labels, aug, sbi, seed
+        self.epoch = 0
+        self.sbi_cfg = SBIConfig()
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        rng = np.random.default_rng([self.seed, 11, self.epoch, int(i)])
+        crop, label = self.crops[i], int(self.labels[i])
+        if self.sbi and label == 0 and rng.random() < self.sbi:
+            crop, label = self_blend(crop, rng, self.sbi_cfg), 1
+        if self.aug is not None:
+            crop = augment(crop, self.aug, rng)
+        return crop, label
+
+
+def _collate(batch):
+    crops, labels = zip(*batch)
+    return torch.from_numpy(np.stack(crops)), torch.tensor(labels, dtype=torch.float32)
+
+
+@dataclass
+class _Shard:
+    """This worker's items: crops per item, plus the per-item table rows."""
+
+    rows: list[dict]
+    crops: dict[str, np.ndarray]  # item_key -> uint8 [n, S, S, 3]
+
+
+class WorkerLoop:
+    def __init__(self, config: dict) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.cfg = config["cfg"]
+        self.model_config = config["model_config"]
+        self.queue = config.get("queue")
+        self.cache_dir = config["cache_dir"]
+        self.storage = config["storage"]
+        torch.set_num_threads(max(1, int(config["threads"])))
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.t_last_event = 0.0
+
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every worker
+        init = config.get("init_handle")
+        model = init.load() if init is not None else create_model(
+            self.model_config.arch, **self.model_config.arch_kwargs)
+        model.config = self.model_config
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        cfg_m = self.model_config
+        self.mean = torch.tensor(cfg_m.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(cfg_m.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.loss_fn = BinaryLoss(LossConfig(self.cfg.loss, gamma=self.cfg.focal_gamma,
+                                             label_smoothing=self.cfg.label_smoothing))
+
+        self.state = {"p1_epochs": 0, "p1_stopped": False, "p2_epochs": 0, "p2_stopped": False,
+                      "best1": None, "best2": None, "bad1": 0, "bad2": 0, "history": [],
+                      "steps": 0, "optim1": None, "sched1": None, "optim2": None, "sched2": None}
+        self.resumed_from = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
+                                   weights_only=False)
+            if saved["arch"] != self.model_config.to_dict():
+                raise ValueError("the checkpoint in this output folder was trained with another "
+                                 "model configuration: use a new --output to start afresh")
+            self.model.load_state_dict(saved["model"])
+            self.state = saved["state"]
+            self.resumed_from = {"phase1_epochs": self.state["p1_epochs"],
+                                 "phase2_epochs": self.state["p2_epochs"],
+                                 "steps": self.state["steps"]}
+            self._event(type="info", message=f"resumed after phase 1 epoch "
+                        f"{self.state['p1_epochs']}, phase 2 epoch {self.state['p2_epochs']}")
+        best1 = self.state["best1"]
+        # The best phase-1 weights live in memory while they are the current ones.
+        self._best1_weights = self._cpu_state() if best1 and best1["model"] is None else None
+
+        items = config["items"].to_pylist()
+        self.train_rows = [r for r in items if r["split"] == "train" and self._mine(r)]
+        self.val_rows = [r for r in items if r["split"] == "val" and self._mine(r)]
+        keys = [r["item_key"] for r in self.train_rows + self.val_rows]
+        self.crops = {k: v[0] for k, v in load_crops(self.cache_dir, keys, self.storage).items()}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _mine(self, row: dict) -> bool:
+        unit = row.get("sequence") or row["media_id"]
+        return _stable_hash(unit) % self.world == self.rank
+
+    def _event(self, force: bool = True, **payload) -> None:
+        if self.rank != 0 or self.queue is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.t_last_event < 0.5:
+            return
+        self.t_last_event = now
+        try:
+            self.queue.put_nowait(payload)
+        except Exception:  # a full or gone queue never stops training
+            pass
+
+    def _min_over_workers(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def _gather(self, obj: list) -> list:
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return [x for part in out for x in part]
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def _save(self, metrics: dict, final: dict | None = None) -> None:
+        """Report metrics from every worker; rank 0 attaches the checkpoint."""
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"arch": self.model_config.to_dict(), "model": self.model.state_dict(),
+                        "state": self.state}, os.path.join(d, STATE_FILE))
+            if final is not None:
+                torch.save(final, os.path.join(d, FINAL_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def _improved(self, best: dict | None, loss: float, auc: float | None) -> tuple[bool, float]:
+        mode = self.cfg.early_stop
+        if mode == "none":
+            return True, 0.0
+        if mode == "auc" and auc is not None:
+            score = auc
+        else:
+            score = -loss
+        return best is None or score > best["score"], score
+
+    # ------------------------------------------------------------------ phase 1
+
+    def _freeze_stages(self) -> list[nn.Module]:
+        frozen = [getattr(self.model.backbone, name) for name in FROZEN_STAGES[self.cfg.freeze]]
+        for m in frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        return frozen
+
+    def _cpu_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def phase1(self) -> None:
+        """Train trunk + frame head, from where the state says, up to ``cfg.epochs``."""
+        import ray.train.torch
+
+        cfg, st = self.cfg, self.state
+        if st["p1_stopped"] or st["p1_epochs"] >= cfg.epochs:
+            return
+        frozen = self._freeze_stages()
+        train_crops, train_labels, _ = self._flatten(self.train_rows)
+        val_crops, val_labels, val_owners = self._flatten(self.val_rows)
+        n = self._min_over_workers(len(train_crops))
+        if n == 0:
+            raise ValueError("a training worker has no training crops: use fewer workers")
+        batch = min(cfg.batch_size, n)
+        steps = n // batch
+        aug = AugmentConfig() if cfg.augment else None
+        data = CropDataset(train_crops, train_labels, aug, cfg.sbi, cfg.seed)
+        net = ray.train.torch.prepare_model(FrameNet(self.model), move_to_device=False)
+        params = [p for p in FrameNet(self.model).parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = int(round(cfg.warmup_epochs * steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lr_lambda(cfg.schedule, cfg.epochs * steps, warmup))
+        if st["optim1"] is not None:
+            optim.load_state_dict(st["optim1"])
+            sched.load_state_dict(st["sched1"])
+        # Any change to the trunk invalidates the sequence phase.
+        st.update(p2_epochs=0, p2_stopped=False, best2=None, bad2=0, optim2=None, sched2=None)
+        workers = cfg.loader_workers if cfg.loader_workers is not None else (
+            0 if self.device.type == "cpu" else 4)
+        for epoch in range(st["p1_epochs"], cfg.epochs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            data.epoch = epoch
+            order = np.random.default_rng([cfg.seed, 1, epoch, self.rank]).permutation(len(data))
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=batch, sampler=order[: steps * batch].tolist(),
+                num_workers=workers, collate_fn=_collate, drop_last=True,
+                pin_memory=self.device.type == "cuda")
+            self.model.train()
+            for m in frozen:
+                m.eval()
+            self._event(type="start", phase=1, epoch=epoch + 1, epochs=cfg.epochs, steps=steps)
+            total = 0.0
+            for step, (x, y) in enumerate(loader):
+                with self._autocast():
+                    logits = net(self._normalise(x)).float()
+                loss = self.loss_fn(logits, y.to(self.device))
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                sched.step()
+                st["steps"] += 1
+                total += float(loss.detach())
+                self._event(force=step + 1 == steps, type="step", phase=1, epoch=epoch + 1,
+                            step=step + 1, steps=steps, loss=total / (step + 1))
+            val_loss, val_auc = self._validate_frames(val_crops, val_labels, val_owners, batch)
+            st["p1_epochs"] = epoch + 1
+            improved, score = self._improved(st["best1"], val_loss, val_auc)
+            if improved:
+                st["best1"] = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
+                               "val_auc": val_auc, "model": None}
+                st["bad1"] = 0
+                self._best1_weights = self._cpu_state()
+            else:
+                st["bad1"] += 1
+                if st["best1"]["model"] is None:  # the model moves on: keep the best copy
+                    st["best1"]["model"] = self._best1_weights
+            row = {"phase": 1, "epoch": epoch + 1, "train_loss": total / max(1, steps),
+                   "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
+            st["history"].append(row)
+            st["p1_stopped"] = cfg.early_stop != "none" and st["bad1"] >= cfg.patience
+            st["optim1"], st["sched1"] = optim.state_dict(), sched.state_dict()
+            if st["p1_stopped"] or epoch + 1 >= cfg.epochs:
+                self._restore_best1()
+            self._event(type="epoch", **row)
+            self._save(row)
+            if st["p1_stopped"]:
+                self._event(type="info", message=f"early stop after phase 1 epoch {epoch + 1}")
+                break
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+    def _restore_best1(self) -> None:
+        """End of phase 1: the model takes the best epoch's weights."""
+        best = self.state["best1"]
+        if best is not None and best["model"] is not None:
+            self.model.load_state_dict(best["model"])
+            self._best1_weights, best["model"] = best["model"], None
+
+    def _flatten(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All crops of ``rows`` in one array, with each crop's label and item index."""
+        size = self.model_config.input_size
+        kept = [r for r in rows if r["item_key"] in self.crops]
+        if not kept:
+            return (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64),
+                    np.zeros(0, np.int64))
+        counts = [len(self.crops[r["item_key"]]) for r in kept]
+        labels = np.repeat([r["label"] for r in kept], counts)
+        owners = np.repeat(np.arange(len(kept)), counts)
+        return np.concatenate([self.crops[r["item_key"]] for r in kept]), labels, owners
+
+    @torch.inference_mode()
+    def _validate_frames(self, crops: np.ndarray, labels: np.ndarray, owners: np.ndarray,
+                         batch: int) -> tuple[float, float | None]:
+        """Phase 1 validation, per item (as the audit scores items, not frames): an item's
+        loss is the mean BCE of its frames, its score the mean frame probability. A video
+        counts once, however many frames it has."""
+        self.model.eval()
+        logits = []
+        for i in range(0, len(crops), batch * 2):
+            x = torch.from_numpy(crops[i:i + batch * 2])
+            with self._autocast():
+                feats = self.model.backbone(self._normalise(x))
+            logits.append(self.model.frame_logits(feats.float()).float().cpu())
+        local = []
+        if logits:
+            z = torch.cat(logits)
+            y = torch.from_numpy(labels).float()
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+            probs = torch.sigmoid(z)
+            for item in np.unique(owners):
+                mask = torch.from_numpy(owners == item)
+                local.append((int(labels[mask.numpy()][0]), float(losses[mask].mean()),
+                              float(probs[mask].mean())))
+        items = self._gather(local)
+        if not items:
+            return float("nan"), None
+        loss = float(np.mean([it[1] for it in items]))
+        return loss, roc_auc([it[0] for it in items], [it[2] for it in items])
+
+    # ------------------------------------------------------------------ phase 2
+
+    @staticmethod
+    def _prepare(crops: np.ndarray, aug: AugmentConfig | None, seed: list[int],
+                 sbi: bool = False) -> np.ndarray:
+        """One item's crops as phase 2 sees them: optionally self-blended (one blend for
+        the whole sequence: the same parameters on every frame) and augmented."""
+        if not sbi and aug is None:
+            return crops
+        frames = []
+        for j, crop in enumerate(crops):
+            if sbi:
+                crop = self_blend(crop, np.random.default_rng(seed + [99]), SBIConfig())
+            if aug is not None:
+                crop = augment(crop, aug, np.random.default_rng(seed + [j]))
+            frames.append(crop)
+        return np.stack(frames)
+
+    @torch.inference_mode()
+    def _extract(self, jobs, batch: int = 64, flush_at: int = 1024) -> None:
+        """Frame features for a stream of ``(crops [T, S, S, 3], callback)`` jobs: crops of
+        many items share forward passes, and each callback gets its item's ``[T, F]``."""
+        pending: list = []
+        count = 0
+
+        def flush() -> None:
+            nonlocal pending, count
+            if not pending:
+                return
+            x = torch.from_numpy(np.concatenate([c for c, _ in pending]))
+            out = []
+            for i in range(0, len(x), batch):
+                with self._autocast():
+                    out.append(self.model.backbone(self._normalise(x[i:i + batch])).float().cpu())
+            feats = torch.cat(out).split([len(c) for c, _ in pending])
+            for (_, callback), f in zip(pending, feats):
+                callback(f)
+            pending, count = [], 0
+
+        for crops, callback in jobs:
+            pending.append((crops, callback))
+            count += len(crops)
+            if count >= flush_at:
+                flush()
+        flush()
+
+    def _sequence_units(self):
+        """Training units (feature views, label) and validation units for phase 2."""
+        cfg = self.cfg
+        aug = AugmentConfig().confounds_only() if cfg.augment else None
+        views = max(1, cfg.seq_views if aug is not None else 1)
+        self.model.eval()
+        rows = [r for r in self.train_rows if r["item_key"] in self.crops]
+        feats: dict[str, list] = {r["item_key"]: [None] * views for r in rows}
+        sbi_units: list[list] = []
+
+        def jobs():
+            for n, r in enumerate(rows):
+                crops, h = self.crops[r["item_key"]], _stable_hash(r["item_key"])
+                for v in range(views):
+                    yield (self._prepare(crops, aug, [cfg.seed, 21, h, v]),
+                           lambda f, k=r["item_key"], v=v: feats[k].__setitem__(v, f))
+                if cfg.sbi and r["label"] == 0:
+                    if np.random.default_rng([cfg.seed, 22, h]).random() < cfg.sbi:
+                        unit: list = [None]
+                        sbi_units.append(unit)
+                        yield (self._prepare(crops, aug, [cfg.seed, 23, h], sbi=True),
+                               lambda f, u=unit: u.__setitem__(0, f))
+                self._event(force=n + 1 == len(rows), type="features", done=n + 1,
+                            total=len(rows))
+
+        self._extract(jobs())
+        train: list[tuple[list[Tensor], int]] = [(feats[r["item_key"]], r["label"]) for r in rows]
+        train += [(unit, 1) for unit in sbi_units]
+        sequences: dict[str, list[dict]] = {}
+        for r in rows:
+            if r.get("sequence") and r["media_type"] == "image":
+                sequences.setdefault(r["sequence"], []).append(r)
+        for group in sequences.values():
+            if len(group) < 2:
+                continue
+            group.sort(key=lambda r: r["media_id"])
+            train.append(([torch.cat([feats[r["item_key"]][v] for r in group])
+                           for v in range(views)], group[0]["label"]))
+        val_rows = [r for r in self.val_rows if r["item_key"] in self.crops]
+        val_feats: dict[str, Tensor] = {}
+        self._extract((self.crops[r["item_key"]],
+                       lambda f, k=r["item_key"]: val_feats.__setitem__(k, f)) for r in val_rows)
+        val = []
+        for r in val_rows:
+            f = val_feats[r["item_key"]]
+            val.append((f[sample_indices(len(f), self.model_config.frames)], r))
+        return train, val
+
+    def phase2(self) -> None:
+        import ray.train.torch
+
+        cfg, st = self.cfg, self.state
+        if st["p2_stopped"] or st["p2_epochs"] >= cfg.seq_epochs:
+            return
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in list(self.model.lstm.parameters()) + list(self.model.video_head.parameters()):
+            p.requires_grad_(True)
+        self._event(type="info", message="phase 2: computing frame features")
+        train, val = self._sequence_units()
+        n = self._min_over_workers(len(train))
+        if n == 0:
+            raise ValueError("a training worker has no training sequences: use fewer workers")
+        batch = min(cfg.seq_batch_size, n)
+        steps = n // batch
+        net = ray.train.torch.prepare_model(SequenceNet(self.model), move_to_device=False)
+        params = [p for p in SequenceNet(self.model).parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=cfg.seq_lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lr_lambda(cfg.schedule, cfg.seq_epochs * steps, 0))
+        if st["optim2"] is not None:
+            optim.load_state_dict(st["optim2"])
+            sched.load_state_dict(st["sched2"])
+        max_len = self.model_config.frames
+        for epoch in range(st["p2_epochs"], cfg.seq_epochs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            rng = np.random.default_rng([cfg.seed, 2, epoch, self.rank])
+            order = rng.permutation(len(train))[: steps * batch]
+            self.model.train()
+            self.model.backbone.eval()
+            self._event(type="start", phase=2, epoch=epoch + 1, epochs=cfg.seq_epochs, steps=steps)
+            total = 0.0
+            for step in range(steps):
+                seqs, labels = [], []
+                for u in order[step * batch:(step + 1) * batch]:
+                    views, label = train[u]
+                    f = views[int(rng.integers(len(views)))]
+                    top = min(len(f), max_len)
+                    length = int(rng.integers(max(1, math.ceil(top / 2)), top + 1))
+                    pick = np.sort(rng.choice(len(f), size=length, replace=False))
+                    seqs.append(f[torch.from_numpy(pick)])
+                    labels.append(label)
+                padded, lengths = self._pad(seqs)
+                logits = net(padded, lengths).float()
+                loss = self.loss_fn(logits, torch.tensor(labels, dtype=torch.float32,
+                                                         device=self.device))
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                sched.step()
+                st["steps"] += 1
+                total += float(loss.detach())
+                self._event(force=step + 1 == steps, type="step", phase=2, epoch=epoch + 1,
+                            step=step + 1, steps=steps, loss=total / (step + 1))
+            preds = self._predict_items(val)
+            val_loss, val_auc = self._item_loss_auc(preds)
+            st["p2_epochs"] = epoch + 1
+            improved, score = self._improved(st["best2"], val_loss, val_auc)
+            if improved:
+                st["best2"] = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
+                               "val_auc": val_auc, "predictions": preds,
+                               "weights": self._sequence_weights()}
+                st["bad2"] = 0
+            else:
+                st["bad2"] += 1
+            row = {"phase": 2, "epoch": epoch + 1, "train_loss": total / max(1, steps),
+                   "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
+            st["history"].append(row)
+            st["p2_stopped"] = cfg.early_stop != "none" and st["bad2"] >= cfg.patience
+            st["optim2"], st["sched2"] = optim.state_dict(), sched.state_dict()
+            self._event(type="epoch", **row)
+            self._save(row)
+            if st["p2_stopped"]:
+                self._event(type="info", message=f"early stop after phase 2 epoch {epoch + 1}")
+                break
+
+    def _sequence_weights(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                if k.startswith(("lstm.", "video_head."))}
+
+    def _pad(self, seqs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(self.device)
+        return padded, lengths
+
+    @torch.inference_mode()
+    def _predict_items(self, val: list) -> list[dict]:
+        self.model.eval()
+        local = []
+        for i in range(0, len(val), 64):
+            chunk = val[i:i + 64]
+            padded, lengths = self._pad([f for f, _ in chunk])
+            p = torch.sigmoid(self.model.sequence_logits(padded, lengths).float()).cpu().tolist()
+            for (f, r), pi in zip(chunk, p):
+                local.append({"media_id": r["media_id"], "uri": r["uri"], "label": r["label"],
+                              "source": r["source"], "media_type": r["media_type"],
+                              "group": r["group"], "n_frames": len(f), "p_fake": pi})
+        return sorted(self._gather(local), key=lambda d: d["media_id"])
+
+    def _item_loss_auc(self, preds: list[dict]) -> tuple[float, float | None]:
+        if not preds:
+            return float("nan"), None
+        y = torch.tensor([d["label"] for d in preds], dtype=torch.float32)
+        p = torch.tensor([d["p_fake"] for d in preds], dtype=torch.float64).clamp(1e-7, 1 - 1e-7)
+        loss = float(torch.nn.functional.binary_cross_entropy(p, y.double()))
+        return loss, roc_auc(y.int().tolist(), p.tolist())
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> None:
+        st = self.state
+        self.phase1()
+        self.phase2()
+        best = st["best2"]
+        if best is None:
+            raise RuntimeError("phase 2 produced no model: set --seq-epochs >= 1")
+        weights = dict(self.model.state_dict())
+        weights.update({k: v.to(self.device) for k, v in best["weights"].items()})
+        self.model.load_state_dict(weights)
+        threshold = self.choose_threshold(best["predictions"])
+        final = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "predictions": best["predictions"],
+            "threshold": threshold,
+            "metrics": self.final_metrics(best["predictions"], threshold["value"]),
+            "history": st["history"],
+            "best_epochs": {"phase1": (st["best1"] or {}).get("epoch"), "phase2": best["epoch"]},
+            "resumed_from": self.resumed_from,
+            "val_frames": {k: (st["best1"] or {}).get(k) for k in ("val_loss", "val_auc")},
+            "steps": st["steps"],
+        }
+        self._event(type="info", message="training done")
+        self._save({"phase": 3, "done": True, "steps": st["steps"]}, final=final)
+
+    def choose_threshold(self, preds: list[dict]) -> dict:
+        """The card's threshold: ``--threshold`` if given, else the one that maximises
+        Youden's J on the validation items (a trained LSTM's scores need not centre on
+        0.5; ``deepaudit evaluate --calibrate`` can then tune it to a target FPR)."""
+        if self.cfg.threshold is not None:
+            return {"value": self.cfg.threshold, "rule": "fixed (--threshold)"}
+        t = threshold_max_youden([r["label"] for r in preds], [r["p_fake"] for r in preds])
+        if t is None:
+            return {"value": self.model_config.threshold,
+                    "rule": "registry default (the validation set has one class)"}
+        return {"value": min(max(t, 1e-6), 1 - 1e-6),
+                "rule": "max Youden J (TPR - FPR) on the validation items"}
+
+    def final_metrics(self, preds: list[dict], t: float) -> dict:
+        """Item-level validation metrics at the card's threshold ``t``: overall, per media
+        type and per source (what ``deepaudit evaluate`` would report on the validation
+        set; optimistic at a threshold chosen on it)."""
+
+        def block(rows: list[dict]) -> dict | None:
+            if not rows:
+                return None
+            return binary_metrics([r["label"] for r in rows], [r["p_fake"] for r in rows],
+                                  t).to_dict()
+
+        out = {"overall": block(preds), "by_media_type": {}, "by_source": {}}
+        for key, name in (("media_type", "by_media_type"), ("source", "by_source")):
+            for value in sorted({r[key] for r in preds}):
+                out[name][value] = block([r for r in preds if r[key] == value])
+        return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ``TorchTrainer``: see the module docstring."""
+    WorkerLoop(config).run()
