@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
-	$(BIN)/python -m pip install -q -e ".[test,demo]"
+	# The torch spec again: without it, pip 26 resolves the project's torch range to a newer
+	# CUDA build (several GB) even though the CPU wheel installed above satisfies it.
+	$(BIN)/python -m pip install -q -e ".[test,demo]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP) system-deps

@@ -453,9 +453,10 @@ def _notes(cfg: TrainConfig, mc, final: dict) -> str:
 
 
 class ProgressPrinter:
-    """Renders training events: a rich progress bar plus one line per epoch."""
+    """Renders training events: a rich progress bar (``bars=True``) plus one line per
+    epoch. Without bars (``--no-progress``, logs of batch jobs) only the lines print."""
 
-    def __init__(self, console) -> None:
+    def __init__(self, console, bars: bool = True) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
 
@@ -463,7 +464,7 @@ class ProgressPrinter:
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-            console=console, transient=False)
+            console=console, transient=False, disable=not bars)
         self.task = None
         self.lock = threading.Lock()
 
@@ -475,6 +476,8 @@ class ProgressPrinter:
         self.progress.stop()
 
     def _bar(self, description: str, total: int | None, completed: int, info: str = "") -> None:
+        if self.progress.disable:
+            return
         if self.task is None or self.progress.tasks[self.task].description != description:
             self.task = self.progress.add_task(description, total=total, info=info)
         self.progress.update(self.task, total=total, completed=completed, info=info)
@@ -625,11 +628,8 @@ def train_command(
             address=address, num_cpus=num_cpus, cache=cache, min_face_px=min_face_px,
             decode_actors=decode_actors, checkpoint_storage=checkpoint_storage,
             s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit)
-        if progress and not json_out:
-            with ProgressPrinter(console) as printer:
-                summary = run_train(cfg, on_event=printer)
-        else:
-            summary = run_train(cfg)
+        with ProgressPrinter(console, bars=progress and not json_out) as printer:
+            summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
