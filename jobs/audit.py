@@ -48,7 +48,12 @@ from deepaudit.pipeline.schema import (
     STATUSES,
     VERDICT_SCHEMA,
 )
-from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage, CropConfig, DecodeCropStage
+from deepaudit.pipeline.stages import (
+    ClassifyConfig,
+    ClassifyStage,
+    CropConfig,
+    decode_crop_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,30 +143,15 @@ def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceC
 def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg: AuditConfig,
                   evidence: EvidenceConfig | None = None):
     """The Ray Data pipeline: manifest rows → DecodeCropStage → ClassifyStage."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     keys = manifest.select([ROW_INDEX, "media_id", "uri"])
-    # Small blocks spread the media over the decode actors; ~8 blocks per actor balances tails.
-    per_block = max(1, min(32, -(-keys.num_rows // (plan.decode_actors * 8))))
-    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
     frames = cfg.frames or handle.config.frames
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        DecodeCropStage,
-        fn_constructor_kwargs={
-            "decode": DecodeConfig(frames=frames, max_side=cfg.max_side),
-            "detector": cfg.detector,
-            "crop": CropConfig(size=handle.config.input_size),
-            "storage": storage,
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.decode_actors),
-        num_cpus=plan.decode_cpus,
-        udf_modifying_row_count=False,
-    )
+    ds = decode_crop_dataset(
+        keys, DecodeConfig(frames=frames, max_side=cfg.max_side), cfg.detector,
+        CropConfig(size=handle.config.input_size), storage, plan.decode_actors,
+        plan.decode_cpus)
     ds = ds.map_batches(
         ClassifyStage,
         fn_constructor_kwargs={

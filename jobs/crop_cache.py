@@ -236,27 +236,11 @@ class _PartWriter:
 
 def _decode_dataset(keys: pa.Table, cfg: CropCacheConfig, actors: int, cpus_each: float):
     """The audit's first stage (DecodeCropStage on an actor pool) over ``keys``."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
+    from deepaudit.pipeline.stages import CropConfig, decode_crop_dataset
 
-    from deepaudit.pipeline.stages import CropConfig, DecodeCropStage
-
-    per_block = max(1, min(32, -(-keys.num_rows // (actors * 8))))
-    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
-    return ray.data.from_arrow(blocks).map_batches(
-        DecodeCropStage,
-        fn_constructor_kwargs={
-            "decode": DecodeConfig(frames=cfg.frames, max_side=cfg.max_side),
-            "detector": cfg.detector,
-            "crop": CropConfig(size=cfg.size, margin=cfg.margin),
-            "storage": cfg.storage(),
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus_each,
-        udf_modifying_row_count=False,
-    )
+    return decode_crop_dataset(
+        keys, DecodeConfig(frames=cfg.frames, max_side=cfg.max_side), cfg.detector,
+        CropConfig(size=cfg.size, margin=cfg.margin), cfg.storage(), actors, cpus_each)
 
 
 def build_crop_cache(

@@ -156,6 +156,36 @@ class DecodeCropStage:
         return result
 
 
+def decode_crop_dataset(
+    keys: pa.Table,
+    decode: DecodeConfig,
+    detector: FaceDetectorConfig,
+    crop: CropConfig,
+    storage: StorageConfig,
+    actors: int,
+    cpus_per_actor: float,
+):
+    """A Ray Dataset of :class:`DecodeCropStage` outputs over ``keys`` (``manifest_row``,
+    ``media_id``, ``uri``) on an actor pool: the audit's first stage, also used by the
+    training crop cache, so both crop faces exactly alike."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    # Small blocks spread the media over the actors; ~8 blocks per actor balances tails.
+    per_block = max(1, min(32, -(-keys.num_rows // (actors * 8))))
+    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
+    return ray.data.from_arrow(blocks).map_batches(
+        DecodeCropStage,
+        fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
+                               "storage": storage},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        udf_modifying_row_count=False,
+    )
+
+
 @dataclass(frozen=True)
 class ClassifyConfig:
     device: str = "auto"  # auto | cpu | cuda

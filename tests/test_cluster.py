@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deepaudit.infra.cluster import JobSpec, entrypoint, runtime_env, stage_package
+from deepaudit.infra.cluster import JobSpec, entrypoint, runtime_env
 from deepaudit.jobs.cli import app
 from deepaudit.pipeline.plan import NodeResources, StagePlan, plan_for_cluster, plan_stages
 
