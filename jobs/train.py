@@ -66,6 +66,7 @@ class TrainConfig:
     freeze: int = 1  # 1 train all, 2 freeze stem+layer1, 3 freeze stem..layer3
     augment: bool = True
     sbi: float = 0.0  # share of real training crops turned into self-blended fakes
+    patch_size: int | None = None  # phase 1 on random square patches of the crops
     seq_views: int = 2  # augmented feature views per item in phase 2
     early_stop: str = "auc"  # auc | loss | none
     patience: int = 4
@@ -124,6 +125,11 @@ class TrainConfig:
             bad(f"--freeze must be 1, 2 or 3, got {self.freeze}")
         if not 0.0 <= self.sbi <= 1.0:
             bad(f"--sbi must be in [0, 1], got {self.sbi}")
+        if self.patch_size is not None and self.patch_size < 32:
+            bad(f"--patch-size must be >= 32, got {self.patch_size}")
+        if self.patch_size is not None and self.patch_size >= (self.input_size or 10**9):
+            bad(f"--patch-size {self.patch_size} must be smaller than --input-size "
+                f"{self.input_size}")
         if self.early_stop not in ("auc", "loss", "none"):
             bad(f"--early-stop must be auc, loss or none, got {self.early_stop!r}")
         if self.patience < 1 or self.seq_views < 1 or self.workers < 1:
@@ -285,6 +291,9 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
     out = Path(cfg.output).expanduser().absolute()
     model_config, init_handle = model_config_for(cfg)
+    if cfg.patch_size is not None and cfg.patch_size >= model_config.input_size:
+        raise ValueError(f"--patch-size {cfg.patch_size} must be smaller than the model's "
+                         f"input size {model_config.input_size}")
     name = cfg.name or model_config.arch
 
     labelled = load_inputs(list(cfg.inputs), storage, cfg.limit)
@@ -437,7 +446,9 @@ def _notes(cfg: TrainConfig, mc, final: dict) -> str:
         f"{cfg.train_frames} frames per video); {cfg.loss} loss, label smoothing "
         f"{cfg.label_smoothing}, AdamW lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} "
         f"schedule, freeze config {cfg.freeze} ({FREEZE_HELP[cfg.freeze]}); {aug}; "
-        f"self-blended fakes from {cfg.sbi:.0%} of real crops. Phase 2 "
+        f"self-blended fakes from {cfg.sbi:.0%} of real crops"
+        + (f"; random {cfg.patch_size} px patches of each crop (validation and the audit "
+           "see whole crops)" if cfg.patch_size else "") + ". Phase 2 "
         f"({final['best_epochs']['phase2']} best of {cfg.seq_epochs} epochs): trunk frozen, "
         f"LSTM + video head on frame-feature sequences (videos: random sorted subsets of up "
         f"to {mc.frames} frames; images: one-frame sequences; image crops of one video: "
@@ -558,6 +569,10 @@ def train_command(
     sbi: Annotated[float, typer.Option(
         help="Share of real training crops turned into self-blended fakes (Shiohara & "
              "Yamasaki, CVPR 2022); 0 = off. Broadens training when fakes are few.")] = 0.0,
+    patch_size: Annotated[Optional[int], typer.Option(
+        help="Phase 1 trains on random square patches of this size cut from each crop "
+             "(local artefacts over whole-face identity, and cheaper steps); validation and "
+             "the audit see whole crops. Default: whole crops.")] = None,
     seq_views: Annotated[int, typer.Option(help="Augmented feature views per item, phase 2.")] = 2,
     early_stop: Annotated[str, typer.Option(
         help="Keep the best epoch and stop on validation auc, loss, or none.")] = "auc",
@@ -622,6 +637,7 @@ def train_command(
             seq_lr=seq_lr, weight_decay=weight_decay, schedule=schedule,
             warmup_epochs=warmup_epochs, loss=loss, focal_gamma=focal_gamma,
             label_smoothing=label_smoothing, freeze=freeze, augment=augment, sbi=sbi,
+            patch_size=patch_size,
             seq_views=seq_views, early_stop=early_stop, patience=patience,
             val_fraction=val_fraction, folds=folds, fold=fold, seed=seed, workers=workers,
             use_gpu=gpu, cpus_per_worker=cpus_per_worker, loader_workers=loader_workers,

@@ -95,8 +95,9 @@ class CropDataset(torch.utils.data.Dataset):
     ``(seed, e, i)``, whatever DataLoader worker makes it."""
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, aug: AugmentConfig | None,
-                 sbi: float, seed: int) -> None:
+                 sbi: float, seed: int, patch: int | None = None) -> None:
         self.crops, self.labels, self.aug, self.sbi, self.seed = crops, labels, aug, sbi, seed
+        self.patch = patch  # random square patches of this size, if set
         self.epoch = 0
         self.sbi_cfg = SBIConfig()
 
@@ -110,7 +111,10 @@ class CropDataset(torch.utils.data.Dataset):
             crop, label = self_blend(crop, rng, self.sbi_cfg), 1
         if self.aug is not None:
             crop = augment(crop, self.aug, rng)
-        return crop, label
+        if self.patch:
+            y, x = (int(v) for v in rng.integers(0, crop.shape[0] - self.patch + 1, size=2))
+            crop = crop[y : y + self.patch, x : x + self.patch]
+        return np.ascontiguousarray(crop), label
 
 
 def _collate(batch):
@@ -280,7 +284,7 @@ class WorkerLoop:
         batch = min(cfg.batch_size, n)
         steps = n // batch
         aug = AugmentConfig() if cfg.augment else None
-        data = CropDataset(train_crops, train_labels, aug, cfg.sbi, cfg.seed)
+        data = CropDataset(train_crops, train_labels, aug, cfg.sbi, cfg.seed, cfg.patch_size)
         net = ray.train.torch.prepare_model(FrameNet(self.model), move_to_device=False)
         params = [p for p in FrameNet(self.model).parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
