@@ -81,7 +81,8 @@ class TrainConfig:
     address: str = "local"
     num_cpus: int | None = None
     cache: str | None = None
-    min_face_px: int = 24
+    min_face_px: int = 16
+    min_detect_side: int = 320
     decode_actors: int | None = None
     checkpoint_storage: str | None = None  # Ray Train storage; default OUTPUT/ray
     s3_endpoint: str | None = None
@@ -314,7 +315,8 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         cache_root = str(Path(cache_root).expanduser().absolute())
     cache_cfg = CropCacheConfig(
         root=cache_root, frames=cfg.train_frames,
-        size=model_config.input_size, detector=FaceDetectorConfig(min_face_px=cfg.min_face_px),
+        size=model_config.input_size, detector=FaceDetectorConfig(min_face_px=cfg.min_face_px,
+                                    min_detect_side=cfg.min_detect_side),
         decode_actors=cfg.decode_actors, s3_endpoint=cfg.s3_endpoint)
     crops = build_crop_cache(
         table, cache_cfg, cfg.address, cfg.num_cpus,
@@ -600,7 +602,10 @@ def train_command(
         help="Crop cache folder or s3:// prefix (shared storage on a cluster). "
              "Default: $DEEPAUDIT_CACHE/crops or ~/.cache/deepaudit/crops.")] = None,
     min_face_px: Annotated[int, typer.Option(
-        help="Smallest face the detector keeps (the audit's default is 24).")] = 24,
+        help="Smallest face, in the frame's pixels, the detector keeps (the audit's default is 16).")] = 16,
+    min_detect_side: Annotated[int, typer.Option(
+        help="Frames with a smaller long side are enlarged to it before face detection "
+             "(the audit's default is 320).")] = 320,
     decode_actors: Annotated[Optional[int], typer.Option(
         help="Crop extraction actors (default: one per CPU).")] = None,
     checkpoint_storage: Annotated[Optional[str], typer.Option(
@@ -642,6 +647,7 @@ def train_command(
             val_fraction=val_fraction, folds=folds, fold=fold, seed=seed, workers=workers,
             use_gpu=gpu, cpus_per_worker=cpus_per_worker, loader_workers=loader_workers,
             address=address, num_cpus=num_cpus, cache=cache, min_face_px=min_face_px,
+            min_detect_side=min_detect_side,
             decode_actors=decode_actors, checkpoint_storage=checkpoint_storage,
             s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit)
         with ProgressPrinter(console, bars=progress and not json_out) as printer:

@@ -64,6 +64,30 @@ def test_retinaface_finds_one_face_and_alignment_levels_eyes(media):
     assert det.detect(cat) == [[]]
 
 
+def test_small_frames_are_enlarged_for_detection_and_boxes_map_back(media):
+    """A whole frame shrunk to 128 px (a ~20 px face, like FF++'s thumbnails) is enlarged
+    before detection, and the box comes back in the small frame's own pixels."""
+    import cv2
+
+    img = cv2.cvtColor(cv2.imread(str(media["face_image"])), cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    big = cv2.copyMakeBorder(img, h // 2, h // 2, w // 2, w // 2, cv2.BORDER_CONSTANT)
+    scale = 128 / max(big.shape[:2])
+    small = cv2.resize(big, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    det = RetinaFaceDetector(FaceDetectorConfig())
+    ref = det.detect(big)[0]
+    faces = det.detect(small)[0]
+    assert ref and faces, "the enlarged small frame should show its face"
+    a, b = max(ref, key=lambda f: f.area), max(faces, key=lambda f: f.area)
+    assert b.x2 <= small.shape[1] and b.y2 <= small.shape[0]
+    for got, want in ((b.x1, a.x1), (b.y1, a.y1), (b.x2, a.x2), (b.y2, a.y2)):
+        assert abs(got - want * scale) < 4  # same box, in the small frame's pixels
+    unenlarged = RetinaFaceDetector(FaceDetectorConfig(min_detect_side=128))
+    assert unenlarged.detect(small) == [[]]  # found only thanks to the enlarging
+    with pytest.raises(ValueError, match="min_detect_side"):
+        FaceDetectorConfig(min_detect_side=1000)
+
+
 def test_most_prominent_face_is_the_largest_confident_one():
     from deepaudit.models.face_detector import Face
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -244,3 +245,26 @@ def test_resolve_registered_name_without_weights():
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not a.training
     assert resolve_model().name == DEFAULT_MODEL == "resnext_lstm"
+
+
+def test_shipped_default_weights_are_trained_verified_and_not_stuck():
+    """The default model ships trained weights: fp16 safetensors under 60 MB whose sha256
+    matches the card, with held-out metrics per source, and its scores move with the input."""
+    handle = resolve_model()
+    assert handle.name == DEFAULT_MODEL and handle.trained, "models/weights/ lacks the default"
+    assert os.path.getsize(handle.weights_path) <= 60 * 2**20
+    assert file_sha256(handle.weights_path) == handle.sha256
+    assert handle.model_id == f"{DEFAULT_MODEL}@{handle.sha256[:12]}"
+    card = handle.card
+    assert card["dtype"] == "float16" and "deepaudit train" in card["notes"]
+    val = card["metrics"]["val"]
+    assert {"ffpp", "ciplab"} <= set(val["by_source"])
+    assert 0.0 < val["overall"]["roc_auc"] <= 1.0
+    assert 0.0 < handle.config.threshold < 1.0
+    model = handle.load()
+    size = handle.config.input_size
+    clips = torch.rand(4, 2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        video_logits, _ = model(clips)
+    p = torch.sigmoid(video_logits.float())
+    assert torch.isfinite(p).all() and float(p.max() - p.min()) > 1e-4
