@@ -151,7 +151,7 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
     ds = decode_crop_dataset(
         keys, DecodeConfig(frames=frames, max_side=cfg.max_side), cfg.detector,
         CropConfig(size=handle.config.input_size), storage, plan.decode_actors,
-        plan.decode_cpus)
+        plan.decode_cpus, plan.decode_calls)
     ds = ds.map_batches(
         ClassifyStage,
         fn_constructor_kwargs={

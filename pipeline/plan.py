@@ -23,6 +23,9 @@ class StagePlan:
     batch_size: int  # videos per classifier call (their crops share forward passes)
     torch_threads: int  # CPU classifier only
     crop_batch: int = 64  # crops per forward pass of the CNN trunk
+    # Items each decode actor works on at once (threads in the actor): while one waits on
+    # its ffmpeg subprocess, another runs RetinaFace. Both release the GIL.
+    decode_calls: int = 2
 
     def __post_init__(self) -> None:
         if self.decode_actors < 1 or self.classify_actors < 1:
@@ -33,6 +36,8 @@ class StagePlan:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.crop_batch < 1:
             raise ValueError(f"crop_batch must be >= 1, got {self.crop_batch}")
+        if self.decode_calls < 1:
+            raise ValueError(f"decode_calls must be >= 1, got {self.decode_calls}")
 
     def reserved_cpus(self) -> float:
         return self.decode_actors * self.decode_cpus + self.classify_actors * self.classify_cpus

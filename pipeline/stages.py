@@ -164,6 +164,7 @@ def decode_crop_dataset(
     storage: StorageConfig,
     actors: int,
     cpus_per_actor: float,
+    calls_per_actor: int = 2,
 ):
     """A Ray Dataset of :class:`DecodeCropStage` outputs over ``keys`` (``manifest_row``,
     ``media_id``, ``uri``) on an actor pool: the audit's first stage, also used by the
@@ -180,7 +181,8 @@ def decode_crop_dataset(
                                "storage": storage},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls_per_actor,
+                                  enable_true_multi_threading=calls_per_actor > 1),
         num_cpus=cpus_per_actor,
         udf_modifying_row_count=False,
     )
