@@ -170,12 +170,11 @@ def check_command(
 
     Exit code: 0 none flagged, 1 any file flagged fake, 2 usage error, 3 none flagged but
     some file could not be scored (not media, no face, or untrained model)."""
-    import logging
-
     from rich.console import Console
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deepaudit.jobs.logs import setup_logging
+
+    setup_logging(verbose)
     err = Console(stderr=True)
     try:
         cfg = CheckConfig(files=tuple(files), model=model, threshold=threshold, frames=frames,

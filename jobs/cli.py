@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deepaudit.jobs.check import check_command
+from deepaudit.jobs.logs import setup_logging
 from deepaudit.jobs.report import report_command
 from deepaudit.jobs.evaluate import evaluate_command
 from deepaudit.jobs.train import train_command
@@ -29,13 +29,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def print_summary(summary: dict, out: Console | None = None) -> None:
@@ -222,7 +215,7 @@ def audit(
     from deepaudit.jobs.audit import AuditConfig
     from deepaudit.pipeline.manifest import ManifestError
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         cfg = AuditConfig(
             manifest=manifest, output=output, model=model, frames=frames, address=address,
@@ -262,7 +255,7 @@ def demo(
     """Build a small demo archive from photos shipped in installed packages, then audit it."""
     from deepaudit.jobs.demo import run_demo
 
-    _setup_logging(False)
+    setup_logging(False)
     summary = run_demo(workdir, seconds=seconds, model=model, console=console)
     print_summary(summary)
     raise typer.Exit(1 if summary["state"] == "failed" else 0)

@@ -258,8 +258,9 @@ def evaluate_command(
 
     from deepaudit.pipeline.manifest import ManifestError
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deepaudit.jobs.logs import setup_logging
+
+    setup_logging(verbose)
     console = Console(stderr=True)
     try:
         cfg = EvalConfig(manifest=manifest, output=output, model=model,

@@ -630,8 +630,9 @@ def train_command(
 
     from deepaudit.jobs.datasets import DatasetError
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deepaudit.jobs.logs import setup_logging
+
+    setup_logging(verbose)
     console = Console(stderr=True)
     try:
         cfg = TrainConfig(

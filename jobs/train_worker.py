@@ -246,6 +246,16 @@ class WorkerLoop:
                 torch.save(final, os.path.join(d, FINAL_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    @staticmethod
+    def _optimise(loss, optim, sched, st: dict) -> float:
+        """One optimiser and LR-schedule step on ``loss``; counts it in ``st``."""
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        sched.step()
+        st["steps"] += 1
+        return float(loss.detach())
+
     def _improved(self, best: dict | None, loss: float, auc: float | None) -> tuple[bool, float]:
         mode = self.cfg.early_stop
         if mode == "none":
@@ -315,12 +325,7 @@ class WorkerLoop:
                 with self._autocast():
                     logits = net(self._normalise(x)).float()
                 loss = self.loss_fn(logits, y.to(self.device))
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                sched.step()
-                st["steps"] += 1
-                total += float(loss.detach())
+                total += self._optimise(loss, optim, sched, st)
                 self._event(force=step + 1 == steps, type="step", phase=1, epoch=epoch + 1,
                             step=step + 1, steps=steps, loss=total / (step + 1))
             val_loss, val_auc = self._validate_frames(val_crops, val_labels, val_owners, batch)
@@ -542,12 +547,7 @@ class WorkerLoop:
                 logits = net(padded, lengths).float()
                 loss = self.loss_fn(logits, torch.tensor(labels, dtype=torch.float32,
                                                          device=self.device))
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                sched.step()
-                st["steps"] += 1
-                total += float(loss.detach())
+                total += self._optimise(loss, optim, sched, st)
                 self._event(force=step + 1 == steps, type="step", phase=2, epoch=epoch + 1,
                             step=step + 1, steps=steps, loss=total / (step + 1))
             preds = self._predict_items(val)
