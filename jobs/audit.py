@@ -73,7 +73,7 @@ class AuditConfig:
     classify_actors: int | None = None
     batch_size: int | None = None
     torch_threads: int | None = None
-    crop_batch: int | None = None  # None: from the plan (64 on CPU, from memory on GPU)
+    crop_batch: int | None = None  # None: from the plan (16 on CPU, from memory on GPU)
     device: str = "auto"
     threshold: float | None = None
     detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
@@ -124,7 +124,7 @@ def _with_threshold(handle: ModelHandle, threshold: float | None) -> ModelHandle
 
 def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceConfig | None:
     """What each classifier actor writes as evidence: OUT/evidence, at most
-    ``ceil(evidence_max / classify_actors)`` items per actor (so at most
+    ``ceil(evidence_max / classify_actors)`` items per actor process (so at most
     ``evidence_max + actors - 1`` per run), ``evidence_frames`` frames per item."""
     if cfg.evidence_max < 0 or cfg.evidence_frames < 1:
         raise ValueError(f"--evidence-max must be >= 0 and evidence frames >= 1, got "
@@ -164,7 +164,9 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
         },
         batch_size=plan.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.classify_actors),
+        compute=ActorPoolStrategy(
+            size=plan.classify_actors, max_concurrent_calls_per_actor=plan.classify_calls,
+            enable_true_multi_threading=plan.classify_calls > 1),
         num_cpus=plan.classify_cpus,
         num_gpus=plan.classify_gpus or None,
         udf_modifying_row_count=False,

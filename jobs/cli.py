@@ -136,8 +136,9 @@ def audit(
         Optional[int], typer.Option(min=1, help="CPU decode/crop actors (default: from cluster).")
     ] = None,
     classify_actors: Annotated[
-        Optional[int], typer.Option(min=1, help="Classifier actors (default: one per GPU, "
-                                    "or from the CPU count).")
+        Optional[int], typer.Option(min=1, help="Classifier actor processes, one call at a "
+                                    "time each (default: one per GPU; on CPU from the core "
+                                    "count, up to 4 inference threads per process).")
     ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option(min=1, help="Videos per classifier call; their crops share "
@@ -148,7 +149,7 @@ def audit(
                                     "(default 1: CPU clusters scale by actors, not threads).")
     ] = None,
     crop_batch: Annotated[
-        Optional[int], typer.Option(min=1, help="Crops per CNN forward pass (default: 64 on "
+        Optional[int], typer.Option(min=1, help="Crops per CNN forward pass (default: 16 on "
                                     "CPU, from the GPU's memory on GPU).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",

@@ -374,7 +374,9 @@ def _plan_text(p) -> str:
     try:
         text = (f"{p['decode_actors']} decode actor(s) x {p['decode_cpus']:.2g} CPU; "
                 f"{p['classify_actors']} classifier actor(s) x {p['classify_cpus']:.2g} CPU"
-                f"{' + 1 GPU' if p.get('classify_gpus') else ''}; batch {p['batch_size']} "
+                f"{' + 1 GPU' if p.get('classify_gpus') else ''}"
+                f"{' x %d threads' % p['classify_calls'] if p.get('classify_calls', 1) > 1 else ''}"
+                f"; batch {p['batch_size']} "
                 f"videos; torch threads {p['torch_threads']}")
     except (KeyError, TypeError, ValueError):
         text = json.dumps(p)

@@ -26,6 +26,10 @@ class StagePlan:
     # Items each decode actor works on at once (threads in the actor): while one waits on
     # its ffmpeg subprocess, another runs RetinaFace. Both release the GIL.
     decode_calls: int = 2
+    # Batches each classifier actor scores at once (threads in the actor). On CPU one
+    # process with two single-threaded inference threads does the work of two actors but
+    # boots once: one Ray worker, one `import torch`, one copy of the weights.
+    classify_calls: int = 1
 
     def __post_init__(self) -> None:
         if self.decode_actors < 1 or self.classify_actors < 1:
@@ -38,6 +42,8 @@ class StagePlan:
             raise ValueError(f"crop_batch must be >= 1, got {self.crop_batch}")
         if self.decode_calls < 1:
             raise ValueError(f"decode_calls must be >= 1, got {self.decode_calls}")
+        if self.classify_calls < 1:
+            raise ValueError(f"classify_calls must be >= 1, got {self.classify_calls}")
 
     def reserved_cpus(self) -> float:
         return self.decode_actors * self.decode_cpus + self.classify_actors * self.classify_cpus
@@ -50,10 +56,28 @@ DECODE_MS_PER_FRAME = 62.0
 CLASSIFY_MS_PER_CROP_224 = 206.0
 
 
+# Crops per forward pass on CPU. Bigger passes do not amortise anything on one thread and
+# their activations spill out of the core's cache: measured single-threaded on this
+# machine, two 16-frame videos in one 32-crop pass cost 1.07 CPU-s per video, in two
+# 16-crop passes 0.72-0.87 (as much as one video alone).
+CPU_CROP_BATCH = 16
+
+
 def classify_share(input_size: int) -> float:
     """Estimated fraction of a video's CPU time spent in the classifier on CPU."""
     cls = CLASSIFY_MS_PER_CROP_224 * (input_size / 224.0) ** 2
     return cls / (cls + DECODE_MS_PER_FRAME)
+
+
+# Inference threads per CPU classifier process at most: torch releases the GIL inside
+# every op, and the Python between ops is a small share of a batch's time.
+MAX_CLASSIFY_CALLS = 4
+
+
+def _classifier_processes(slots: int) -> tuple[int, int]:
+    """(actors, calls per actor) for ``slots`` single-threaded CPU classifiers."""
+    actors = -(-slots // MAX_CLASSIFY_CALLS)
+    return actors, -(-slots // actors)
 
 
 def plan_stages(
@@ -75,6 +99,9 @@ def plan_stages(
       process (ffmpeg, a decode actor) runs beside them; torch's intra-op threads wait at
       barriers whenever one of them is descheduled, which on a small machine costs more
       than it gains. The extra actor covers the moments an actor waits for input.
+      Classifier slots share processes (up to :data:`MAX_CLASSIFY_CALLS` inference threads
+      each) unless ``classify_actors`` is given: each process costs a Ray worker, an
+      ``import torch`` and a model load (~5 CPU-s here) before its first video.
     """
     cpus = max(cpus, 1.0)
     if gpus >= 1:
@@ -90,12 +117,14 @@ def plan_stages(
     else:
         n_cls = classify_actors or max(1, total - (decode_actors or 1))
         n_dec = decode_actors or max(1, total - n_cls)
+    actors, calls = (n_cls, 1) if classify_actors else _classifier_processes(n_cls)
     # Reserve a little under the cluster's CPUs so Ray Data's own tasks are never starved.
-    per_actor = cpus * 0.95 / (n_dec + n_cls)
+    per_slot = cpus * 0.95 / (n_dec + actors * calls)
     threads = torch_threads or 1
     # Two videos per classifier call: their crops share forward passes, and the first
     # call does not wait long for the decoders to fill a bigger batch.
-    return StagePlan(n_dec, per_actor, n_cls, per_actor, 0.0, batch_size or 2, threads)
+    return StagePlan(n_dec, per_slot, actors, per_slot * calls, 0.0, batch_size or 2, threads,
+                     crop_batch=CPU_CROP_BATCH, classify_calls=calls)
 
 
 @dataclass(frozen=True)
@@ -168,10 +197,12 @@ def plan_for_cluster(
                          batch_size or batch, 1, crop_batch)
     subs = [plan_stages(n.cpus, 0.0, input_size=input_size) for n in nodes]
     dec_cpus = min(p.decode_cpus for p in subs)
-    cls_cpus = min(p.classify_cpus for p in subs)
+    # One pool, one reservation and one thread count: the smallest node's per-thread share.
+    calls = 1 if classify_actors else min(p.classify_calls for p in subs)
+    cls_cpus = min(p.classify_cpus / p.classify_calls for p in subs) * calls
     threads = torch_threads or 1
+    n_cls = classify_actors or sum(-(-p.classify_actors * p.classify_calls // calls) for p in subs)
     return StagePlan(
         decode_actors or sum(p.decode_actors for p in subs), dec_cpus,
-        classify_actors or sum(p.classify_actors for p in subs), cls_cpus, 0.0,
-        batch_size or 2, threads,
+        n_cls, cls_cpus, 0.0, batch_size or 2, threads, CPU_CROP_BATCH, classify_calls=calls,
     )

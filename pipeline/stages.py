@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -206,6 +207,10 @@ class ClassifyStage:
 
     With ``evidence``, rows flagged fake also get Grad-CAM evidence (see
     :mod:`deepaudit.pipeline.evidence`), computed after scoring on those rows only.
+
+    Calls may run concurrently in threads of one actor (``StagePlan.classify_calls``):
+    scoring shares only the eval-mode model, read-only under ``inference_mode``; the
+    evidence step (its item count and files) runs under a lock.
     """
 
     def __init__(
@@ -230,6 +235,7 @@ class ClassifyStage:
         self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.threshold = float(cfg.threshold)
         self.evidence = self._evidence_builder(evidence)
+        self._evidence_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns(["crops"]).to_pylist()
@@ -325,8 +331,9 @@ class ClassifyStage:
         scored = [rows[i] for i in todo]
         if not any(r.get("verdict") == "fake" for r in scored):
             return
-        try:
-            self.evidence.add(scored, arrays, feats, lengths)
-        except Exception as exc:
-            self.evidence.failed += 1
-            _internal_error(exc)
+        with self._evidence_lock:
+            try:
+                self.evidence.add(scored, arrays, feats, lengths)
+            except Exception as exc:
+                self.evidence.failed += 1
+                _internal_error(exc)

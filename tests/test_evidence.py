@@ -222,6 +222,29 @@ def test_stage_cap_and_normal_path(tiny_model, crop_table, tmp_path, monkeypatch
     assert all(r["evidence"] is None for r in rows) and not (tmp_path / "e3").exists()
 
 
+def test_stage_calls_in_threads_match_sequential_calls_and_share_the_cap(tiny_model, crop_table,
+                                                                         tmp_path):
+    """CPU plans run several calls at once in one classifier actor (threads): scores must
+    not depend on it, and the evidence cap holds across the threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handle = _with_threshold(resolve_model(str(tiny_model)), 0.01)
+    ev = EvidenceConfig(root=str(tmp_path / "ev"), run_id="r", max_items=2, top_k=1)
+    stage = ClassifyStage(handle, ClassifyConfig(device="cpu", threads=1, crop_batch=4), ev)
+    slices = [crop_table.slice(i, 1) for i in range(crop_table.num_rows)] * 3
+    sequential = [ClassifyStage(handle, ClassifyConfig(device="cpu", threads=1, crop_batch=4))(t)
+                  .to_pylist()[0] for t in slices]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = [t.to_pylist()[0] for t in pool.map(stage, slices)]
+    for a, b in zip(sequential, threaded):
+        assert a["status"] == b["status"] and a["verdict"] == b["verdict"]
+        if a["p_fake"] is not None:
+            assert b["p_fake"] == pytest.approx(a["p_fake"], abs=1e-6)
+            assert b["frame_p_fake"] == pytest.approx(a["frame_p_fake"], abs=1e-6)
+    assert sum(r["verdict"] == "fake" for r in threaded) == 12
+    assert sum(r["evidence"] is not None for r in threaded) == 2 == stage.evidence.written
+
+
 # ------------------------------------------------------------------------ the audit, on Ray
 
 
