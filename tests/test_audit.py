@@ -115,6 +115,35 @@ def test_writer_fills_rows_the_pipeline_lost(tmp_path):
     assert len(w.files) == 2  # files roll between batches once 1 row is reached
 
 
+def test_writer_groups_small_batches_into_few_row_groups(tmp_path, monkeypatch):
+    """The pipeline hands over one or two rows at a time; files must not be made of
+    thousands of one-row groups."""
+    import deepaudit.jobs.audit as audit
+
+    monkeypatch.setattr(audit, "ROW_GROUP_ROWS", 8)
+    n = 45
+    p = tmp_path / "m.csv"
+    p.write_text("uri,media_id\n" + "".join(f"/{i}.mp4,m{i}\n" for i in range(n)))
+    manifest = read_manifest(str(p), RESERVED_COLUMNS)
+    w = VerdictWriter(str(tmp_path / "run"), StorageConfig(), manifest, "r1", 20)
+    for start in range(0, n, 2):
+        rows = list(range(start, min(start + 2, n)))
+        got = {name: [None] * len(rows) for name in STAGE_VERDICT_SCHEMA.names}
+        got.update(manifest_row=rows, media_id=[f"m{i}" for i in rows],
+                   uri=[f"/{i}.mp4" for i in rows], status=["no_face"] * len(rows),
+                   frame_indices=[[]] * len(rows), face_boxes=[[]] * len(rows),
+                   frame_p_fake=[[]] * len(rows))
+        w.write(pa.table(got, schema=STAGE_VERDICT_SCHEMA))
+    w.close()
+    files = sorted((tmp_path / "run").glob("verdicts-*.parquet"))
+    groups = [[pq.ParquetFile(f).metadata.row_group(i).num_rows
+               for i in range(pq.ParquetFile(f).metadata.num_row_groups)] for f in files]
+    # Files roll at the first batch after 20 rows; each file's rows go out 8 at a time.
+    assert groups == [[8, 8, 4], [8, 8, 4], [5]]
+    t = read_verdicts(str(tmp_path / "run"))
+    assert t.column("media_id").to_pylist() == [f"m{i}" for i in range(n)]
+
+
 @pytest.mark.s3
 def test_audit_on_s3_manifest_and_output(ray_local, tiny_model, media, s3_server, s3fs_client):
     names = ["face_video", "face_image", "no_face_image", "not_media"]
