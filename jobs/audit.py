@@ -270,7 +270,7 @@ class VerdictWriter:
     def _flush(self) -> None:
         if self._pending:
             self._writer.write_table(pa.concat_tables(self._pending),
-                                     row_group_size=max(self._pending_rows, 1))
+                                     row_group_size=self._pending_rows)
             self._pending, self._pending_rows = [], 0
 
     def _close_file(self) -> None:

@@ -81,8 +81,9 @@ class TrainConfig:
     address: str = "local"
     num_cpus: int | None = None
     cache: str | None = None
-    min_face_px: int = 16
-    min_detect_side: int = 320
+    # None: the audit's detector settings (FaceDetectorConfig), so both crop faces alike.
+    min_face_px: int | None = None
+    min_detect_side: int | None = None
     decode_actors: int | None = None
     checkpoint_storage: str | None = None  # Ray Train storage; default OUTPUT/ray
     s3_endpoint: str | None = None
@@ -315,8 +316,9 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         cache_root = str(Path(cache_root).expanduser().absolute())
     cache_cfg = CropCacheConfig(
         root=cache_root, frames=cfg.train_frames,
-        size=model_config.input_size, detector=FaceDetectorConfig(min_face_px=cfg.min_face_px,
-                                    min_detect_side=cfg.min_detect_side),
+        size=model_config.input_size, detector=FaceDetectorConfig(**{
+            k: v for k, v in (("min_face_px", cfg.min_face_px),
+                              ("min_detect_side", cfg.min_detect_side)) if v is not None}),
         decode_actors=cfg.decode_actors, s3_endpoint=cfg.s3_endpoint)
     crops = build_crop_cache(
         table, cache_cfg, cfg.address, cfg.num_cpus,
@@ -601,11 +603,12 @@ def train_command(
     cache: Annotated[Optional[str], typer.Option(
         help="Crop cache folder or s3:// prefix (shared storage on a cluster). "
              "Default: $DEEPAUDIT_CACHE/crops or ~/.cache/deepaudit/crops.")] = None,
-    min_face_px: Annotated[int, typer.Option(
-        help="Smallest face, in the frame's pixels, the detector keeps (the audit's default is 16).")] = 16,
-    min_detect_side: Annotated[int, typer.Option(
+    min_face_px: Annotated[Optional[int], typer.Option(
+        help="Smallest face, in the frame's pixels, the detector keeps (default: the "
+             "audit's, 16).")] = None,
+    min_detect_side: Annotated[Optional[int], typer.Option(
         help="Frames with a smaller long side are enlarged to it before face detection "
-             "(the audit's default is 320).")] = 320,
+             "(default: the audit's, 320).")] = None,
     decode_actors: Annotated[Optional[int], typer.Option(
         help="Crop extraction actors (default: one per CPU).")] = None,
     checkpoint_storage: Annotated[Optional[str], typer.Option(
