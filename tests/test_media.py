@@ -46,6 +46,24 @@ def test_seek_mode_matches_select_mode(media):
     assert np.abs(f1.astype(int) - f2.astype(int)).mean() < 2.0
 
 
+@pytest.mark.parametrize("seek_spacing_s", [4.0, 0.1])  # select filter, seek per frame
+def test_single_threaded_ffmpeg_decodes_the_same_frames(media, seek_spacing_s):
+    """ffmpeg on one thread (the default, cheapest when items decode side by side) gives
+    exactly the frames its automatic threading gives, on both decode paths."""
+    one = DecodeConfig(frames=4, max_side=160, seek_spacing_s=seek_spacing_s)
+    auto = DecodeConfig(frames=4, max_side=160, seek_spacing_s=seek_spacing_s,
+                        ffmpeg_threads=0)
+    assert one.ffmpeg_threads == 1
+    with open_source(str(media["face_video"]), StorageConfig(), one) as src:
+        info = probe(src, "x.mp4", one)
+        i1, f1 = decode_frames(src, info, one)
+        i2, f2 = decode_frames(src, info, auto)
+    assert i1 == i2 and len(i1) == 4
+    assert np.array_equal(f1, f2)
+    with pytest.raises(ValueError, match="ffmpeg_threads"):
+        DecodeConfig(ffmpeg_threads=-1)
+
+
 def test_retinaface_finds_one_face_and_alignment_levels_eyes(media):
     import cv2
 
