@@ -175,12 +175,13 @@ def decode_crop_dataset(
 
     # Small blocks spread the media over the actors; ~8 blocks per actor balances tails.
     per_block = max(1, min(32, -(-keys.num_rows // (actors * 8))))
-    # from_items builds the blocks and their metadata here in the driver. from_arrow
-    # sends one remote task per block to read its metadata: on a fresh pool that booted
-    # three worker processes and held the actor pools back ~2.5 s (measured on 2 cores).
-    ds = ray.data.from_items(keys.to_pylist(),
-                             override_num_blocks=-(-keys.num_rows // per_block))
-    return ds.map_batches(
+    # from_blocks puts the Arrow slices as they are and reads their metadata here in the
+    # driver. from_arrow sends one remote task per block to read it: on a fresh pool that
+    # booted three worker processes and held the actor pools back ~2.5 s (measured on 2
+    # cores). from_items does it locally too, but row by row in Python (200k rows: 17 s,
+    # against 10 s here).
+    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
+    return ray.data.from_blocks(blocks).map_batches(
         DecodeCropStage,
         fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
                                "storage": storage},
