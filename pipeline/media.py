@@ -140,10 +140,13 @@ _TRANSIENT = re.compile(
     r"timed out|Network is unreachable|HTTP error 50[0-9]", re.I)
 
 
-def thread_options(config: DecodeConfig) -> dict:
-    """ffmpeg options (before ``-i``) for the decoder's and the filter graph's threads."""
+def _video_input(source: Source, config: DecodeConfig, **options):
+    """The input's video stream for ffmpeg-python, with every decode's input options: quiet,
+    ``config.ffmpeg_threads`` for the decoder and filter graph, reconnects over HTTP."""
     n = config.ffmpeg_threads
-    return {"threads": n, "filter_threads": n} if n else {}
+    threads = {"threads": n, "filter_threads": n} if n else {}
+    return ffmpeg.input(source.location, loglevel="error", **threads, **options,
+                        **http_input_options(source.location)).video
 
 
 def http_input_options(location: str) -> dict:
@@ -280,9 +283,8 @@ def decode_frames(
         for idx in indices:
             t = idx / info.fps if info.fps > 0 else idx * spacing
             args = (
-                ffmpeg.input(source.location, ss=f"{t:.3f}", loglevel="error",
-                             **thread_options(config), **http_input_options(source.location))
-                .video.filter("scale", w, h)
+                _video_input(source, config, ss=f"{t:.3f}")
+                .filter("scale", w, h)
                 .output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=1)
                 .compile()
             )
@@ -293,8 +295,7 @@ def decode_frames(
         raw, indices = b"".join(chunks), kept
     else:
         expr = "+".join(f"eq(n,{i})" for i in indices)
-        stream = ffmpeg.input(source.location, loglevel="error", **thread_options(config),
-                              **http_input_options(source.location)).video
+        stream = _video_input(source, config)
         if info.media_type == "video":
             stream = stream.filter("select", expr)
         args = (
