@@ -25,8 +25,8 @@ run divided by the ideal throughput the stages' measured costs allow on this mac
 cores: ``ideal = cores / (decode + detect + classify CPU-seconds per video)``, with each
 stage's cost measured while every core is busy, as the cores are in the pipeline: inside
 the per-core processes of step 2, which time each stage of each video they run. With the
-other cores idle a video costs less (measured here: 5-7 % less CPU; the cores share cache and
-memory bandwidth), and an ideal built from those costs is one that even independent
+other cores idle a video costs less (measured here: 5-7 % less CPU; the cores share cache
+and memory bandwidth), and an ideal built from those costs is one that even independent
 per-core processes, with no hand-off at all, do not reach; that ideal and the efficiency
 against it are printed too (``*_stages_alone``). The pipeline also runs on a shorter
 prefix of the clips; the difference of the two runs gives the marginal rate once the
@@ -139,6 +139,8 @@ def main(
     if not 0 < small < videos:
         raise typer.BadParameter(f"need 0 < --small < --videos, got {small} and {videos}")
     cores = os.cpu_count() or 1
+    if small < cores:  # the per-core processes share the short clip set
+        raise typer.BadParameter(f"--small must be at least the core count ({cores}), got {small}")
     clips = make_clips(workdir / "clips", videos, seconds)
     handle = resolve_model(model)
     size = handle.config.input_size
@@ -207,8 +209,8 @@ def main(
     alone = {k: min(first_costs[k], second_costs[k]) for k in STAGES}
     second_parallel, second_loaded = cores_parallel(clips[:small], dcfg, model, cores)
     parallel_vps = max(first_parallel, second_parallel)
-    costs = {k: min(first_loaded[k], second_loaded[k]) for k in STAGES}
-    ideal = cores / sum(costs.values())
+    busy = {k: min(first_loaded[k], second_loaded[k]) for k in STAGES}
+    ideal = cores / sum(busy.values())
     ideal_alone = cores / sum(alone.values())
 
     pipeline_vps = videos / t_full
@@ -225,7 +227,7 @@ def main(
         "baseline_videos_per_s": round(baseline_vps, 4),
         "speedup_vs_baseline": round(pipeline_vps / baseline_vps, 3),
         # Every core busy (the per-core processes' own timings); the ideal's basis.
-        "stage_cpu_s_per_video": {k: round(v, 4) for k, v in costs.items()},
+        "stage_cpu_s_per_video": {k: round(v, 4) for k, v in busy.items()},
         # The two samples of the stage costs (total CPU-s per video), before and after
         # the pipeline: their gap is this machine's noise during the bench.
         "stage_cpu_s_samples": [round(sum(first_loaded.values()), 4),
