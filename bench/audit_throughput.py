@@ -144,8 +144,8 @@ def main(
     evidence: Annotated[bool, typer.Option(help="Measure the Grad-CAM evidence overhead.")] = True,
     rounds: Annotated[int, typer.Option(
         help="Rounds of baseline, per-core processes and pipeline, back to back: each "
-             "round's ratios compare runs minutes apart, and the line reports their "
-             "median.")] = 3,
+             "round's ratios compare runs that follow each other, and the line reports "
+             "the median of the rounds' ratios.")] = 3,
 ) -> None:
     import torch
 
@@ -177,7 +177,7 @@ def main(
     # 2-3. Rounds, each one back to back: the baseline, the per-core processes (whose
     #    stage timings, every core busy, give the round's ideal) and the pipeline. This
     #    machine's speed drifts by ~10 % within minutes, so each ratio is taken within a
-    #    round and the median round is reported. Ray runs only during the round's
+    #    round and the median of the rounds' ratios is reported. Ray runs only during the round's
     #    pipeline runs: its idle processes would otherwise slow the baseline.
     per_round, extra = [], {}
     for r in range(rounds):
