@@ -177,24 +177,24 @@ def main(
     # 2-3. Rounds, each one back to back: the baseline, the per-core processes (whose
     #    stage timings, every core busy, give the round's ideal) and the pipeline. This
     #    machine's speed drifts by ~10 % within minutes, so each ratio is taken within a
-    #    round and the median of the rounds' ratios is reported. Ray runs only during the round's
-    #    pipeline runs: its idle processes would otherwise slow the baseline.
-    per_round, extra = [], {}
+    #    round and the median of the rounds' ratios is reported. Ray runs only during
+    #    the round's pipeline runs: its idle processes would otherwise slow the baseline.
+    #    The per-core processes run half the clips just before the pipeline and the other
+    #    half just after it, so the round's ideal spans the pipeline's minutes.
+    half = len(clips) // 2
+    per_round, first = [], {}
     for r in range(rounds):
         torch.set_num_threads(cores)
         baseline_vps = baseline(clips, frames, handle, size, cores)
-        # The per-core processes run half the clips just before the pipeline and the
-        # other half just after it, so the round's ideal spans the pipeline's minutes.
-        half = len(clips) // 2
         torch.set_num_threads(1)
-        before = cores_parallel(clips[:half], dcfg, model, cores)
-        t_full, t_small, ev = pipeline_runs(clips, small, frames, flag_model, cores, workdir,
-                                            with_small=r == 0, with_evidence=evidence and r == 0)
-        after = cores_parallel(clips[half:], dcfg, model, cores)
-        parallel_vps = (before[0] + after[0]) / (before[1] + after[1])
-        busy = {k: (before[2][k] + after[2][k]) / (before[0] + after[0]) for k in STAGES}
-        if r == 0:
-            extra = {"t_small": t_small, **ev}
+        n_before, t_before, c_before = cores_parallel(clips[:half], dcfg, model, cores)
+        run = pipeline_runs(clips, small, frames, flag_model, cores, workdir,
+                            with_small=r == 0, with_evidence=evidence and r == 0)
+        n_after, t_after, c_after = cores_parallel(clips[half:], dcfg, model, cores)
+        parallel_vps = (n_before + n_after) / (t_before + t_after)
+        busy = {k: (c_before[k] + c_after[k]) / (n_before + n_after) for k in STAGES}
+        first = first or run
+        t_full = run["t_full"]
         ideal = cores / sum(busy.values())
         pipeline_vps = videos / t_full
         per_round.append({
@@ -219,7 +219,7 @@ def main(
         return round(statistics.median(x[key] for x in per_round), 4)
 
     pipeline_vps = med("pipeline_videos_per_s")
-    t_full0, t_small = per_round[0]["pipeline_seconds"], extra["t_small"]
+    t_full0, t_small = per_round[0]["pipeline_seconds"], first["t_small"]
     marginal_vps = (videos - small) / (t_full0 - t_small)
     print(json.dumps({
         "bench": "audit_throughput",
@@ -256,13 +256,13 @@ def main(
         "marginal_videos_per_s": round(marginal_vps, 4),
         "startup_s": round(t_small - small / marginal_vps, 2),
         "steady_state_efficiency": round(marginal_vps / per_round[0]["ideal_videos_per_s"], 3),
-        "plan": extra["plan"],
+        "plan": first["plan"],
         **({
             "evidence_stage_ms_per_flagged_item": ev_stage["ms_per_item"],
             "evidence_png_kb_per_item": ev_stage["png_kb"],
             "pipeline_all_flagged_evidence_off_videos_per_s": round(small / t_small, 4),
-            "pipeline_all_flagged_evidence_on_videos_per_s": round(small / extra["t_small_ev"], 4),
-            "evidence_pipeline_overhead": round(extra["t_small_ev"] / t_small - 1.0, 3),
+            "pipeline_all_flagged_evidence_on_videos_per_s": round(small / first["t_small_ev"], 4),
+            "evidence_pipeline_overhead": round(first["t_small_ev"] / t_small - 1.0, 3),
         } if evidence else {}),
     }))
 
@@ -280,11 +280,11 @@ def baseline(clips: list[Path], frames: int, handle, size: int, cores: int) -> f
 
 
 def pipeline_runs(clips: list[Path], small: int, frames: int, flag_model: str, cores: int,
-                  workdir: Path, with_small: bool, with_evidence: bool) -> tuple:
+                  workdir: Path, with_small: bool, with_evidence: bool) -> dict:
     """The pipeline on a fresh local Ray (started before timing, as a cluster would be):
     the full clip set, and with ``with_small`` first the short one (and, with
-    ``with_evidence``, the short one again with evidence on). Returns (full run seconds,
-    short run seconds or None, {"plan", "t_small_ev"})."""
+    ``with_evidence``, the short one again with evidence on). Returns the runs' seconds
+    (``t_full``, ``t_small``, ``t_small_ev``; None for runs not made) and the ``plan``."""
     import ray
 
     from deepaudit.infra.ray_runtime import connect
@@ -313,16 +313,18 @@ def pipeline_runs(clips: list[Path], small: int, frames: int, flag_model: str, c
             # actors (stats, autoscaling coordinator, actor locations), which later jobs
             # reuse.
             pipeline(1, False, "out-warm-up")
-            t_small = settled(pipeline, small, False, "out-small")[0] if with_small else None
-            t_full, summary = settled(pipeline, len(clips), False, "out-full")
-            extra = {"plan": summary["plan"], "t_small_ev": None}
+            run = {"t_small": None, "t_small_ev": None}
+            if with_small:
+                run["t_small"], _ = settled(pipeline, small, False, "out-small")
+            run["t_full"], summary = settled(pipeline, len(clips), False, "out-full")
+            run["plan"] = summary["plan"]
             if with_evidence:
-                extra["t_small_ev"], ev_summary = settled(pipeline, small, True,
-                                                          "out-small-evidence")
+                run["t_small_ev"], ev_summary = settled(pipeline, small, True,
+                                                        "out-small-evidence")
                 assert ev_summary["evidence"]["written"] == small, ev_summary["evidence"]
     finally:
         ray.shutdown()
-    return t_full, t_small, extra
+    return run
 
 
 def settled(run, *args):
