@@ -146,7 +146,7 @@ def _print_human(result: dict) -> None:
 
 
 def check_command(
-    files: Annotated[list[str], typer.Argument(help="Local video or image files.",
+    files: Annotated[list[str], typer.Argument(metavar="FILE", help="Local video or image files.",
                                                show_default=False)],
     model: Annotated[Optional[str], typer.Option(
         help="Registered model name or path to a .safetensors/.json checkpoint. "

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from deepaudit.jobs.check import check_command
+from deepaudit.jobs.evaluate import evaluate_command
 from deepaudit.jobs.logs import setup_logging
 from deepaudit.jobs.report import report_command
-from deepaudit.jobs.evaluate import evaluate_command
 from deepaudit.jobs.train import train_command
 
 app = typer.Typer(
@@ -103,7 +103,8 @@ def _run_with_progress(cfg, show: bool) -> dict:
 def audit(
     manifest: Annotated[
         str,
-        typer.Argument(help="CSV, TSV, JSONL or Parquet with a 'uri' column (local or s3://). "
+        typer.Argument(metavar="MANIFEST",
+                       help="CSV, TSV, JSONL or Parquet with a 'uri' column (local or s3://). "
                        "Optional: media_id, label; other columns are carried to the output. "
                        "Or a folder / s3:// prefix: every media object under it is audited."),
     ],
@@ -223,7 +224,8 @@ def audit(
             num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
             classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
-            progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger, rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
+            progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
+            rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
@@ -287,8 +289,10 @@ app.command(
 )(submit_command)
 app.command("status")(job_status_command)
 app.command("logs")(job_logs_command)
-app.command("report")(report_command)
-app.command("check")(check_command)
+app.command("report", short_help="Write a self-contained HTML report of an audit run.")(
+    report_command)
+app.command("check", short_help="Check a few local files now, without a manifest or Ray.")(
+    check_command)
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 

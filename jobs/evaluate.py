@@ -225,6 +225,7 @@ def _calibrate(card_path: Path, labels: list[int], scores: list[float], cfg: Eva
 
 def evaluate_command(
     manifest: Annotated[str, typer.Argument(
+        metavar="MANIFEST",
         help="Labelled manifest (csv/tsv/jsonl/parquet, local or s3://) with 'uri' and 'label' "
              "(fake/real/1/0; other values count as unlabelled).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for metrics.json, "
@@ -256,9 +257,8 @@ def evaluate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from deepaudit.pipeline.manifest import ManifestError
-
     from deepaudit.jobs.logs import setup_logging
+    from deepaudit.pipeline.manifest import ManifestError
 
     setup_logging(verbose)
     console = Console(stderr=True)

@@ -12,7 +12,8 @@ from rich.console import Console
 
 def manifest_command(
     prefix: Annotated[
-        str, typer.Argument(help="A local folder or an s3://bucket/prefix to list.")
+        str, typer.Argument(metavar="PREFIX",
+                            help="A local folder or an s3://bucket/prefix to list.")
     ],
     output: Annotated[
         str, typer.Option("--output", "-o", help="The Parquet manifest to write (local or "

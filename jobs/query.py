@@ -125,11 +125,13 @@ class OutputFormat(str, Enum):
 
 def query_command(
     target: Annotated[
-        str, typer.Argument(help="An audit output folder (OUT, all its runs) or a ledger, "
+        str, typer.Argument(metavar="TARGET",
+                            help="An audit output folder (OUT, all its runs) or a ledger, "
                             "local or s3://.")
     ],
     sql: Annotated[
-        str, typer.Argument(help="SQL over the views verdicts, latest, runs, last_run, "
+        str, typer.Argument(metavar="SQL",
+                            help="SQL over the views verdicts, latest, runs, last_run, "
                             "ledger, ledger_latest. Example: \"SELECT status, count(*) FROM "
                             "latest GROUP BY ALL\"")
     ],

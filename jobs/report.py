@@ -441,7 +441,7 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
 
 
 def report_command(
-    out: Annotated[str, typer.Argument(help="An audit output folder or s3:// prefix "
+    out: Annotated[str, typer.Argument(metavar="OUT", help="An audit output folder or s3:// prefix "
                                        "(what 'deepaudit audit --output' wrote).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")]
     = Path("report.html"),

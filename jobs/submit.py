@@ -52,7 +52,8 @@ def submit_command(
     """Submit a deepaudit command as a Ray Job: deepaudit submit [OPTIONS] -- audit ARGS.
 
     An 'audit' joins the cluster (--address auto is added). Prints the job id."""
-    from deepaudit.infra.cluster import JobSpec, follow as follow_job, submit
+    from deepaudit.infra.cluster import JobSpec, submit
+    from deepaudit.infra.cluster import follow as follow_job
 
     try:
         spec = JobSpec(args=tuple(ctx.args), ship_code=ship_code, working_dir=working_dir,
@@ -71,7 +72,8 @@ def submit_command(
 
 
 def job_status_command(
-    job_id: Annotated[str, typer.Argument(help="The id 'deepaudit submit' printed.")],
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID",
+                                          help="The id 'deepaudit submit' printed.")],
     address: AddressOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
@@ -91,14 +93,16 @@ def job_status_command(
 
 
 def job_logs_command(
-    job_id: Annotated[str, typer.Argument(help="The id 'deepaudit submit' printed.")],
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID",
+                                          help="The id 'deepaudit submit' printed.")],
     address: AddressOption = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
     ] = False,
 ) -> None:
     """Print a submitted job's logs."""
-    from deepaudit.infra.cluster import follow as follow_job, job_logs
+    from deepaudit.infra.cluster import follow as follow_job
+    from deepaudit.infra.cluster import job_logs
 
     try:
         if follow:

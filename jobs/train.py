@@ -285,8 +285,8 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, default_cache_root
     from deepaudit.jobs.datasets import load_inputs, split_table
-    from deepaudit.models.face_detector import FaceDetectorConfig
     from deepaudit.jobs.train_worker import FINAL_FILE, train_loop_per_worker
+    from deepaudit.models.face_detector import FaceDetectorConfig
 
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
@@ -472,8 +472,13 @@ class ProgressPrinter:
     epoch. Without bars (``--no-progress``, logs of batch jobs) only the lines print."""
 
     def __init__(self, console, bars: bool = True) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = console
         self.progress = Progress(
@@ -522,6 +527,7 @@ class ProgressPrinter:
 
 def train_command(
     inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT",
         help="Training data, one or more: a labelled manifest (csv/tsv/jsonl/parquet with uri, "
              "label fake/real/1/0, optional group or identity, source, sequence), a folder with "
              "real/ and fake/, FaceForensics++ (original_sequences/, manipulated_sequences/), "
@@ -632,7 +638,6 @@ def train_command(
     from rich.console import Console
 
     from deepaudit.jobs.datasets import DatasetError
-
     from deepaudit.jobs.logs import setup_logging
 
     setup_logging(verbose)
