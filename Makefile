@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test-deps demo test test-fast bench clean
+.PHONY: setup system-deps test-deps demo test test-fast lint bench clean
 
 system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
@@ -47,6 +47,10 @@ test: setup test-deps
 
 test-fast: setup test-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/python -m pip install -q -e ".[lint]" "$(TORCH_SPEC)"
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python bench/audit_throughput.py

@@ -237,7 +237,8 @@ def iter_listing(
                     kept.append(item)
             types = [media_type_by_name(item[0]) for item in kept]
             todo = [i for i, t in enumerate(types)
-                    if t is None and config.sniff and not has_extension(kept[i][0]) and kept[i][2] > 0]
+                    if t is None and config.sniff and not has_extension(kept[i][0])
+                    and kept[i][2] > 0]
             if todo:
                 stats.sniffed += len(todo)
                 heads = pool.map(lambda i: _head(fs, prefix, kept[i][1]), todo)

@@ -64,7 +64,9 @@ def s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
     )
 
 
-def filesystem_for(uri: str, config: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(
+    uri: str, config: StorageConfig | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for a local path or an ``s3://`` URI."""
     config = config or StorageConfig()
     if is_s3(uri):

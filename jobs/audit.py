@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import secrets
 import time
 from collections import Counter
@@ -250,7 +250,8 @@ class VerdictWriter:
     def _tally(self, table: pa.Table) -> None:
         self.status.update(table.column("status").to_pylist())
         self.verdicts.update(v or "none" for v in table.column("verdict").to_pylist())
-        for status, err in zip(table.column("status").to_pylist(), table.column("error").to_pylist()):
+        statuses, errors = table.column("status").to_pylist(), table.column("error").to_pylist()
+        for status, err in zip(statuses, errors):
             if status == STATUS_ERROR and err:
                 self.errors[err.split(":", 1)[0]] += 1
         self.evidence_written += table.num_rows - table.column("evidence").null_count
@@ -350,7 +351,9 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
                               run_dir, storage)
     manifest = inc.todo  # the rows this run audits (all of them without a ledger)
-    rows_per_file = min(cfg.rows_per_file, LEDGER_ROWS_PER_FILE) if cfg.ledger else cfg.rows_per_file
+    rows_per_file = cfg.rows_per_file
+    if cfg.ledger:
+        rows_per_file = min(rows_per_file, LEDGER_ROWS_PER_FILE)
     writer = VerdictWriter(run_dir, storage, manifest, run_id, rows_per_file,
                            on_file_closed=inc.on_file_closed if cfg.ledger else None,
                            roll_seconds=LEDGER_ROLL_SECONDS if cfg.ledger else None)

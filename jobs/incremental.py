@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deepaudit.infra.ledger import (
+    GAVE_UP,
     NEW,
     PLAN_SCHEMA,
     REASONS,
     SKIPPED,
-    GAVE_UP,
     Ledger,
     LedgerPolicy,
     change_keys,

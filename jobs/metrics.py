@@ -52,7 +52,8 @@ def _as_arrays(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarr
     y = np.asarray(labels, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-D and equally long, got {y.shape}, {s.shape}")
+        raise ValueError(
+            f"labels and scores must be 1-D and equally long, got {y.shape}, {s.shape}")
     if y.size and not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be 0 (real) or 1 (fake)")
     if not np.isfinite(s).all():
@@ -81,7 +82,9 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
-def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    labels: Sequence[int], scores: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)``, from (0, 0) to (1, 1); one point per distinct score,
     thresholds descending (the first is +inf)."""
     y, s = _as_arrays(labels, scores)
@@ -142,7 +145,9 @@ def threshold_max_youden(labels: Sequence[int], scores: Sequence[float]) -> floa
     return float(thresholds[1:][best])
 
 
-def binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float) -> BinaryMetrics:
+def binary_metrics(
+    labels: Sequence[int], scores: Sequence[float], threshold: float
+) -> BinaryMetrics:
     y, s = _as_arrays(labels, scores)
     pred = s >= threshold
     tp = int((pred & (y == 1)).sum())

@@ -94,7 +94,8 @@ class RetinaFaceDetector:
         if frames.ndim == 3:
             frames = frames[np.newaxis]
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
         n, h, w, _ = frames.shape
         if n == 0:
             return []

@@ -62,7 +62,8 @@ def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
                 parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
                 # Ids and labels like "007" or "1" must stay strings.
                 convert_options=pacsv.ConvertOptions(
-                    column_types={"uri": pa.string(), "media_id": pa.string(), "label": pa.string()},
+                    column_types={"uri": pa.string(), "media_id": pa.string(),
+                                  "label": pa.string()},
                     strings_can_be_null=True,
                 ),
             )

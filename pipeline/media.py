@@ -208,7 +208,8 @@ def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
     real = [s for s in streams if not (s.get("disposition") or {}).get("attached_pic")]
     if not real:
         kinds = sorted({s.get("codec_type", "?") for s in meta.get("streams", [])})
-        raise MediaError("no_video_stream", f"no video stream (streams: {', '.join(kinds) or 'none'})")
+        raise MediaError("no_video_stream",
+                         f"no video stream (streams: {', '.join(kinds) or 'none'})")
     s = real[0]
     width, height = int(s.get("width") or 0), int(s.get("height") or 0)
     if width <= 0 or height <= 0:

@@ -114,7 +114,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     m["face_png"] = d / "face.png"
     cv2.imwrite(str(m["face_png"]), cv2.cvtColor(face_photos()["astronaut"], cv2.COLOR_RGB2BGR))
     m["no_face_image"] = d / "cat.jpg"
-    cv2.imwrite(str(m["no_face_image"]), cv2.cvtColor(no_face_photos()["chelsea"], cv2.COLOR_RGB2BGR))
+    chelsea = cv2.cvtColor(no_face_photos()["chelsea"], cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(m["no_face_image"]), chelsea)
     # An odd but decodable codec/container: FFV1 in Matroska.
     m["odd_codec"] = d / "ffv1.mkv"
     _ffmpeg("-i", str(m["face_video"]), "-c:v", "ffv1", "-t", "1", str(m["odd_codec"]))
@@ -130,7 +131,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     m["not_media"].write_text("this is a text file, not a video\n" * 20)
     m["missing"] = d / "does-not-exist.mp4"
     m["audio_only"] = d / "tone.m4a"
-    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(m["audio_only"]))
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac",
+            str(m["audio_only"]))
     m["huge"] = d / "huge.jpg"  # 96 MP: over the 80 MP decode limit
     _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=12000x8000", "-frames:v", "1", "-q:v", "31",
              str(m["huge"]))

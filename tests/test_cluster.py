@@ -108,7 +108,8 @@ def test_job_spec_and_runtime_env(monkeypatch, tmp_path):
     assert env["env_vars"]["DA_TEST_SECRET"] == "s3cr3t-value" and "py_modules" not in env
     shipped = runtime_env(JobSpec(args=("audit", "x.csv"), ship_code=True), tmp_path)
     (pkg,) = shipped["py_modules"]
-    assert (Path(pkg) / "jobs" / "cli.py").is_file() and (Path(pkg) / "infra" / "ledger.py").is_file()
+    assert (Path(pkg) / "jobs" / "cli.py").is_file()
+    assert (Path(pkg) / "infra" / "ledger.py").is_file()
     assert not list(Path(pkg).rglob("__pycache__"))
     for bad in ({"args": ()}, {"args": ("submit",)},
                 {"args": ("audit", "x.csv"), "env_names": ("AWS_SECRET_ACCESS_KEY=abc",)},
@@ -269,9 +270,11 @@ def test_audit_submitted_to_a_two_node_cluster(two_node_cluster, tiny_model, med
     job_id = result.stdout.splitlines()[0].strip()
     assert result.exit_code == 0, result.output[-3000:]
     assert job_id.startswith("raysubmit_")
-    summary = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith('{"run_id"')][-1])
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith('{"run_id"')]
+    summary = json.loads(lines[-1])
     assert summary["state"] == "completed" and summary["rows_out"] == len(names)
-    assert summary["cluster"]["cpus"] == 2.0 and summary["cluster"]["where"].startswith("Ray cluster")
+    assert summary["cluster"]["cpus"] == 2.0
+    assert summary["cluster"]["where"].startswith("Ray cluster")
     assert summary["plan"]["decode_actors"] == 2 and summary["plan"]["classify_actors"] == 2
 
     # Verdicts landed on S3, one per object.

@@ -152,7 +152,8 @@ def test_rayjob_manifest():
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode")
     argv = shlex.split(spec["entrypoint"])
     _parses(argv)
-    assert argv[1] == "audit" and "--address" in argv and argv[argv.index("--address") + 1] == "auto"
+    assert argv[1] == "audit" and "--address" in argv
+    assert argv[argv.index("--address") + 1] == "auto"
     assert int(argv[argv.index("--min-gpus") + 1]) >= 1
     _check_ray_cluster_spec(spec["rayClusterSpec"])
     _check_pods(job)
@@ -162,7 +163,8 @@ def test_raycluster_and_nightly_cronjob():
     (cluster,) = _docs("raycluster.yaml")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     _check_ray_cluster_spec(cluster["spec"])
-    assert all(g["minReplicas"] == 0 for g in cluster["spec"]["workerGroupSpecs"])  # idle: head only
+    # Idle: the head only.
+    assert all(g["minReplicas"] == 0 for g in cluster["spec"]["workerGroupSpecs"])
     _check_pods(cluster)
 
     (cron,) = _docs("cronjob-nightly.yaml")
@@ -184,7 +186,8 @@ def test_raycluster_and_nightly_cronjob():
     assert int(inner[inner.index("--min-gpus") + 1]) >= 1
     # It submits to the head service of raycluster.yaml.
     address = argv[argv.index("--address") + 1]
-    assert address.startswith(f"http://{cluster['metadata']['name']}-head-svc.") and address.endswith(":8265")
+    assert address.startswith(f"http://{cluster['metadata']['name']}-head-svc.")
+    assert address.endswith(":8265")
     _check_pods(cron)
 
 

@@ -164,7 +164,8 @@ def test_s3_listing_streams_pages(media, s3_server, s3fs_client, tmp_path):
         assert stats.kept == 3
         with s3fs_client.open("audit/manifests/lst.parquet", "rb") as f:
             t = pq.read_table(f)
-        assert sorted(t["uri"].to_pylist()) == [f"s3://audit/lst/day1/img{i}.jpg" for i in (1, 3, 5)]
+        expected = [f"s3://audit/lst/day1/img{i}.jpg" for i in (1, 3, 5)]
+        assert sorted(t["uri"].to_pylist()) == expected
     finally:
         proxy.stop()
 

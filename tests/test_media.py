@@ -110,7 +110,8 @@ def test_most_prominent_face_is_the_largest_confident_one():
     from deepaudit.models.face_detector import Face
 
     lm = ((0, 0),) * 5
-    faces = [Face(0, 0, 50, 50, 0.99, lm), Face(0, 0, 200, 200, 0.85, lm), Face(0, 0, 60, 60, 1.0, lm)]
+    faces = [Face(0, 0, 50, 50, 0.99, lm), Face(0, 0, 200, 200, 0.85, lm),
+             Face(0, 0, 60, 60, 1.0, lm)]
     assert select_face(faces) == 1
     assert select_face([]) is None
 

@@ -57,7 +57,8 @@ def test_gpu_plan_is_one_classifier_per_gpu():
 
 def test_explicit_counts_win():
     plan = plan_stages(8, 0, decode_actors=3, classify_actors=2, batch_size=5, torch_threads=4)
-    assert (plan.decode_actors, plan.classify_actors, plan.batch_size, plan.torch_threads) == (3, 2, 5, 4)
+    counts = (plan.decode_actors, plan.classify_actors, plan.batch_size, plan.torch_threads)
+    assert counts == (3, 2, 5, 4)
     assert plan.classify_calls == 1  # asked-for actor counts are processes of one call each
     assert plan.reserved_cpus() <= 8
     with pytest.raises(ValueError):
