@@ -41,6 +41,18 @@ def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = T
     raise ValueError(f"--address must be 'local', 'auto' or ray://HOST:PORT, got {address!r}")
 
 
+def quiet_ray_data() -> None:
+    """Ray Data without its own progress bars and start-up banner: deepaudit draws one
+    bar over the rows it writes. Ray Data would also warn on every run that its bars are
+    off; that is on purpose here, so its progress logger only passes errors."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def cluster_resources() -> tuple[float, float]:
     """(CPUs, GPUs) of the connected cluster."""
     import ray

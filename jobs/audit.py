@@ -479,11 +479,9 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                      on_rows: Callable[[int, int], None] | None,
                      evidence: EvidenceConfig | None = None) -> str | None:
     """Run the pipeline into ``writer``; return the run error, if the pipeline broke."""
-    import ray.data
+    from deepaudit.infra.ray_runtime import quiet_ray_data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_ray_data()
     try:
         ds = build_dataset(manifest, plan, handle, cfg, evidence)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -299,7 +299,7 @@ def build_crop_cache(
 
 def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cpus,
                     on_items) -> int:
-    from deepaudit.infra.ray_runtime import cluster_resources, connect
+    from deepaudit.infra.ray_runtime import cluster_resources, connect, quiet_ray_data
 
     connect(address, num_cpus=num_cpus)
     cpus, _ = cluster_resources()
@@ -310,11 +310,7 @@ def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cp
         "media_id": pa.array([rows[i]["media_id"] for i in todo], pa.string()),
         "uri": pa.array([rows[i]["uri"] for i in todo], pa.string()),
     })
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_ray_data()
     writer = _PartWriter(fs, directory, secrets.token_hex(4))
     done = retried = 0
     log.info("decoding %d items with %d actors (%.2f CPU each)", len(todo), actors, cpus_each)
