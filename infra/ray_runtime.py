@@ -42,12 +42,21 @@ def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = T
 
 
 def quiet_ray_data() -> None:
-    """Ray Data without its own progress bars and start-up banner: deepaudit draws one
-    bar over the rows it writes. Ray Data would also warn on every run that its bars are
-    off; that is on purpose here, so its progress logger only passes errors."""
+    """Ray Data as deepaudit runs it.
+
+    * A task that still fails after its retries (``TASK_RETRIES`` in
+      ``pipeline/stages.py``) drops its block and the run goes on: the stages turn every
+      error of their own into a row, so such a task is one whose worker died each time,
+      and the audit writes its items as ``lost`` error rows. Ray Data's default would
+      abort the whole run, and every item not yet done would be lost with it.
+    * No progress bars or start-up banner of Ray Data's own: deepaudit draws one bar over
+      the rows it writes. Ray Data would also warn on every run that its bars are off;
+      that is on purpose here, so its progress logger only passes errors.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = -1
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -49,6 +49,7 @@ from deepaudit.pipeline.schema import (
     VERDICT_SCHEMA,
 )
 from deepaudit.pipeline.stages import (
+    TASK_RETRIES,
     ClassifyConfig,
     ClassifyStage,
     CropConfig,
@@ -169,9 +170,19 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
             enable_true_multi_threading=plan.classify_calls > 1),
         num_cpus=plan.classify_cpus,
         num_gpus=plan.classify_gpus or None,
+        max_task_retries=TASK_RETRIES,
         udf_modifying_row_count=False,
     )
     return ds
+
+
+# Why a row came back from no stage, when the pipeline itself ran to the end: every
+# stage turns its own failures into rows, so what is left is a task that failed on every
+# attempt, as when the worker running it dies each time.
+LOST_REASON = (
+    f"no result after {1 + TASK_RETRIES} attempts: the worker processing it died each time "
+    "(a crash in native code, or the out-of-memory killer; see the Ray logs). Items it was "
+    "processing beside this one can be lost with it; a re-run retries them")
 
 
 # Verdict rows per Parquet row group. The pipeline hands the driver one or two rows at a
@@ -366,7 +377,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
             log.info("run %s on %s: %s", run_id, where, plan)
             evidence = evidence_config(cfg, plan, run_id)
             run_error = _stream_verdicts(manifest, plan, handle, cfg, writer, on_rows, evidence)
-        lost = writer.fill_missing(manifest, run_error or "the pipeline returned no result for it")
+        lost = writer.fill_missing(manifest, run_error or LOST_REASON)
         writer.close()
     except BaseException:  # interrupted: publish nothing half-written
         writer.abort()

@@ -323,7 +323,11 @@ def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cp
             if on_items:
                 on_items(done, len(todo))
     writer.commit()
-    return retried
+    if done < len(todo):  # their tasks failed on every attempt (see quiet_ray_data)
+        log.warning("%d of %d items came back from no decode task (their worker died on "
+                    "every attempt; see the Ray logs); not cached, retried next run",
+                    len(todo) - done, len(todo))
+    return retried + len(todo) - done
 
 
 def _store(row: dict, key: str, quick: str, out: dict, cfg: CropCacheConfig,

@@ -157,6 +157,14 @@ class DecodeCropStage:
         return result
 
 
+# Attempts after the first at a task whose actor died (a node lost, the out-of-memory
+# killer, a crash in native code). Ray Data's default is to retry forever, on an actor it
+# restarts forever: one input that kills its worker every time then stalls the audit for
+# good. After these retries the task's rows come back missing, and the audit writes them
+# as error rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.quiet_ray_data`.
+TASK_RETRIES = 3
+
+
 def decode_crop_dataset(
     keys: pa.Table,
     decode: DecodeConfig,
@@ -190,6 +198,7 @@ def decode_crop_dataset(
         compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls_per_actor,
                                   enable_true_multi_threading=calls_per_actor > 1),
         num_cpus=cpus_per_actor,
+        max_task_retries=TASK_RETRIES,
         udf_modifying_row_count=False,
     )
 

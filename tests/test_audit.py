@@ -95,6 +95,83 @@ def test_two_runs_never_overwrite_each_other(ray_local, tiny_model, media, tmp_p
     assert pq.read_table(out / "runs").num_rows == 2
 
 
+CRASH_HOOK = """
+import os
+
+from deepaudit.pipeline import stages
+
+_process = stages.DecodeCropStage.process
+
+
+def _die_on_poison(self, row):
+    if "POISON" in (row.get("uri") or ""):
+        os._exit(1)  # the worker process dies, as on a native crash or the OOM killer
+    return _process(self, row)
+
+
+def install():
+    stages.DecodeCropStage.process = _die_on_poison
+"""
+
+CRASH_DRIVER = """
+import json, sys
+
+import ray
+
+from deepaudit.jobs.audit import AuditConfig, run_audit
+
+ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+         log_to_driver=False, runtime_env={"worker_process_setup_hook": "crashhook.install"})
+try:
+    summary = run_audit(AuditConfig(manifest=sys.argv[1], output=sys.argv[2],
+                                    model=sys.argv[3], frames=4, evidence=False))
+finally:
+    ray.shutdown()
+print("SUMMARY " + json.dumps(summary, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_its_worker_every_time_becomes_a_lost_row(tiny_model, media,
+                                                                      tmp_path):
+    """Fault injection (the test's own Ray, in a subprocess): the decode worker dies on one
+    input, on every attempt. Ray Data's defaults retried it forever and the audit never
+    ended; now the item becomes a ``lost`` error row after its retries and the run goes on."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from deepaudit.pipeline.stages import TASK_RETRIES
+
+    (tmp_path / "crashhook.py").write_text(CRASH_HOOK)
+    (tmp_path / "driver.py").write_text(CRASH_DRIVER)
+    poison = tmp_path / "POISON.mp4"
+    shutil.copy(media["face_video"], poison)
+    good = ["face_video", "face_image", "face_video_2", "face_png"]
+    rows = [{"uri": str(media[name]), "media_id": name} for name in good]
+    rows.insert(1, {"uri": str(poison), "media_id": "poison"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), str(manifest), str(tmp_path / "out"),
+         str(tiny_model)], env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    summary = json.loads(line.removeprefix("SUMMARY "))
+    assert summary["state"] == "completed" and summary["rows_out"] == summary["rows_in"] == 5
+    by_id = {r["media_id"]: r for r in read_verdicts(summary["output"]).to_pylist()}
+    assert by_id["poison"]["status"] == "error"
+    assert by_id["poison"]["error"].startswith(f"lost: no result after {1 + TASK_RETRIES} "
+                                               "attempts"), by_id["poison"]["error"]
+    # Each death can take the item running beside the poison (the actor's other thread)
+    # with it. That item is retried too, so it is lost only if all its attempts die beside
+    # the poison's: the poison's attempts can use up one good item's at most.
+    ok = [name for name in good if by_id[name]["status"] == "ok"]
+    assert len(ok) >= len(good) - 1, {n: by_id[n]["error"] for n in good}
+    assert 1 <= summary["lost_rows"] <= 2
+
+
 def test_writer_fills_rows_the_pipeline_lost(tmp_path):
     """The driver's safety net: rows missing from the pipeline become error rows."""
     p = tmp_path / "m.csv"
