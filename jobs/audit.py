@@ -177,12 +177,13 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
 
 
 # Why a row came back from no stage, when the pipeline itself ran to the end: every
-# stage turns its own failures into rows, so what is left is a task that failed on every
-# attempt, as when the worker running it dies each time.
+# stage turns its own failures into rows, so what is left is a task that failed for good,
+# as when the worker running it dies on every attempt.
 LOST_REASON = (
-    f"no result after {1 + TASK_RETRIES} attempts: the worker processing it died each time "
-    "(a crash in native code, or the out-of-memory killer; see the Ray logs). Items it was "
-    "processing beside this one can be lost with it; a re-run retries them")
+    f"its task failed for good: the worker processing it died on each of {1 + TASK_RETRIES} "
+    "attempts (a crash in native code, or the out-of-memory killer), or the stage raised; "
+    "the log says which. Items processed beside it can be lost with it; a re-run retries "
+    "them")
 
 
 # Verdict rows per Parquet row group. The pipeline hands the driver one or two rows at a
@@ -377,6 +378,10 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
             log.info("run %s on %s: %s", run_id, where, plan)
             evidence = evidence_config(cfg, plan, run_id)
             run_error = _stream_verdicts(manifest, plan, handle, cfg, writer, on_rows, evidence)
+        if not run_error and manifest.num_rows and not writer.seen:
+            # Tasks that fail for good drop their rows and the run goes on; when that is
+            # every row, the stages themselves are broken: call the run failed.
+            run_error = "no item came back from the pipeline; the log says why"
         lost = writer.fill_missing(manifest, run_error or LOST_REASON)
         writer.close()
     except BaseException:  # interrupted: publish nothing half-written

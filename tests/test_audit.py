@@ -123,11 +123,12 @@ from deepaudit.jobs.audit import AuditConfig, run_audit
 ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
          log_to_driver=False, runtime_env={"worker_process_setup_hook": "crashhook.install"})
 try:
-    summary = run_audit(AuditConfig(manifest=sys.argv[1], output=sys.argv[2],
-                                    model=sys.argv[3], frames=4, evidence=False))
+    for manifest, out in zip(sys.argv[2::2], sys.argv[3::2]):
+        summary = run_audit(AuditConfig(manifest=manifest, output=out, model=sys.argv[1],
+                                        frames=4, evidence=False))
+        print("SUMMARY " + json.dumps(summary, default=str), flush=True)
 finally:
     ray.shutdown()
-print("SUMMARY " + json.dumps(summary, default=str))
 """
 
 
@@ -152,18 +153,25 @@ def test_an_input_that_kills_its_worker_every_time_becomes_a_lost_row(tiny_model
     rows = [{"uri": str(media[name]), "media_id": name} for name in good]
     rows.insert(1, {"uri": str(poison), "media_id": "poison"})
     manifest = _write_manifest(tmp_path / "m.csv", rows)
+    # Every item kills its worker: the stages are broken, and the run says it failed.
+    all_poison = _write_manifest(tmp_path / "all.csv", [{"uri": str(poison)}])
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "driver.py"), str(manifest), str(tmp_path / "out"),
-         str(tiny_model)], env=env, capture_output=True, text=True, timeout=420)
+        [sys.executable, str(tmp_path / "driver.py"), str(tiny_model),
+         str(manifest), str(tmp_path / "out"), str(all_poison), str(tmp_path / "out2")],
+        env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
-    summary = json.loads(line.removeprefix("SUMMARY "))
+    summary, broken = [json.loads(ln.removeprefix("SUMMARY "))
+                       for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    assert broken["state"] == "failed" and broken["rows_out"] == 1 and broken["lost_rows"] == 1
+    assert broken["run_error"].startswith("no item came back from the pipeline")
+
     assert summary["state"] == "completed" and summary["rows_out"] == summary["rows_in"] == 5
     by_id = {r["media_id"]: r for r in read_verdicts(summary["output"]).to_pylist()}
     assert by_id["poison"]["status"] == "error"
-    assert by_id["poison"]["error"].startswith(f"lost: no result after {1 + TASK_RETRIES} "
-                                               "attempts"), by_id["poison"]["error"]
+    error = by_id["poison"]["error"]
+    assert error.startswith("lost: its task failed for good:"), error
+    assert f"died on each of {1 + TASK_RETRIES} attempts" in error
     # Each death can take the item running beside the poison (the actor's other thread)
     # with it. That item is retried too, so it is lost only if all its attempts die beside
     # the poison's: the poison's attempts can use up one good item's at most.
