@@ -41,7 +41,7 @@ def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = T
     raise ValueError(f"--address must be 'local', 'auto' or ray://HOST:PORT, got {address!r}")
 
 
-def quiet_ray_data() -> None:
+def configure_ray_data() -> None:
     """Ray Data as deepaudit runs it.
 
     * A task that still fails after its retries (``TASK_RETRIES`` in

@@ -495,9 +495,9 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                      on_rows: Callable[[int, int], None] | None,
                      evidence: EvidenceConfig | None = None) -> str | None:
     """Run the pipeline into ``writer``; return the run error, if the pipeline broke."""
-    from deepaudit.infra.ray_runtime import quiet_ray_data
+    from deepaudit.infra.ray_runtime import configure_ray_data
 
-    quiet_ray_data()
+    configure_ray_data()
     try:
         ds = build_dataset(manifest, plan, handle, cfg, evidence)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -299,7 +299,7 @@ def build_crop_cache(
 
 def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cpus,
                     on_items) -> int:
-    from deepaudit.infra.ray_runtime import cluster_resources, connect, quiet_ray_data
+    from deepaudit.infra.ray_runtime import cluster_resources, configure_ray_data, connect
 
     connect(address, num_cpus=num_cpus)
     cpus, _ = cluster_resources()
@@ -310,7 +310,7 @@ def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cp
         "media_id": pa.array([rows[i]["media_id"] for i in todo], pa.string()),
         "uri": pa.array([rows[i]["uri"] for i in todo], pa.string()),
     })
-    quiet_ray_data()
+    configure_ray_data()
     writer = _PartWriter(fs, directory, secrets.token_hex(4))
     done = retried = 0
     log.info("decoding %d items with %d actors (%.2f CPU each)", len(todo), actors, cpus_each)
@@ -323,7 +323,7 @@ def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cp
             if on_items:
                 on_items(done, len(todo))
     writer.commit()
-    if done < len(todo):  # their tasks failed on every attempt (see quiet_ray_data)
+    if done < len(todo):  # their tasks failed on every attempt (see configure_ray_data)
         log.warning("%d of %d items came back from no decode task (their worker died on "
                     "every attempt; see the Ray logs); not cached, retried next run",
                     len(todo) - done, len(todo))

@@ -161,7 +161,7 @@ class DecodeCropStage:
 # killer, a crash in native code). Ray Data's default is to retry forever, on an actor it
 # restarts forever: one input that kills its worker every time then stalls the audit for
 # good. After these retries the task's rows come back missing, and the audit writes them
-# as error rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.quiet_ray_data`.
+# as error rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.configure_ray_data`.
 TASK_RETRIES = 3
 
 
