@@ -46,8 +46,9 @@ def configure_ray_data() -> None:
 
     * A task that still fails after its retries (``TASK_RETRIES`` in
       ``pipeline/stages.py``) drops its block and the run goes on: the stages turn every
-      error of their own into a row, so such a task is one whose worker died each time,
-      and the audit writes its items as ``lost`` error rows. Ray Data's default would
+      error of their own into a row, so such a task is one whose worker died each time
+      (or a stage that raised, a bug), and the audit writes its items as ``lost`` error
+      rows. Ray Data's default would
       abort the whole run, and every item not yet done would be lost with it.
     * No progress bars or start-up banner of Ray Data's own: deepaudit draws one bar over
       the rows it writes. Ray Data would also warn on every run that its bars are off;

@@ -323,10 +323,10 @@ def _decode_missing(rows, keys, quick, todo, cfg, fs, directory, address, num_cp
             if on_items:
                 on_items(done, len(todo))
     writer.commit()
-    if done < len(todo):  # their tasks failed on every attempt (see configure_ray_data)
+    if done < len(todo):  # their tasks failed for good (see configure_ray_data)
         log.warning("%d of %d items came back from no decode task (their worker died on "
-                    "every attempt; see the Ray logs); not cached, retried next run",
-                    len(todo) - done, len(todo))
+                    "every attempt, or the stage raised; see the log); not cached, "
+                    "retried next run", len(todo) - done, len(todo))
     return retried + len(todo) - done
 
 

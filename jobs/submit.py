@@ -52,8 +52,7 @@ def submit_command(
     """Submit a deepaudit command as a Ray Job: deepaudit submit [OPTIONS] -- audit ARGS.
 
     An 'audit' joins the cluster (--address auto is added). Prints the job id."""
-    from deepaudit.infra.cluster import JobSpec, submit
-    from deepaudit.infra.cluster import follow as follow_job
+    from deepaudit.infra.cluster import JobSpec, follow as follow_job, submit
 
     try:
         spec = JobSpec(args=tuple(ctx.args), ship_code=ship_code, working_dir=working_dir,
@@ -101,8 +100,7 @@ def job_logs_command(
     ] = False,
 ) -> None:
     """Print a submitted job's logs."""
-    from deepaudit.infra.cluster import follow as follow_job
-    from deepaudit.infra.cluster import job_logs
+    from deepaudit.infra.cluster import follow as follow_job, job_logs
 
     try:
         if follow:
