@@ -49,10 +49,12 @@ from deepaudit.pipeline.schema import (
     VERDICT_SCHEMA,
 )
 from deepaudit.pipeline.stages import (
+    ISOLATED_RETRIES,
     TASK_RETRIES,
     ClassifyConfig,
     ClassifyStage,
     CropConfig,
+    actor_pool,
     decode_crop_dataset,
 )
 
@@ -95,6 +97,10 @@ class AuditConfig:
     min_cpus: int = 0
     min_gpus: int = 0
     wait_timeout_s: float = 900.0
+    # Items whose tasks failed for good (their worker died on every attempt) run once more,
+    # each alone in its worker: an item that kills its worker takes the items queued on
+    # that worker down with it, and those deserve a run of their own.
+    retry_lost: bool = True
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -142,17 +148,18 @@ def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceC
 
 
 def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg: AuditConfig,
-                  evidence: EvidenceConfig | None = None):
-    """The Ray Data pipeline: manifest rows → DecodeCropStage → ClassifyStage."""
-    from ray.data import ActorPoolStrategy
+                  evidence: EvidenceConfig | None = None, isolate: bool = False):
+    """The Ray Data pipeline: manifest rows → DecodeCropStage → ClassifyStage.
 
+    ``isolate``: every item alone in its task and its actor, in both stages (for items
+    whose tasks failed for good in the normal run; see ``AuditConfig.retry_lost``)."""
     keys = manifest.select([ROW_INDEX, "media_id", "uri"])
     frames = cfg.frames or handle.config.frames
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
     ds = decode_crop_dataset(
         keys, DecodeConfig(frames=frames, max_side=cfg.max_side), cfg.detector,
         CropConfig(size=handle.config.input_size), storage, plan.decode_actors,
-        plan.decode_cpus, plan.decode_calls)
+        plan.decode_cpus, plan.decode_calls, isolate=isolate)
     ds = ds.map_batches(
         ClassifyStage,
         fn_constructor_kwargs={
@@ -163,14 +170,13 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
             ),
             "evidence": evidence,
         },
-        batch_size=plan.batch_size,
+        batch_size=1 if isolate else plan.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(
-            size=plan.classify_actors, max_concurrent_calls_per_actor=plan.classify_calls,
-            enable_true_multi_threading=plan.classify_calls > 1),
+        compute=actor_pool(max(1, min(plan.classify_actors, manifest.num_rows)),
+                           plan.classify_calls, isolate),
         num_cpus=plan.classify_cpus,
         num_gpus=plan.classify_gpus or None,
-        max_task_retries=TASK_RETRIES,
+        max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
         udf_modifying_row_count=False,
     )
     return ds
@@ -184,6 +190,12 @@ LOST_REASON = (
     "attempts (a crash in native code, or the out-of-memory killer), or the stage raised; "
     "the log says which. Items processed beside it can be lost with it; a re-run retries "
     "them")
+# The same, after the item's own run alone in its worker (``AuditConfig.retry_lost``).
+LOST_ALONE_REASON = (
+    f"its task failed for good: the worker processing it died on each of {1 + TASK_RETRIES} "
+    f"attempts beside other items and on each of {1 + ISOLATED_RETRIES} attempts alone (a "
+    "crash in native code, or the out-of-memory killer), or the stage raised; the log says "
+    "which")
 
 
 # Verdict rows per Parquet row group. The pipeline hands the driver one or two rows at a
@@ -315,12 +327,17 @@ class VerdictWriter:
                 sink.discard()
                 sink.closed = True
 
+    def missing(self, manifest: pa.Table) -> pa.Table:
+        """The manifest rows the pipeline has not returned yet."""
+        todo = [i for i, r in enumerate(manifest.column(ROW_INDEX).to_pylist())
+                if r not in self.seen]
+        return manifest.take(pa.array(todo, pa.int64()))
+
     def fill_missing(self, manifest: pa.Table, reason: str) -> int:
         """Write an error row for every manifest row the pipeline did not return."""
-        missing = [i for i, r in enumerate(manifest.column(ROW_INDEX).to_pylist())
-                   if r not in self.seen]
-        for start in range(0, len(missing), 10_000):
-            part = manifest.take(pa.array(missing[start : start + 10_000], pa.int64()))
+        missing = self.missing(manifest)
+        for start in range(0, missing.num_rows, 10_000):
+            part = missing.slice(start, 10_000)
             n = part.num_rows
             cols = {name: pa.nulls(n, STAGE_VERDICT_SCHEMA.field(name).type)
                     for name in STAGE_VERDICT_SCHEMA.names}
@@ -332,7 +349,7 @@ class VerdictWriter:
             for name in ("frame_indices", "face_boxes", "frame_p_fake"):
                 cols[name] = pa.array([[]] * n, STAGE_VERDICT_SCHEMA.field(name).type)
             self.write(pa.table(cols, schema=STAGE_VERDICT_SCHEMA))
-        return len(missing)
+        return missing.num_rows
 
     def close(self) -> None:
         self._close_file()
@@ -370,7 +387,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
                            on_file_closed=inc.on_file_closed if cfg.ledger else None,
                            roll_seconds=LEDGER_ROLL_SECONDS if cfg.ledger else None)
 
-    run_error, plan, evidence = None, None, None
+    run_error, plan, evidence, retried = None, None, None, 0
     where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0
     try:
         if manifest.num_rows:
@@ -382,7 +399,16 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
             # Tasks that fail for good drop their rows and the run goes on; when that is
             # every row, the stages themselves are broken: call the run failed.
             run_error = "no item came back from the pipeline; the log says why"
-        lost = writer.fill_missing(manifest, run_error or LOST_REASON)
+        if not run_error and cfg.retry_lost and manifest.num_rows:
+            lost_items = writer.missing(manifest)
+            retried = lost_items.num_rows
+            if retried:
+                log.warning("%d item(s) came back from no stage (their workers died on every "
+                            "attempt); running them again, each alone in its worker", retried)
+                run_error = _stream_verdicts(lost_items, plan, handle, cfg, writer, on_rows,
+                                             evidence, isolate=True, total=manifest.num_rows)
+        lost = writer.fill_missing(
+            manifest, run_error or (LOST_ALONE_REASON if retried else LOST_REASON))
         writer.close()
     except BaseException:  # interrupted: publish nothing half-written
         writer.abort()
@@ -420,6 +446,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "errors": writer.status.get(STATUS_ERROR, 0),
         "error_codes": dict(writer.errors.most_common()),
         "lost_rows": lost,
+        "retried_alone": retried,
         "throughput_items_per_s": round(manifest.num_rows / wall, 4) if wall > 0 else None,
         "cluster": {"where": where, "cpus": cpus, "gpus": gpus},
         "plan": asdict(plan) if plan else None,
@@ -493,17 +520,21 @@ def _start_cluster(cfg: AuditConfig, handle: ModelHandle) -> tuple[str, float, f
 def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                      cfg: AuditConfig, writer: VerdictWriter,
                      on_rows: Callable[[int, int], None] | None,
-                     evidence: EvidenceConfig | None = None) -> str | None:
-    """Run the pipeline into ``writer``; return the run error, if the pipeline broke."""
+                     evidence: EvidenceConfig | None = None, isolate: bool = False,
+                     total: int | None = None) -> str | None:
+    """Run the pipeline over ``manifest`` into ``writer``; return the run error, if the
+    pipeline broke. ``total``: the run's row count, for progress (default: this manifest's).
+    """
     from deepaudit.infra.ray_runtime import configure_ray_data
 
     configure_ray_data()
+    total = manifest.num_rows if total is None else total
     try:
-        ds = build_dataset(manifest, plan, handle, cfg, evidence)
+        ds = build_dataset(manifest, plan, handle, cfg, evidence, isolate=isolate)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write(batch)
             if on_rows:
-                on_rows(len(writer.seen), manifest.num_rows)
+                on_rows(len(writer.seen), total)
     except Exception as exc:  # the pipeline itself broke: still account for every row
         run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
         log.error("pipeline failed: %s", run_error)

@@ -51,6 +51,10 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
         ("evidence", _evidence_line(summary.get("evidence"))),
         ("output", summary["output"]),
     ]
+    if summary.get("lost_rows") or summary.get("retried_alone"):
+        at = [k for k, _ in rows].index("error codes") + 1
+        rows.insert(at, ("lost", f"{summary.get('lost_rows', 0)} (after running "
+                         f"{summary.get('retried_alone', 0)} item(s) again, each alone)"))
     if summary.get("run_error"):
         rows.append(("run error", f"[red]{summary['run_error']}[/red]"))
     for k, v in rows:
@@ -210,6 +214,11 @@ def audit(
         int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
                           "cluster has this many GPUs (one classifier actor each).")
     ] = 0,
+    retry_lost: Annotated[
+        bool, typer.Option(help="Items whose worker died on every attempt (a crash, the "
+                           "out-of-memory killer) run once more, each alone in its worker, "
+                           "so an item that kills its worker takes no other item with it.")
+    ] = True,
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.ledger import LedgerPolicy
@@ -226,6 +235,7 @@ def audit(
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
             progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
             rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
+            retry_lost=retry_lost,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),

@@ -160,9 +160,27 @@ class DecodeCropStage:
 # Attempts after the first at a task whose actor died (a node lost, the out-of-memory
 # killer, a crash in native code). Ray Data's default is to retry forever, on an actor it
 # restarts forever: one input that kills its worker every time then stalls the audit for
-# good. After these retries the task's rows come back missing, and the audit writes them
-# as error rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.configure_ray_data`.
+# good. After these retries the task's rows come back missing; the audit runs them once
+# more, each alone in its worker (``isolate``), and writes what is still missing as error
+# rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.configure_ray_data`.
 TASK_RETRIES = 3
+# Attempts after the first in that isolated pass: one, for a worker lost to something
+# else (a node going away); an input that kills its worker alone needs no more proof.
+ISOLATED_RETRIES = 1
+
+
+def actor_pool(size: int, calls: int, isolate: bool = False):
+    """The actor pool strategy of a stage: ``size`` actors of ``calls`` concurrent calls
+    (threads) each. ``isolate``: one call per actor and nothing queued behind it, so a
+    task whose worker dies takes no other item with it (Ray Data otherwise queues up to
+    twice ``calls`` tasks on each actor, and they all fail when it dies)."""
+    from ray.data import ActorPoolStrategy
+
+    if isolate:
+        return ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=1,
+                                 max_tasks_in_flight_per_actor=1)
+    return ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=calls,
+                             enable_true_multi_threading=calls > 1)
 
 
 def decode_crop_dataset(
@@ -174,31 +192,33 @@ def decode_crop_dataset(
     actors: int,
     cpus_per_actor: float,
     calls_per_actor: int = 2,
+    isolate: bool = False,
 ):
     """A Ray Dataset of :class:`DecodeCropStage` outputs over ``keys`` (``manifest_row``,
     ``media_id``, ``uri``) on an actor pool: the audit's first stage, also used by the
-    training crop cache, so both crop faces exactly alike."""
+    training crop cache, so both crop faces exactly alike. ``isolate``: one item per task
+    and per actor at a time (see :func:`actor_pool`), for items whose tasks failed."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     # Small blocks spread the media over the actors; ~8 blocks per actor balances tails.
-    per_block = max(1, min(32, -(-keys.num_rows // (actors * 8))))
+    per_block = 1 if isolate else max(1, min(32, -(-keys.num_rows // (actors * 8))))
     # from_blocks puts the Arrow slices as they are and reads their metadata here in the
     # driver. from_arrow sends one remote task per block to read it: on a fresh pool that
     # booted three worker processes and held the actor pools back ~2.5 s (measured on 2
     # cores). from_items does it locally too, but row by row in Python (200k rows: 17 s,
     # against 10 s here).
     blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
+    # No more actors than blocks: an actor with nothing to do still boots a worker process.
+    actors = max(1, min(actors, len(blocks)))
     return ray.data.from_blocks(blocks).map_batches(
         DecodeCropStage,
         fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
                                "storage": storage},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls_per_actor,
-                                  enable_true_multi_threading=calls_per_actor > 1),
+        compute=actor_pool(actors, calls_per_actor, isolate),
         num_cpus=cpus_per_actor,
-        max_task_retries=TASK_RETRIES,
+        max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
         udf_modifying_row_count=False,
     )
 
