@@ -395,9 +395,17 @@ _READERS = {"manifest": from_manifest, "shared": from_shared, "ffpp": from_ffpp,
             "celebdf": from_celebdf, "dfdc": from_dfdc, "folders": from_folders}
 
 
+def excluded(row: dict, rules: Sequence[str]) -> bool:
+    """Whether ``row`` matches one of ``rules``: ``SOURCE`` (every item of that source) or
+    ``SOURCE:LABEL`` (its fakes or its reals only), e.g. ``stylegan3``, ``ismaolen:fake``."""
+    label = "fake" if row["label"] == 1 else "real"
+    return row["source"] in rules or f"{row['source']}:{label}" in rules
+
+
 def load_inputs(inputs: Sequence[str], storage: StorageConfig | None = None,
-                limit: int | None = None) -> LabelledSet:
-    """Read every input into one labelled table. ``limit`` keeps a deterministic,
+                limit: int | None = None, exclude: Sequence[str] = ()) -> LabelledSet:
+    """Read every input into one labelled table. ``exclude``: rules of :func:`excluded`;
+    the items they drop are counted in ``skipped``. ``limit`` keeps a deterministic,
     label-balanced subset (for smoke runs)."""
     storage = storage or StorageConfig()
     if not inputs:
@@ -413,6 +421,18 @@ def load_inputs(inputs: Sequence[str], storage: StorageConfig | None = None,
         rows.extend(got)
         skipped.update({f"{path}: {k}": v for k, v in skip.items()})
         log.info("%s: %s layout, %d labelled items", path, layout, len(got))
+    if exclude:
+        sources = {r["source"] for r in rows}
+        unknown = sorted({e for e in exclude if e.split(":", 1)[0] not in sources}
+                         | {e for e in exclude if ":" in e
+                            and e.split(":", 1)[1] not in ("fake", "real")})
+        if unknown:
+            raise DatasetError(f"--exclude {', '.join(unknown)} matches nothing: use SOURCE or "
+                               f"SOURCE:fake|real; the sources are {', '.join(sorted(sources))}")
+        kept = [r for r in rows if not excluded(r, exclude)]
+        for rule in exclude:
+            skipped[f"excluded: {rule}"] = sum(excluded(r, [rule]) for r in rows)
+        rows = kept
     if not rows:
         raise DatasetError(f"no labelled media found in {', '.join(inputs)}")
     dupes = [k for k, n in Counter(r["media_id"] for r in rows).items() if n > 1]

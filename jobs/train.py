@@ -90,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     dtype: str = "float16"
     limit: int | None = None
+    exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import list_models
@@ -298,7 +299,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
                          f"input size {model_config.input_size}")
     name = cfg.name or model_config.arch
 
-    labelled = load_inputs(list(cfg.inputs), storage, cfg.limit)
+    labelled = load_inputs(list(cfg.inputs), storage, cfg.limit, cfg.exclude)
     table, record = split_table(labelled.table, cfg.split_config())
     ckpt_root = cfg.checkpoint_storage or str(out / "ray")
     run_dir = f"{ckpt_root.rstrip('/')}/train"
@@ -628,6 +629,10 @@ def train_command(
         = "float16",
     limit: Annotated[Optional[int], typer.Option(
         help="Use at most this many items (whole groups, balanced): smoke runs.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Leave out a source (SOURCE) or one label of it (SOURCE:fake, SOURCE:real), "
+             "e.g. a generator whose fakes have no real counterpart; repeatable. The card "
+             "counts what was left out.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -658,7 +663,8 @@ def train_command(
             address=address, num_cpus=num_cpus, cache=cache, min_face_px=min_face_px,
             min_detect_side=min_detect_side,
             decode_actors=decode_actors, checkpoint_storage=checkpoint_storage,
-            s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit)
+            s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit,
+            exclude=tuple(exclude or ()))
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:

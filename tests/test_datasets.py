@@ -131,6 +131,19 @@ def test_folder_tree_and_manifest(tmp_path):
     assert s.skipped == {f"{m}: label 'unknown'": 1}
 
 
+def test_exclude_drops_a_source_or_one_label_of_it_and_counts_them(tmp_path):
+    m = tmp_path / "train.csv"
+    m.write_text("uri,label,source\n/a.jpg,real,ffpp\n/b.jpg,fake,ffpp\n/c.png,fake,gan\n"
+                 "/d.jpg,real,web\n/e.jpg,fake,web\n")
+    s = load_inputs([str(m)], exclude=["gan", "web:fake"])
+    assert sorted(s.table["uri"].to_pylist()) == ["/a.jpg", "/b.jpg", "/d.jpg"]
+    assert s.skipped == {"excluded: gan": 1, "excluded: web:fake": 1}
+    with pytest.raises(DatasetError, match="--exclude stylegan3 matches nothing"):
+        load_inputs([str(m)], exclude=["stylegan3"])
+    with pytest.raises(DatasetError, match="matches nothing"):
+        load_inputs([str(m)], exclude=["web:bogus"])
+
+
 def test_unknown_layout_and_missing_label_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="real/ and fake/"):
