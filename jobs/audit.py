@@ -387,7 +387,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
                            on_file_closed=inc.on_file_closed if cfg.ledger else None,
                            roll_seconds=LEDGER_ROLL_SECONDS if cfg.ledger else None)
 
-    run_error, plan, evidence, retried = None, None, None, 0
+    run_error, plan, evidence, retried, lost_reason = None, None, None, 0, LOST_REASON
     where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0
     try:
         if manifest.num_rows:
@@ -405,10 +405,12 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
             if retried:
                 log.warning("%d item(s) came back from no stage (their workers died on every "
                             "attempt); running them again, each alone in its worker", retried)
-                run_error = _stream_verdicts(lost_items, plan, handle, cfg, writer, on_rows,
-                                             evidence, isolate=True, total=manifest.num_rows)
-        lost = writer.fill_missing(
-            manifest, run_error or (LOST_ALONE_REASON if retried else LOST_REASON))
+                retry_error = _stream_verdicts(lost_items, plan, handle, cfg, writer, on_rows,
+                                               evidence, isolate=True, total=manifest.num_rows)
+                # The run itself went through: a failed second pass only explains its rows.
+                lost_reason = LOST_ALONE_REASON if retry_error is None else (
+                    f"{LOST_REASON}; running it again alone failed too: {retry_error}")
+        lost = writer.fill_missing(manifest, run_error or lost_reason)
         writer.close()
     except BaseException:  # interrupted: publish nothing half-written
         writer.abort()
