@@ -47,12 +47,13 @@ def configure_ray_data() -> None:
     * A task that still fails after its retries (``TASK_RETRIES`` in
       ``pipeline/stages.py``) drops its block and the run goes on: the stages turn every
       error of their own into a row, so such a task is one whose worker died each time
-      (or a stage that raised, a bug), and the audit writes its items as ``lost`` error
-      rows. Ray Data's default would
-      abort the whole run, and every item not yet done would be lost with it.
-    * No progress bars or start-up banner of Ray Data's own: deepaudit draws one bar over
-      the rows it writes. Ray Data would also warn on every run that its bars are off;
-      that is on purpose here, so its progress logger only passes errors.
+      (or a stage that raised, a bug). The audit runs its items once more, each alone in
+      its worker, and writes those still missing as ``lost`` error rows. Ray Data's
+      default would abort the whole run, and every item not yet done would be lost.
+    * No progress bars, start-up banner or end-of-run line of Ray Data's own: deepaudit
+      draws one bar over the rows it writes and prints its own summary. Ray Data would
+      also warn on every run that its bars are off; that is on purpose here, so its
+      progress logger only passes errors.
     """
     import ray.data
 
@@ -61,6 +62,11 @@ def configure_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Its "Dataset ... execution finished in N seconds" line: deepaudit prints the run's
+    # wall time in its summary; with --verbose (root logger at INFO) it stays.
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(
+        logging.INFO if verbose else logging.WARNING)
 
 
 def cluster_resources() -> tuple[float, float]:

@@ -56,6 +56,7 @@ from deepaudit.pipeline.stages import (
     CropConfig,
     actor_pool,
     decode_crop_dataset,
+    retry_args_accepted,
 )
 
 log = logging.getLogger(__name__)
@@ -160,26 +161,26 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
         keys, DecodeConfig(frames=frames, max_side=cfg.max_side), cfg.detector,
         CropConfig(size=handle.config.input_size), storage, plan.decode_actors,
         plan.decode_cpus, plan.decode_calls, isolate=isolate)
-    ds = ds.map_batches(
-        ClassifyStage,
-        fn_constructor_kwargs={
-            "handle": handle,
-            "config": ClassifyConfig(
-                device=cfg.device, crop_batch=cfg.crop_batch or plan.crop_batch,
-                threads=plan.torch_threads,
-            ),
-            "evidence": evidence,
-        },
-        batch_size=1 if isolate else plan.batch_size,
-        batch_format="pyarrow",
-        compute=actor_pool(max(1, min(plan.classify_actors, manifest.num_rows)),
-                           plan.classify_calls, isolate),
-        num_cpus=plan.classify_cpus,
-        num_gpus=plan.classify_gpus or None,
-        max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
-        udf_modifying_row_count=False,
-    )
-    return ds
+    with retry_args_accepted():
+        return ds.map_batches(
+            ClassifyStage,
+            fn_constructor_kwargs={
+                "handle": handle,
+                "config": ClassifyConfig(
+                    device=cfg.device, crop_batch=cfg.crop_batch or plan.crop_batch,
+                    threads=plan.torch_threads,
+                ),
+                "evidence": evidence,
+            },
+            batch_size=1 if isolate else plan.batch_size,
+            batch_format="pyarrow",
+            compute=actor_pool(max(1, min(plan.classify_actors, manifest.num_rows)),
+                               plan.classify_calls, isolate),
+            num_cpus=plan.classify_cpus,
+            num_gpus=plan.classify_gpus or None,
+            max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
+            udf_modifying_row_count=False,
+        )
 
 
 # Why a row came back from no stage, when the pipeline itself ran to the end: every

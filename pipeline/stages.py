@@ -13,11 +13,13 @@ Neither stage ever raises for a bad item: a failure becomes the row's ``status``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +171,17 @@ TASK_RETRIES = 3
 ISOLATED_RETRIES = 1
 
 
+@contextlib.contextmanager
+def retry_args_accepted():
+    """``max_task_retries`` reaches Ray Data's actors only through ``map_batches``'
+    ``**ray_remote_args`` (it has no named parameter), which Ray 2.60 deprecates for
+    removal in 2.64 with a warning on every run; pyproject.toml pins ray below 2.64, so the
+    warning says nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        yield
+
+
 def actor_pool(size: int, calls: int, isolate: bool = False):
     """The actor pool strategy of a stage: ``size`` actors of ``calls`` concurrent calls
     (threads) each. ``isolate``: one call per actor and nothing queued behind it, so a
@@ -210,17 +223,18 @@ def decode_crop_dataset(
     blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
     # No more actors than blocks: an actor with nothing to do still boots a worker process.
     actors = max(1, min(actors, len(blocks)))
-    return ray.data.from_blocks(blocks).map_batches(
-        DecodeCropStage,
-        fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
-                               "storage": storage},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=actor_pool(actors, calls_per_actor, isolate),
-        num_cpus=cpus_per_actor,
-        max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
-        udf_modifying_row_count=False,
-    )
+    with retry_args_accepted():
+        return ray.data.from_blocks(blocks).map_batches(
+            DecodeCropStage,
+            fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
+                                   "storage": storage},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=actor_pool(actors, calls_per_actor, isolate),
+            num_cpus=cpus_per_actor,
+            max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
+            udf_modifying_row_count=False,
+        )
 
 
 @dataclass(frozen=True)
