@@ -402,6 +402,31 @@ def excluded(row: dict, rules: Sequence[str]) -> bool:
     return row["source"] in rules or f"{row['source']}:{label}" in rules
 
 
+def check_rules(option: str, rules: Sequence[str], sources: set[str]) -> None:
+    """Refuse rules of :func:`excluded` that name no source or a label other than
+    fake/real: a typo would otherwise train on what the user meant to leave out."""
+    unknown = sorted(e for e in rules if e.split(":", 1)[0] not in sources
+                     or (":" in e and e.split(":", 1)[1] not in ("fake", "real")))
+    if unknown:
+        raise DatasetError(f"{option} {', '.join(unknown)} matches nothing: use SOURCE or "
+                           f"SOURCE:fake|real; the sources are {', '.join(sorted(sources))}")
+
+
+def drop_from_training(table: pa.Table, rules: Sequence[str]) -> tuple[pa.Table, dict]:
+    """Remove the training-split rows that match ``rules`` (:func:`excluded`); validation
+    keeps them. With every fake left out and ``--sbi``, training sees self-blended fakes
+    alone, the SBI paper's protocol. Returns the table and the rows dropped per rule."""
+    if not rules:
+        return table, {}
+    check_rules("--exclude-from-training", rules, set(table["source"].to_pylist()))
+    rows = table.select(["source", "label", "split"]).to_pylist()
+    drop = [r["split"] == "train" and excluded(r, rules) for r in rows]
+    counts = {rule: sum(r["split"] == "train" and excluded(r, [rule]) for r in rows)
+              for rule in rules}
+    keep = pa.array([not d for d in drop])
+    return table.filter(keep), counts
+
+
 def load_inputs(inputs: Sequence[str], storage: StorageConfig | None = None,
                 limit: int | None = None, exclude: Sequence[str] = ()) -> LabelledSet:
     """Read every input into one labelled table. ``exclude``: rules of :func:`excluded`;
@@ -422,13 +447,7 @@ def load_inputs(inputs: Sequence[str], storage: StorageConfig | None = None,
         skipped.update({f"{path}: {k}": v for k, v in skip.items()})
         log.info("%s: %s layout, %d labelled items", path, layout, len(got))
     if exclude:
-        sources = {r["source"] for r in rows}
-        unknown = sorted({e for e in exclude if e.split(":", 1)[0] not in sources}
-                         | {e for e in exclude if ":" in e
-                            and e.split(":", 1)[1] not in ("fake", "real")})
-        if unknown:
-            raise DatasetError(f"--exclude {', '.join(unknown)} matches nothing: use SOURCE or "
-                               f"SOURCE:fake|real; the sources are {', '.join(sorted(sources))}")
+        check_rules("--exclude", exclude, {r["source"] for r in rows})
         kept = [r for r in rows if not excluded(r, exclude)]
         for rule in exclude:
             skipped[f"excluded: {rule}"] = sum(excluded(r, [rule]) for r in rows)

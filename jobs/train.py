@@ -91,6 +91,7 @@ class TrainConfig:
     dtype: str = "float16"
     limit: int | None = None
     exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
+    exclude_from_training: tuple[str, ...] = ()  # the same rules, training split only
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import list_models
@@ -285,7 +286,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     from deepaudit.infra.ray_runtime import connect
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, default_cache_root
-    from deepaudit.jobs.datasets import load_inputs, split_table
+    from deepaudit.jobs.datasets import drop_from_training, load_inputs, split_table
     from deepaudit.jobs.train_worker import FINAL_FILE, train_loop_per_worker
     from deepaudit.models.face_detector import FaceDetectorConfig
 
@@ -301,6 +302,9 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     labelled = load_inputs(list(cfg.inputs), storage, cfg.limit, cfg.exclude)
     table, record = split_table(labelled.table, cfg.split_config())
+    table, dropped = drop_from_training(table, cfg.exclude_from_training)
+    if dropped:
+        record["excluded_from_training"] = dropped
     ckpt_root = cfg.checkpoint_storage or str(out / "ray")
     run_dir = f"{ckpt_root.rstrip('/')}/train"
     _resume_check(out, run_dir, record, cfg, storage)
@@ -633,6 +637,11 @@ def train_command(
         help="Leave out a source (SOURCE) or one label of it (SOURCE:fake, SOURCE:real), "
              "e.g. a generator whose fakes have no real counterpart; repeatable. The card "
              "counts what was left out.")] = None,
+    exclude_from_training: Annotated[Optional[list[str]], typer.Option(
+        help="The same rules, applied to the training split only: validation keeps those "
+             "items. Every fake left out of training plus --sbi trains on self-blended "
+             "fakes alone (the SBI paper's protocol) and validates on real manipulations.")
+        ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -664,7 +673,8 @@ def train_command(
             min_detect_side=min_detect_side,
             decode_actors=decode_actors, checkpoint_storage=checkpoint_storage,
             s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit,
-            exclude=tuple(exclude or ()))
+            exclude=tuple(exclude or ()),
+            exclude_from_training=tuple(exclude_from_training or ()))
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:

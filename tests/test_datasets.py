@@ -144,6 +144,20 @@ def test_exclude_drops_a_source_or_one_label_of_it_and_counts_them(tmp_path):
         load_inputs([str(m)], exclude=["web:bogus"])
 
 
+def test_exclude_from_training_keeps_validation_whole():
+    from deepaudit.jobs.datasets import drop_from_training
+
+    t = pa.table({"source": ["a", "a", "a", "b"], "label": [0, 1, 1, 1],
+                  "split": ["train", "train", "val", "train"]})
+    kept, counts = drop_from_training(t, ["a:fake", "b"])
+    assert kept.to_pylist() == [{"source": "a", "label": 0, "split": "train"},
+                                {"source": "a", "label": 1, "split": "val"}]
+    assert counts == {"a:fake": 1, "b": 1}
+    assert drop_from_training(t, []) == (t, {})
+    with pytest.raises(DatasetError, match="--exclude-from-training c matches nothing"):
+        drop_from_training(t, ["c"])
+
+
 def test_unknown_layout_and_missing_label_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="real/ and fake/"):
