@@ -216,16 +216,18 @@ def _resources(cfg: TrainConfig) -> tuple[bool, float, int]:
     return use_gpu, per, max(1, round(per))
 
 
-def _check_usable(items) -> None:
+def _check_usable(items, sbi: float = 0.0) -> None:
+    """Training needs both labels (fakes may all be self-blended: real items and --sbi);
+    validation needs items."""
     import pyarrow.compute as pc
 
     from deepaudit.jobs.datasets import DatasetError
     for split in ("train", "val"):
         part = items.filter(pc.equal(items["split"], split))
         labels = set(part["label"].to_pylist())
-        if split == "train" and labels != {0, 1}:
-            raise DatasetError("the training split needs both real and fake items with faces; "
-                               f"it has labels {sorted(labels)}")
+        if split == "train" and labels != {0, 1} and not (labels == {0} and sbi > 0):
+            raise DatasetError("the training split needs both real and fake items with faces "
+                               f"(or real items and --sbi); it has labels {sorted(labels)}")
         if split == "val" and not part.num_rows:
             raise DatasetError("the validation split is empty: raise --val-fraction or "
                                "add more groups")
@@ -335,7 +337,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     emit({"type": "info", "message": f"crops: {crops.status_counts()} "
           f"({crops.decoded_now} decoded now, the rest from {crops.directory})"})
     usable = crops.items.filter(pc.equal(crops.items["status"], "ok"))
-    _check_usable(usable)
+    _check_usable(usable, cfg.sbi)
 
     use_gpu, per_worker, threads = _resources(cfg)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})

@@ -44,6 +44,21 @@ def test_train_config_refuses_impossible_values(tmp_path):
             TrainConfig(**{**ok, **bad})
 
 
+def test_real_only_training_split_needs_self_blended_fakes():
+    import pyarrow as pa
+
+    from deepaudit.jobs.datasets import DatasetError
+    from deepaudit.jobs.train import _check_usable
+
+    items = pa.table({"split": ["train", "train", "val", "val"], "label": [0, 0, 0, 1]})
+    with pytest.raises(DatasetError, match="both real and fake items"):
+        _check_usable(items)
+    _check_usable(items, sbi=0.5)  # reals plus self-blended fakes: the SBI protocol
+    fakes_only = pa.table({"split": ["train", "val"], "label": [1, 0]})
+    with pytest.raises(DatasetError):
+        _check_usable(fakes_only, sbi=0.5)
+
+
 def test_lr_schedule_shapes():
     cos = lr_lambda("cosine", total=100, warmup=10)
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
