@@ -289,3 +289,36 @@ def test_audit_all_shared_media(ray_local, tiny_model, shared_data, tmp_path):
         _check_ok_row(r)
     videos = [r for r in ok if r["media_type"] == "video"]
     assert len(videos) == 15 and all(r["n_frames_sampled"] == 4 for r in videos)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.s3
+def test_audit_all_shared_media_on_s3(ray_local, tiny_model, shared_data, s3_server,
+                                      s3fs_client, tmp_path):
+    """The same media as objects on the S3 test server, the manifest there too, and the
+    verdicts written back to it: one row per object, in the documented schema."""
+    manifest = _shared_manifest(shared_data, tmp_path)
+    rows = list(csv.DictReader(manifest.open()))
+    for r in rows:
+        s3fs_client.put(r["uri"], f"audit/shared/{r['media_id']}")
+        r["uri"] = f"s3://audit/shared/{r['media_id']}"
+    body = "uri,media_id,label\n" + "".join(
+        f"{r['uri']},{r['media_id']},{r['label']}\n" for r in rows)
+    s3fs_client.pipe("audit/shared.csv", body.encode())
+    summary = run_audit(AuditConfig(manifest="s3://audit/shared.csv",
+                                    output="s3://audit/shared-results", model=str(tiny_model),
+                                    frames=4, s3_endpoint=s3_server, evidence=False))
+    table = read_verdicts(summary["output"], StorageConfig(endpoint_url=s3_server))
+    assert table.num_rows == len(rows) == summary["rows_out"] and summary["lost_rows"] == 0
+    assert table.schema.names[: len(VERDICT_SCHEMA)] == VERDICT_SCHEMA.names
+    by_id = {r["media_id"]: r for r in table.to_pylist()}
+    assert by_id["videos/unknown/deepsafe__sample_video_big_buck_bunny.mp4"]["status"] == "no_face"
+    assert by_id["images/unknown/dlib__faces_dogs.jpg"]["status"] == "no_face"
+    assert summary["status"]["error"] == 0, summary["error_codes"]
+    ok = [r for r in by_id.values() if r["status"] == "ok"]
+    assert len(ok) >= 0.9 * len(rows)
+    for r in ok:
+        _check_ok_row(r)
+        assert "etag=" in r["fingerprint"]
+    assert s3fs_client.exists("audit/shared-results/_summary.json")
