@@ -174,8 +174,8 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
             },
             batch_size=1 if isolate else plan.batch_size,
             batch_format="pyarrow",
-            compute=actor_pool(max(1, min(plan.classify_actors, manifest.num_rows)),
-                               plan.classify_calls, isolate),
+            compute=actor_pool(plan.classify_actors, plan.classify_calls, manifest.num_rows,
+                               isolate),
             num_cpus=plan.classify_cpus,
             num_gpus=plan.classify_gpus or None,
             max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
@@ -186,17 +186,14 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
 # Why a row came back from no stage, when the pipeline itself ran to the end: every
 # stage turns its own failures into rows, so what is left is a task that failed for good,
 # as when the worker running it dies on every attempt.
-LOST_REASON = (
-    f"its task failed for good: the worker processing it died on each of {1 + TASK_RETRIES} "
-    "attempts (a crash in native code, or the out-of-memory killer), or the stage raised; "
-    "the log says which. Items processed beside it can be lost with it; a re-run retries "
-    "them")
+_DIED = f"its task failed for good: the worker processing it died on each of {1 + TASK_RETRIES} "
+_CAUSE = ("(a crash in native code, or the out-of-memory killer), or the stage raised; the "
+          "log says which")
+LOST_REASON = (f"{_DIED}attempts {_CAUSE}. Items processed beside it can be lost with it; "
+               "a re-run retries them")
 # The same, after the item's own run alone in its worker (``AuditConfig.retry_lost``).
-LOST_ALONE_REASON = (
-    f"its task failed for good: the worker processing it died on each of {1 + TASK_RETRIES} "
-    f"attempts beside other items and on each of {1 + ISOLATED_RETRIES} attempts alone (a "
-    "crash in native code, or the out-of-memory killer), or the stage raised; the log says "
-    "which")
+LOST_ALONE_REASON = (f"{_DIED}attempts beside other items and on each of "
+                     f"{1 + ISOLATED_RETRIES} attempts alone {_CAUSE}")
 
 
 # Verdict rows per Parquet row group. The pipeline hands the driver one or two rows at a
@@ -400,7 +397,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
             # Tasks that fail for good drop their rows and the run goes on; when that is
             # every row, the stages themselves are broken: call the run failed.
             run_error = "no item came back from the pipeline; the log says why"
-        if not run_error and cfg.retry_lost and manifest.num_rows:
+        if not run_error and cfg.retry_lost:
             lost_items = writer.missing(manifest)
             retried = lost_items.num_rows
             if retried:

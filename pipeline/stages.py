@@ -182,12 +182,16 @@ def retry_args_accepted():
         yield
 
 
-def actor_pool(size: int, calls: int, isolate: bool = False):
+def actor_pool(size: int, calls: int, inputs: int, isolate: bool = False):
     """The actor pool strategy of a stage: ``size`` actors of ``calls`` concurrent calls
-    (threads) each. ``isolate``: one call per actor and nothing queued behind it, so a
-    task whose worker dies takes no other item with it (Ray Data otherwise queues up to
-    twice ``calls`` tasks on each actor, and they all fail when it dies)."""
+    (threads) each, but no more actors than ``inputs`` (blocks or rows it will get: an
+    actor with nothing to do still boots a worker process). ``isolate``: one call per
+    actor and nothing queued behind it, so a task whose worker dies takes no other item
+    with it (Ray Data otherwise queues up to twice ``calls`` tasks on each actor, and they
+    all fail when it dies)."""
     from ray.data import ActorPoolStrategy
+
+    size = max(1, min(size, inputs))
 
     if isolate:
         return ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=1,
@@ -221,8 +225,6 @@ def decode_crop_dataset(
     # cores). from_items does it locally too, but row by row in Python (200k rows: 17 s,
     # against 10 s here).
     blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
-    # No more actors than blocks: an actor with nothing to do still boots a worker process.
-    actors = max(1, min(actors, len(blocks)))
     with retry_args_accepted():
         return ray.data.from_blocks(blocks).map_batches(
             DecodeCropStage,
@@ -230,7 +232,7 @@ def decode_crop_dataset(
                                    "storage": storage},
             batch_size=1,
             batch_format="pyarrow",
-            compute=actor_pool(actors, calls_per_actor, isolate),
+            compute=actor_pool(actors, calls_per_actor, len(blocks), isolate),
             num_cpus=cpus_per_actor,
             max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
             udf_modifying_row_count=False,
