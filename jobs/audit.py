@@ -344,7 +344,7 @@ class VerdictWriter:
             cols["uri"] = part.column("uri").combine_chunks()
             cols["status"] = pa.array([STATUS_ERROR] * n, pa.string())
             cols["error"] = pa.array([f"lost: {reason}"] * n, pa.string())
-            for name in ("frame_indices", "face_boxes", "frame_p_fake"):
+            for name in ("frame_indices", "face_boxes", "frame_p_fake", "dropped_frames"):
                 cols[name] = pa.array([[]] * n, STAGE_VERDICT_SCHEMA.field(name).type)
             self.write(pa.table(cols, schema=STAGE_VERDICT_SCHEMA))
         return missing.num_rows

@@ -9,6 +9,11 @@ Videos and images take the same path; an image is a one-frame video.
   conversion, so unused frames are decoded but never converted or shipped. When the
   sampled frames are far apart (long videos), each one is fetched with an input seek
   instead, which decodes only from the nearest keyframe.
+* A sampled frame is the frame the video shows at that index, or it is not used
+  (docs/decode.md): ffmpeg's error output is read on every decode; a seeked frame with a
+  decode error, or one the cheap :func:`frame_defect` check flags, makes the rest of the
+  item decode sequentially (``seek+fallback``); a sequentially decoded frame that the
+  check flags is dropped and reported (:class:`DecodedFrames`).
 * Every failure raises :class:`MediaError` with a short code (the row's ``error``
   starts with it) and ffmpeg's own message, with URL credentials redacted.
 """
@@ -252,15 +257,17 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def _run(args: list[str], timeout: float, location: str = "",
-         config: DecodeConfig | None = None) -> bytes:
-    def once() -> bytes:
+         config: DecodeConfig | None = None) -> tuple[bytes, str]:
+    """Run ffmpeg; returns (stdout, stderr). Output with a failed exit is still output
+    (a truncated input gives its first frames); no output at all is an error."""
+    def once() -> tuple[bytes, str]:
         try:
             proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise MediaError("timeout", f"ffmpeg took longer than {timeout:.0f}s") from None
         if proc.returncode != 0 and not proc.stdout:
             raise subprocess.CalledProcessError(proc.returncode, args, b"", proc.stderr)
-        return proc.stdout
+        return proc.stdout, proc.stderr.decode("utf-8", "replace")
 
     try:
         return _retrying(location, config or DecodeConfig(), once)
@@ -268,46 +275,190 @@ def _run(args: list[str], timeout: float, location: str = "",
         raise _ffmpeg_error("decode_failed", exc) from None
 
 
-def decode_frames(
-    source: Source, info: MediaInfo, config: DecodeConfig
-) -> tuple[list[int], np.ndarray]:
-    """Decode the sampled frames as RGB uint8 ``[k, H, W, 3]``; returns (indices, frames).
+# Error-level lines ffmpeg prints when a decode starts at an open-GOP keyframe: the
+# stream asks to unmark reference pictures from before the seek point, which the decoder
+# never had. They change no pixel of a frame at or after the keyframe (measured: seeked
+# frames with only these lines are bit-identical to sequential decoding; docs/decode.md).
+_ENTRY_POINT_NOISE = re.compile(r"mmco: unref (short|long) failure")
 
-    Truncated inputs may yield fewer frames than asked; zero frames is an error.
-    """
+
+def decode_errors(stderr: str) -> list[str]:
+    """ffmpeg's error-level lines that can mean wrong pixels (concealed macroblocks,
+    missing references, damaged input), without the open-GOP entry-point noise."""
+    lines = (line.strip() for line in stderr.splitlines())
+    return [line for line in lines if line and not _ENTRY_POINT_NOISE.search(line)]
+
+
+_X264_VERSION = re.compile(rb"x264 - core (\d+)")
+
+
+def x264_build(source: Source, config: DecodeConfig) -> int | None:
+    """The x264 version that encoded the stream, from the SEI of its first packet.
+
+    ffmpeg's H.264 decoder works around bugs of old x264 builds (e.g. 4:4:4 with 8x8
+    transforms before core 151) only when it has seen that SEI, which is in the first
+    frame alone: a decode that seeks past it decodes such files into garbage (the
+    FaceForensics++ c23 encodes are core 148). Passing the version back fixes the seek."""
+    args = (
+        ffmpeg.input(source.location, loglevel="error", **http_input_options(source.location))
+        .output("pipe:", map="0:v:0", c="copy", format="h264", vframes=1)
+        .compile()
+    )
+    try:
+        data, _ = _run(args, min(config.timeout_s, 60.0), source.location, config)
+    except MediaError:
+        return None  # the decode itself reports what is wrong with the input
+    match = _X264_VERSION.search(data[:1 << 20])
+    return int(match.group(1)) if match else None
+
+
+# Decoder fill colour of a picture concealed from nothing: YUV (0, 0, 0), which converts
+# to saturated green (RGB (0, 135..255, 0) by range and chroma format), the "green frame".
+_GREEN_SHARE = 0.05  # share of the frame in fill green that marks it corrupt
+_GRAY_BLOCK_SHARE = 0.25  # share of textured, exactly neutral 16 px blocks ...
+_COLOUR_BLOCK_SHARE = 0.10  # ... in a frame that has colour elsewhere
+
+
+def frame_defect(frame: np.ndarray) -> str | None:
+    """A cheap check for decoder garbage that ffmpeg did not report; None if the frame
+    looks like a picture. Two signs of concealment: a share of the frame in fill green,
+    or gray chroma (textured blocks of exactly neutral colour) beside coloured blocks,
+    which a grayscale video never has. ``frame``: RGB uint8 [H, W, 3]."""
+    f = frame[::2, ::2].astype(np.int16)  # every other pixel: a 16 px block is 8 x 8 here
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    green = float(np.mean((r <= 8) & (b <= 8) & (g >= 120)))
+    if green >= _GREEN_SHARE:
+        return f"corrupt: {green:.0%} of the frame is decoder fill green"
+    hb, wb = f.shape[0] // 8, f.shape[1] // 8
+    if hb == 0 or wb == 0:
+        return None
+    blocks = f[: hb * 8, : wb * 8].reshape(hb, 8, wb, 8, 3).transpose(0, 2, 1, 3, 4)
+    blocks = blocks.reshape(hb, wb, 64, 3)
+    chroma = np.maximum(np.abs(blocks[..., 0] - blocks[..., 1]),
+                        np.abs(blocks[..., 2] - blocks[..., 1]))
+    neutral = (chroma.max(axis=2) <= 1) & (blocks[..., 1].std(axis=2) > 2.0)
+    coloured = chroma.mean(axis=2) > 12
+    gray, colour = float(neutral.mean()), float(coloured.mean())
+    if gray >= _GRAY_BLOCK_SHARE and colour >= _COLOUR_BLOCK_SHARE:
+        return f"corrupt: gray chroma in {gray:.0%} of the frame"
+    return None
+
+
+DECODE_SEEK, DECODE_SEQUENTIAL, DECODE_FALLBACK = "seek", "sequential", "seek+fallback"
+
+
+@dataclass(frozen=True)
+class DroppedFrame:
+    frame: int  # the sampled frame index
+    reason: str  # "corrupt: ..." (frame_defect) or "not_decoded: ..." (input ended early)
+
+
+@dataclass(frozen=True)
+class DecodedFrames:
+    """What :func:`decode_sampled` returns: the frames used and how they were had."""
+
+    indices: list[int]
+    frames: np.ndarray  # RGB uint8 [k, H, W, 3], one per index
+    mode: str  # DECODE_SEEK, DECODE_SEQUENTIAL or DECODE_FALLBACK
+    # ffmpeg error lines that can mean wrong pixels (decode_errors), over every ffmpeg
+    # run of the item, including seeks whose frames were then decoded again.
+    warnings: int
+    dropped: tuple[DroppedFrame, ...] = ()
+
+
+def _seek_time(idx: int, info: MediaInfo, spacing: float) -> float:
+    # Half a frame early: accurate seek keeps the first frame at or after the time, so
+    # rounding can never skip to the next frame (idx / fps printed to the millisecond did).
+    if info.fps > 0:
+        return max(0.0, (idx - 0.5) / info.fps)
+    return idx * spacing
+
+
+def _sequential(source: Source, info: MediaInfo, config: DecodeConfig, indices: list[int],
+                w: int, h: int) -> tuple[list[bytes], list[str]]:
+    """The frames at ``indices`` decoded from the start with the ``select`` filter."""
+    stream = _video_input(source, config)
+    if info.media_type == "video":
+        stream = stream.filter("select", "+".join(f"eq(n,{i})" for i in indices))
+    args = (
+        stream.filter("scale", w, h)
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
+                vframes=len(indices))
+        .compile()
+    )
+    raw, stderr = _run(args, config.timeout_s, source.location, config)
+    size = w * h * 3
+    return [raw[i: i + size] for i in range(0, len(raw) - size + 1, size)], decode_errors(stderr)
+
+
+def decode_sampled(source: Source, info: MediaInfo, config: DecodeConfig) -> DecodedFrames:
+    """Decode the sampled frames (see the module docstring for how they are checked).
+
+    Truncated inputs may yield fewer frames than asked; zero frames is an error, and so is
+    every frame dropped as corrupt."""
     indices = sample_indices(info.n_frames, config.frames)
     w, h = output_size(info.width, info.height, config.max_side)
     frame_bytes = w * h * 3
     spacing = (info.duration_s / len(indices)) if info.media_type == "video" else 0.0
+    got: list[tuple[int, bytes]] = []
+    dropped: list[DroppedFrame] = []
+    warnings = 0
+    rest = indices  # frames still to decode sequentially
+    mode = DECODE_SEQUENTIAL
     if info.media_type == "video" and len(indices) > 1 and spacing >= config.seek_spacing_s:
-        chunks, kept = [], []
-        for idx in indices:
-            t = idx / info.fps if info.fps > 0 else idx * spacing
+        mode = DECODE_SEEK
+        build = x264_build(source, config) if info.codec == "h264" else None
+        decoder = {"x264_build": build} if build is not None else {}
+        rest = []
+        for k, idx in enumerate(indices):
+            t = _seek_time(idx, info, spacing)
             args = (
-                _video_input(source, config, ss=f"{t:.3f}")
+                _video_input(source, config, ss=f"{t:.6f}", **decoder)
                 .filter("scale", w, h)
                 .output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=1)
                 .compile()
             )
-            data = _run(args, config.timeout_s, source.location, config)
-            if len(data) >= frame_bytes:
-                chunks.append(data[:frame_bytes])
-                kept.append(idx)
-        raw, indices = b"".join(chunks), kept
-    else:
-        expr = "+".join(f"eq(n,{i})" for i in indices)
-        stream = _video_input(source, config)
-        if info.media_type == "video":
-            stream = stream.filter("select", expr)
-        args = (
-            stream.filter("scale", w, h)
-            .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
-                    vframes=len(indices))
-            .compile()
-        )
-        raw = _run(args, config.timeout_s, source.location, config)
-    k = len(raw) // frame_bytes
-    if k == 0:
+            data, stderr = _run(args, config.timeout_s, source.location, config)
+            errors = decode_errors(stderr)
+            warnings += len(errors)
+            if len(data) < frame_bytes:
+                if not errors:
+                    continue  # past the end (the frame count was an estimate)
+                data = bytes(frame_bytes)
+            frame = np.frombuffer(data[:frame_bytes], np.uint8).reshape(h, w, 3)
+            if not errors and len(data) >= frame_bytes and frame_defect(frame) is None:
+                got.append((idx, data[:frame_bytes]))
+                continue
+            # Seeking failed on this file once: the rest is decoded sequentially.
+            mode, rest = DECODE_FALLBACK, indices[k:]
+            break
+    if rest:
+        chunks, errors = _sequential(source, info, config, rest, w, h)
+        warnings += len(errors)
+        for idx, data in zip(rest, chunks):
+            defect = frame_defect(np.frombuffer(data, np.uint8).reshape(h, w, 3))
+            if defect:
+                dropped.append(DroppedFrame(idx, defect))
+            else:
+                got.append((idx, data))
+        if len(chunks) < len(rest):
+            dropped.extend(DroppedFrame(i, "not_decoded: the input ended before this frame")
+                           for i in rest[len(chunks):])
+    if not got:
+        if dropped and any(d.reason.startswith("corrupt") for d in dropped):
+            raise MediaError("corrupt_frames", f"every decoded frame was corrupt "
+                             f"({len(dropped)} dropped: {dropped[0].reason})")
         raise MediaError("decode_failed", "ffmpeg produced no frames (corrupt or truncated input)")
-    frames = np.frombuffer(raw[: k * frame_bytes], np.uint8).reshape(k, h, w, 3)
-    return indices[:k], frames
+    got.sort()
+    frames = np.frombuffer(b"".join(d for _, d in got), np.uint8).reshape(len(got), h, w, 3)
+    return DecodedFrames(indices=[i for i, _ in got], frames=frames, mode=mode,
+                         warnings=warnings, dropped=tuple(dropped))
+
+
+def decode_frames(
+    source: Source, info: MediaInfo, config: DecodeConfig
+) -> tuple[list[int], np.ndarray]:
+    """Decode the sampled frames as RGB uint8 ``[k, H, W, 3]``; returns (indices, frames).
+    :func:`decode_sampled` also says how they were decoded and which were dropped."""
+    out = decode_sampled(source, info, config)
+    return out.indices, out.frames

@@ -25,6 +25,13 @@ FACE_BOX = pa.struct(
     ]
 )
 
+DROPPED_FRAME = pa.struct(
+    [
+        ("frame", pa.int32()),  # index of the sampled frame in the video
+        ("reason", pa.string()),  # "corrupt: ..." or "not_decoded: ..."
+    ]
+)
+
 # What the CPU stage emits per media item: metadata plus the face crops, never frames.
 MEDIA_FIELDS = [
     ("manifest_row", pa.int64()),
@@ -43,6 +50,15 @@ MEDIA_FIELDS = [
     ("codec", pa.string()),
     ("size_bytes", pa.int64()),
     ("fingerprint", pa.string()),
+    # How the frames were decoded (docs/decode.md): "seek", "sequential" or
+    # "seek+fallback" (seeking gave a decode error or a corrupt frame, so the rest of the
+    # item was decoded sequentially).
+    ("decode_mode", pa.string()),
+    # ffmpeg error lines that can mean wrong pixels, over every decode of the item.
+    ("decode_warnings", pa.int32()),
+    # Sampled frames not used: corrupt (a decoder-garbage check) or never decoded.
+    ("n_frames_dropped", pa.int32()),
+    ("dropped_frames", pa.list_(DROPPED_FRAME)),
     ("decode_ms", pa.float32()),
     ("detect_ms", pa.float32()),
 ]
@@ -71,10 +87,10 @@ RUN_FIELDS = [
 # The verdict table, in column order. The manifest's extra columns follow these.
 _ORDER = [
     "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "confidence",
-    "threshold", "n_frames_sampled", "n_frames_with_face", "frame_indices", "frame_p_fake",
-    "evidence",
+    "threshold", "n_frames_sampled", "n_frames_with_face", "n_frames_dropped",
+    "frame_indices", "frame_p_fake", "evidence",
     "face_boxes", "model", "model_sha256", "fingerprint", "size_bytes", "width", "height",
-    "duration_s", "codec", "decode_ms", "detect_ms", "classify_ms", "run_id", "audited_at",
+    "duration_s", "codec", "decode_mode", "decode_warnings", "dropped_frames", "decode_ms", "detect_ms", "classify_ms", "run_id", "audited_at",
     "manifest_row",
 ]
 _ALL = dict(MEDIA_FIELDS + VERDICT_FIELDS + RUN_FIELDS)

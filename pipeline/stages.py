@@ -1,7 +1,8 @@
 """The two Ray Data stages. Each is a callable class that loads its model once in
 ``__init__`` and turns a pyarrow batch into a pyarrow batch of the same rows.
 
-* :class:`DecodeCropStage` (CPU actors): fetch → ffprobe → sampled decode → RetinaFace →
+* :class:`DecodeCropStage` (CPU actors): fetch → ffprobe → sampled decode (checked for
+  decoder garbage; see :func:`~deepaudit.pipeline.media.decode_sampled`) → RetinaFace →
   most prominent face per frame → aligned crop. Only uint8 crops and metadata leave it.
 * :class:`ClassifyStage` (GPU actors, CPU when there is none): crops from every video in
   the batch go through the ResNeXt trunk together, then each video's sequence goes
@@ -32,7 +33,7 @@ from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
 from deepaudit.pipeline.media import (
     DecodeConfig,
     MediaError,
-    decode_frames,
+    decode_sampled,
     media_type_of,
     open_source,
     probe,
@@ -97,6 +98,7 @@ class DecodeCropStage:
             "n_frames_with_face": 0,
             "frame_indices": [],
             "face_boxes": [],
+            "dropped_frames": [],
             "crops": b"",
             "crop_size": self.crop.size,
         }
@@ -112,9 +114,16 @@ class DecodeCropStage:
                     duration_s=info.duration_s,
                     codec=info.codec,
                 )
-                indices, frames = decode_frames(src, info, self.decode)
+                decoded = decode_sampled(src, info, self.decode)
             t1 = time.perf_counter()
-            out.update(self._faces(indices, frames, info.width / frames.shape[2]))
+            out.update(
+                decode_mode=decoded.mode,
+                decode_warnings=decoded.warnings,
+                n_frames_dropped=len(decoded.dropped),
+                dropped_frames=[{"frame": d.frame, "reason": d.reason} for d in decoded.dropped],
+            )
+            frames = decoded.frames
+            out.update(self._faces(decoded.indices, frames, info.width / frames.shape[2]))
             out["decode_ms"] = (t1 - t0) * 1e3
             out["detect_ms"] = (time.perf_counter() - t1) * 1e3
         except MediaError as exc:
