@@ -208,6 +208,12 @@ _SHARED_SOURCES = {
     "easontan03/fake-face-detection": "ciplab",
     "sklinderton/vit-real-vs-fake-faces": "stylegan3",
     "ismaolen/fake-face-detection": "ismaolen",
+    "mattans/ageprogression": "utkface",
+    "clovaai/stargan-v2": "celebahq",
+    "andrew-valentin/humanfaceimagegenerator": "celeba",
+    "jphdotam/dfdc": "dfdc",
+    "lucacorvitto/realfaces_w_stablediffusion": "sd_gan",
+    "zhuoxuanzhangharry/agegan-faceevolution": "stylegan2ada",
 }
 
 
@@ -244,6 +250,11 @@ def from_shared(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]
                 sequence = f"ffpp-seq:{stem.split('__frame_')[0]}:{label}"
             m = re.match(r"ffpp_c\d+_([A-Za-z0-9]+)__", stem)
             method = m.group(1) if m and m.group(1) != "original" else None
+        elif source == "dfdc":  # dfdc_facecrop__<video id>_<track>_<n>__...: one group a video
+            m = re.match(r"dfdc_facecrop__([a-z]+)_", stem)
+            group = f"dfdc:{m.group(1)}" if m else group
+        elif source == "utkface":  # crops of one photo share its timestamp
+            group = f"utkface:{stem.rsplit('_', 1)[-1]}"
         rows.append(_row(uri, label, group, links=links, sequence=sequence, source=source,
                          method=method, media_id=rel, media_type=media_type))
     return rows, skipped

