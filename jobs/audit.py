@@ -80,6 +80,7 @@ class AuditConfig:
     crop_batch: int | None = None  # None: from the plan (16 on CPU, from memory on GPU)
     device: str = "auto"
     threshold: float | None = None
+    perturb: str | None = None  # evaluate --perturb: a perturbation of every crop
     detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
     max_side: int = 1920
     run_id: str | None = None
@@ -168,7 +169,7 @@ def build_dataset(manifest: pa.Table, plan: StagePlan, handle: ModelHandle, cfg:
                 "handle": handle,
                 "config": ClassifyConfig(
                     device=cfg.device, crop_batch=cfg.crop_batch or plan.crop_batch,
-                    threads=plan.torch_threads,
+                    threads=plan.torch_threads, perturb=cfg.perturb,
                 ),
                 "evidence": evidence,
             },
@@ -435,6 +436,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "model": handle.model_id,
         "model_sha256": handle.sha256,
         "model_trained": handle.trained,
+        "model_quality": handle.quality,
         "threshold": handle.config.threshold,
         "frames": cfg.frames or handle.config.frames,
         "rows_in": manifest.num_rows,

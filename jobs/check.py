@@ -106,6 +106,7 @@ def run_check(cfg: CheckConfig) -> dict:
     return {
         "model": handle.model_id,
         "model_trained": handle.trained,
+        "model_quality": handle.quality,
         "threshold": handle.config.threshold,
         "run_id": run_id,
         "files": files,
@@ -139,6 +140,9 @@ def _print_human(result: dict) -> None:
     if result["evidence_dir"]:
         tail += f"; evidence in {escape(result['evidence_dir'])}"
     out.print(f"{tail} (model {result['model']}, threshold {result['threshold']:.3f})")
+    caveat = (result.get("model_quality") or {}).get("caveat")
+    if caveat and result["model_trained"]:
+        out.print(f"[yellow]caveat:[/yellow] {escape(caveat)}")
     if not result["model_trained"]:
         Console(stderr=True).print(
             "[yellow]warning:[/yellow] the model is untrained: verdicts were withheld "

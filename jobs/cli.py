@@ -31,6 +31,18 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _quality_line(quality: dict | None) -> str:
+    """The model's measured out-of-domain AUC, and its caveat in yellow."""
+    from rich.markup import escape
+
+    if not quality:
+        return "-"
+    auc = quality.get("ood_auc")
+    text = "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"
+    caveat = quality.get("caveat")
+    return text + (f"\n[yellow]{escape(caveat)}[/yellow]" if caveat else "")
+
+
 def print_summary(summary: dict, out: Console | None = None) -> None:
     """The run summary as a table."""
     out = out or Console()
@@ -40,6 +52,7 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
     trained = "" if summary["model_trained"] else "  [red]UNTRAINED: verdicts withheld[/red]"
     rows = [
         ("model", f"{summary['model']}{trained}"),
+        ("model quality", _quality_line(summary.get("model_quality"))),
         ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
         *_items_row(summary),
         ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),

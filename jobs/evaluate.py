@@ -55,8 +55,12 @@ class EvalConfig:
     classify_actors: int | None = None
     batch_size: int | None = None
     device: str = "auto"
+    perturb: str | None = None  # e.g. "jpeg:50,resize:0.5": one more audit per perturbation
 
     def __post_init__(self) -> None:
+        from deepaudit.models.perturb import parse_perturbations
+
+        parse_perturbations(self.perturb)  # validates
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
@@ -138,6 +142,32 @@ def compute_metrics(rows: list[dict], threshold: float, group_column: str | None
     return out
 
 
+def robustness(runs: dict[str, list[dict]], threshold: float) -> dict:
+    """AUC, and recall and FPR at ``threshold``, per perturbation (``runs`` maps a
+    perturbation's name to its verdict rows; ``none`` is the baseline), on the labelled
+    items scored in every run, with each one's AUC change against the baseline."""
+    from deepaudit.jobs.datasets import parse_label
+    from deepaudit.jobs.metrics import binary_metrics
+
+    def scored(rows: list[dict]) -> dict[str, tuple[int, float]]:
+        return {r["media_id"]: (parse_label(r.get("label")), float(r["p_fake"])) for r in rows
+                if parse_label(r.get("label")) is not None and r["status"] == STATUS_OK
+                and r["p_fake"] is not None}
+
+    per_run = {name: scored(rows) for name, rows in runs.items()}
+    common = sorted(set.intersection(*(set(v) for v in per_run.values()))) if per_run else []
+    out: dict = {"items": len(common), "threshold": threshold, "by_perturbation": {}}
+    for name, items in per_run.items():
+        labels = [items[m][0] for m in common]
+        m = binary_metrics(labels, [items[m][1] for m in common], threshold)
+        out["by_perturbation"][name] = {"roc_auc": m.roc_auc, "recall": m.recall,
+                                        "fpr": m.fpr, "accuracy": m.accuracy}
+    base = out["by_perturbation"].get("none", {}).get("roc_auc")
+    for v in out["by_perturbation"].values():
+        v["delta_auc"] = None if base is None or v["roc_auc"] is None else v["roc_auc"] - base
+    return out
+
+
 def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
     from deepaudit.infra.storage import StorageConfig, filesystem_for, join
@@ -145,6 +175,7 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     from deepaudit.jobs.datasets import parse_label
     from deepaudit.jobs.metrics import histogram_png, roc_png
     from deepaudit.models.checkpoint import set_card_threshold
+    from deepaudit.models.perturb import parse_perturbations
     from deepaudit.pipeline.manifest import read_manifest
     from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
@@ -169,6 +200,17 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
         threshold=cfg.threshold), on_rows=on_rows)
     rows = read_verdicts(summary["output"], storage).to_pylist()
     threshold = float(summary["threshold"])
+    perturbed, perturbed_runs = {"none": rows}, {"none": summary["output"]}
+    for spec in parse_perturbations(cfg.perturb)[1:]:
+        tag = spec.name.replace(":", "-")
+        run = run_audit(AuditConfig(
+            manifest=cfg.manifest, output=join(cfg.output, f"audit-{tag}"), model=cfg.model,
+            frames=cfg.frames, address=cfg.address, num_cpus=cfg.num_cpus,
+            s3_endpoint=cfg.s3_endpoint, decode_actors=cfg.decode_actors,
+            classify_actors=cfg.classify_actors, batch_size=cfg.batch_size, device=cfg.device,
+            threshold=threshold, perturb=spec.name, evidence=False), on_rows=on_rows)
+        perturbed[spec.name] = read_verdicts(run["output"], storage).to_pylist()
+        perturbed_runs[spec.name] = run["output"]
     result = {
         "manifest": cfg.manifest,
         "model": summary["model"],
@@ -178,6 +220,8 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **compute_metrics(rows, threshold, group_column),
     }
+    if len(perturbed) > 1:
+        result["robustness"] = {**robustness(perturbed, threshold), "runs": perturbed_runs}
     scored = [r for r in rows if parse_label(r.get("label")) is not None
               and r["status"] == STATUS_OK and r["p_fake"] is not None]
     labels = [parse_label(r["label"]) for r in scored]
@@ -242,6 +286,9 @@ def evaluate_command(
         help="Set the card's threshold so the FPR on this (validation) manifest is at most "
              "--target-fpr, and write it into the card given by --model.")] = False,
     target_fpr: Annotated[float, typer.Option(help="FPR target for --calibrate.")] = 0.05,
+    perturb: Annotated[Optional[str], typer.Option(
+        help="Robustness: also score every face crop perturbed, one audit each, and report "
+             "AUC per perturbation, e.g. jpeg:50,resize:0.5,blur:1.5,noise:8.")] = None,
     frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per video "
                                                   "(default: the card's).")] = None,
     address: Annotated[str, typer.Option(help="'local', 'auto' or ray://HOST:PORT.")] = "local",
@@ -265,7 +312,8 @@ def evaluate_command(
     try:
         cfg = EvalConfig(manifest=manifest, output=output, model=model,
                          group_column=group_column, threshold=threshold, calibrate=calibrate,
-                         target_fpr=target_fpr, frames=frames, address=address,
+                         target_fpr=target_fpr, perturb=perturb, frames=frames,
+                         address=address,
                          num_cpus=num_cpus, s3_endpoint=s3_endpoint)
         with console.status("auditing the manifest..."):
             result = run_evaluate(cfg)
@@ -300,6 +348,16 @@ def evaluate_command(
     console.print(f"{c['labelled']} labelled items, {c['scored']} scored, {c['unscored']} not "
                   f"scored ({c['unscored_codes'] or 'none'}), {c['unlabelled']} unlabelled; "
                   f"metrics in {result['metrics_file']}")
+    if "robustness" in result:
+        rob = result["robustness"]
+        rt = Table(title=f"robustness ({rob['items']} items scored in every run)")
+        for col in ("perturbation", "AUC", "change", "recall", "FPR"):
+            rt.add_column(col)
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        for name, v in rob["by_perturbation"].items():
+            change = "" if name == "none" or v["delta_auc"] is None else f"{v['delta_auc']:+.3f}"
+            rt.add_row(name, f(v["roc_auc"]), change, f(v["recall"]), f(v["fpr"]))
+        Console().print(rt)
     if "calibration" in result:
         cal = result["calibration"]
         console.print(f"calibrated threshold {cal['threshold']:.6f} (FPR {cal['achieved_fpr']:.3f}"

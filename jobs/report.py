@@ -198,6 +198,14 @@ def _present(rows: pa.Table, names: list[str]) -> list[str]:
     return [n for n in names if n in rows.column_names]
 
 
+def _quality_html(quality: dict | None) -> str:
+    if not quality:
+        return "-"
+    auc = quality.get("ood_auc")
+    text = "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"
+    return _e(text)
+
+
 def _summary_section(s: dict) -> str:
     ev = s.get("evidence") or {}
     trained = s.get("model_trained")
@@ -206,6 +214,7 @@ def _summary_section(s: dict) -> str:
         ("state", f'<span class="badge {_e(s.get("state"))}">{_e(s.get("state"))}</span>'),
         ("model", f'<span class="id">{_e(s.get("model"))}</span>'
                   + ("" if trained else ' <span class="badge">untrained</span>')),
+        ("model quality", _quality_html(s.get("model_quality"))),
         ("threshold", _fmt(s.get("threshold"))),
         ("manifest", f'<span class="id">{_e(s.get("manifest"))}</span>'),
         ("output", f'<span class="id">{_e(s.get("output"))}</span>'),
@@ -416,6 +425,9 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
     if not s.get("model_trained", True):
         banners.append("The model was untrained: scores are not evidence and verdicts were "
                        "withheld.")
+    elif (s.get("model_quality") or {}).get("caveat"):
+        caveat = s["model_quality"]["caveat"]
+        banners.append(caveat[0].upper() + caveat[1:] + ".")
     if s.get("state") == "failed":
         banners.append("The run failed; rows it could not finish are error rows.")
     banner = "".join(f'<div class="banner">{_e(b)}</div>' for b in banners)

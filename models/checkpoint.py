@@ -96,6 +96,30 @@ def save_checkpoint(
     return weights_path, card_path
 
 
+# Below this ROC AUC on media from sources the model never trained on, every verdict
+# surface carries a caveat.
+QUALITY_BAR = 0.80
+
+
+def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str, Any]:
+    """What a verdict's reader should know about the model: its measured out-of-domain ROC
+    AUC (``card["metrics"]["out_of_domain"]``) and a one-line caveat when that is below
+    :data:`QUALITY_BAR` or was never measured."""
+    ood = ((card or {}).get("metrics") or {}).get("out_of_domain") or {}
+    auc = ood.get("roc_auc")
+    out = {"ood_auc": auc, "ood_data": ood.get("data"), "bar": QUALITY_BAR, "caveat": None}
+    if not trained:
+        out["caveat"] = "untrained model: its scores are not evidence"
+    elif auc is None:
+        out["caveat"] = ("no accuracy on unseen sources was measured for this model: treat "
+                         "its verdicts as unverified leads")
+    elif auc < QUALITY_BAR:
+        out["caveat"] = (f"this model's ROC AUC on media from sources it never trained on is "
+                         f"{auc:.2f} (below {QUALITY_BAR:.2f}): a verdict is a lead for human "
+                         "review, not a finding")
+    return out
+
+
 @dataclass(frozen=True)
 class ModelHandle:
     """A resolved model: what to build and which weights to load. Small and picklable,
@@ -112,6 +136,11 @@ class ModelHandle:
     def model_id(self) -> str:
         """``name@<first 12 hex of the weights' sha256>``, or ``name@untrained``."""
         return f"{self.name}@{self.sha256[:12]}" if self.sha256 else f"{self.name}@untrained"
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        """Measured out-of-domain quality and its caveat (see :func:`model_quality`)."""
+        return model_quality(self.card, self.trained)
 
     def load(self, device: str | torch.device = "cpu") -> nn.Module:
         """Build the model, load and verify its weights, and return it in ``eval()`` mode

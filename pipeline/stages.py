@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from deepaudit.infra.storage import StorageConfig, redact
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
+from deepaudit.models.perturb import Perturbation, apply_perturbation
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
 from deepaudit.pipeline.media import (
@@ -253,8 +254,12 @@ class ClassifyConfig:
     device: str = "auto"  # auto | cpu | cuda
     crop_batch: int = 64  # crops per forward pass of the CNN trunk
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    # A robustness check (evaluate --perturb): every crop is perturbed before scoring.
+    perturb: str | None = None
 
     def __post_init__(self) -> None:
+        if self.perturb is not None:
+            Perturbation.parse(self.perturb)  # validates
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.crop_batch < 1:
@@ -293,6 +298,7 @@ class ClassifyStage:
         self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.threshold = float(cfg.threshold)
+        self.perturbation = Perturbation.parse(config.perturb or "none")
         self.evidence = self._evidence_builder(evidence)
         self._evidence_lock = threading.Lock()
 
@@ -328,7 +334,10 @@ class ClassifyStage:
             n, size = rows[i]["n_frames_with_face"], rows[i]["crop_size"]
             if size != self.size:
                 raise ValueError(f"crops are {size}px but the model expects {self.size}px")
-            arrays.append(np.frombuffer(crops[i].as_py(), np.uint8).reshape(n, size, size, 3))
+            arr = np.frombuffer(crops[i].as_py(), np.uint8).reshape(n, size, size, 3)
+            if self.perturbation.kind != "none":
+                arr = np.stack([apply_perturbation(c, self.perturbation) for c in arr])
+            arrays.append(arr)
             lengths.append(n)
         with torch.inference_mode(), torch.autocast(
             "cuda", dtype=torch.float16, enabled=self.device.type == "cuda"

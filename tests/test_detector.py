@@ -121,3 +121,34 @@ def test_recipes_parse_and_the_command_line_wins(tmp_path):
         train_config({"output": str(tmp_path)}, RECIPES / "tiny.toml", set())
     with pytest.raises(ValueError, match="head-epochs"):
         TrainConfig(inputs=("x",), output=str(tmp_path), epochs=1, head_epochs=2)
+
+
+def test_model_quality_caveats():
+    from deepaudit.models.checkpoint import QUALITY_BAR, model_quality
+
+    low = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.71, "data": "x"}}})
+    assert low["ood_auc"] == 0.71 and "0.71" in low["caveat"] and "below 0.80" in low["caveat"]
+    good = model_quality({"metrics": {"out_of_domain": {"roc_auc": QUALITY_BAR + 0.01}}})
+    assert good["caveat"] is None
+    assert "no accuracy on unseen sources" in model_quality({"metrics": None})["caveat"]
+    assert "untrained" in model_quality({}, trained=False)["caveat"]
+
+
+def test_summary_table_and_report_show_the_caveat():
+    from rich.console import Console
+
+    from deepaudit.jobs.cli import print_summary
+    from deepaudit.jobs.report import _summary_section
+    from deepaudit.models.checkpoint import model_quality
+
+    quality = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.66}}})
+    summary = {"run_id": "r", "state": "completed", "model": "m@1", "model_trained": True,
+               "model_quality": quality, "rows_in": 1, "rows_out": 1,
+               "status": {"ok": 1}, "verdicts": {"fake": 1}, "error_codes": {}, "wall_s": 1.0,
+               "throughput_items_per_s": 1.0, "cluster": {"where": "local", "gpus": 0},
+               "evidence": None, "output": "out", "items": {}}
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "ROC AUC 0.66 on unseen sources" in text and "lead for human review" in text
+    assert "ROC AUC 0.66" in _summary_section(summary)
