@@ -11,7 +11,7 @@ Videos and images take the same path; an image is a one-frame video.
   instead, which decodes only from the nearest keyframe.
 * A sampled frame is the frame the video shows at that index, or it is not used
   (docs/decode.md): ffmpeg's error output is read on every decode; a seeked frame with a
-  decode error, or one the cheap :func:`frame_defect` check flags, makes the rest of the
+  decode error, or one the cheap :func:`frame_defect` check flags (decoder fill green), makes the rest of the
   item decode sequentially (``seek+fallback``); a sequentially decoded frame that the
   check flags is dropped and reported (:class:`DecodedFrames`).
 * Every failure raises :class:`MediaError` with a short code (the row's ``error``
@@ -315,32 +315,23 @@ def x264_build(source: Source, config: DecodeConfig) -> int | None:
 # Decoder fill colour of a picture concealed from nothing: YUV (0, 0, 0), which converts
 # to saturated green (RGB (0, 135..255, 0) by range and chroma format), the "green frame".
 _GREEN_SHARE = 0.05  # share of the frame in fill green that marks it corrupt
-_GRAY_BLOCK_SHARE = 0.25  # share of textured, exactly neutral 16 px blocks ...
-_COLOUR_BLOCK_SHARE = 0.10  # ... in a frame that has colour elsewhere
 
 
 def frame_defect(frame: np.ndarray) -> str | None:
     """A cheap check for decoder garbage that ffmpeg did not report; None if the frame
-    looks like a picture. Two signs of concealment: a share of the frame in fill green,
-    or gray chroma (textured blocks of exactly neutral colour) beside coloured blocks,
-    which a grayscale video never has. ``frame``: RGB uint8 [H, W, 3]."""
-    f = frame[::2, ::2].astype(np.int16)  # every other pixel: a 16 px block is 8 x 8 here
+    looks like a picture. ``frame``: RGB uint8 [H, W, 3].
+
+    The sign is a share of the frame in fill green. Measured (docs/decode.md): it flags 73
+    of the 78 corrupt frames old seeks gave on the FF++ clips (the other 5 are subtly
+    damaged; ffmpeg reported errors on all 78) and 0 of 2,835 clean frames of the shared
+    data. A gray-chroma rule (textured blocks of exactly neutral colour) caught no more
+    and flagged a photo in front of a gray press wall, so it is not used. Synthetic
+    pictures with a pure green area (test patterns, an RGB-green key) are flagged too."""
+    f = frame[::2, ::2]  # every other pixel is plenty for a share
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
     green = float(np.mean((r <= 8) & (b <= 8) & (g >= 120)))
     if green >= _GREEN_SHARE:
         return f"corrupt: {green:.0%} of the frame is decoder fill green"
-    hb, wb = f.shape[0] // 8, f.shape[1] // 8
-    if hb == 0 or wb == 0:
-        return None
-    blocks = f[: hb * 8, : wb * 8].reshape(hb, 8, wb, 8, 3).transpose(0, 2, 1, 3, 4)
-    blocks = blocks.reshape(hb, wb, 64, 3)
-    chroma = np.maximum(np.abs(blocks[..., 0] - blocks[..., 1]),
-                        np.abs(blocks[..., 2] - blocks[..., 1]))
-    neutral = (chroma.max(axis=2) <= 1) & (blocks[..., 1].std(axis=2) > 2.0)
-    coloured = chroma.mean(axis=2) > 12
-    gray, colour = float(neutral.mean()), float(coloured.mean())
-    if gray >= _GRAY_BLOCK_SHARE and colour >= _COLOUR_BLOCK_SHARE:
-        return f"corrupt: gray chroma in {gray:.0%} of the frame"
     return None
 
 
