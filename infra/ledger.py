@@ -5,9 +5,15 @@ Layout of LEDGER (a local folder or an ``s3://`` prefix)::
 
     LEDGER/part-<run_id>-<nnnnn>.parquet          rows of verdict file nnnnn of that run
     LEDGER/part-<run_id>-recovered-<nnnnn>.parquet  the same, written by a later run after a crash
-    LEDGER/runs/<run_id>/run.json                 the run: output folder, model, start time
-    LEDGER/runs/<run_id>/plan.parquet             what it set out to audit (key, attempt)
-    LEDGER/runs/<run_id>/done.json                written when the run ends (or is recovered)
+    LEDGER/_runs/<run_id>/run.json                the run: output folder, model, start time
+    LEDGER/_runs/<run_id>/plan.arrow              what it set out to audit (key, attempt)
+    LEDGER/_runs/<run_id>/done.json               written when the run ends (or is recovered)
+
+The folder reads as plain Parquet: ``pyarrow.dataset.dataset("LEDGER/")`` skips paths
+that start with ``_`` or ``.`` (the bookkeeping, temporary files), and no bookkeeping
+file ends in ``.parquet``, so DuckDB's ``read_parquet('LEDGER/**/*.parquet')`` also
+returns exactly the entries. Ledgers written before this layout (``runs/``, with
+``plan.parquet``) are moved over on first use (:meth:`Ledger.migrate`).
 
 Nothing is ever rewritten. A part is written right after its verdict file is durably
 closed, and files only ever appear complete (temporary name + rename locally; on S3 an
@@ -32,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -203,6 +210,10 @@ def _key(size, etag, mtime_us) -> str | None:
     return None
 
 
+RUNS = "_runs"  # per-run bookkeeping; a leading '_' keeps it out of dataset reads
+LEGACY_RUNS = "runs"
+
+
 def _arrow_fs(fs):
     return PyFileSystem(FSSpecHandler(fs))
 
@@ -272,17 +283,68 @@ class Ledger:
                 f.write(data)
             os.replace(tmp, final)
 
-    def start_run(self, run_id: str, output_dir: str, model: str, plan: pa.Table) -> None:
-        """Record a run before it writes anything: where its verdicts go and its plan."""
-        self._write_table(f"runs/{run_id}/plan.parquet", plan.select(PLAN_SCHEMA.names).cast(
-            PLAN_SCHEMA))
-        self._write_json(f"runs/{run_id}/run.json", {
+    def _write_plan(self, name: str, plan: pa.Table) -> None:
+        """The plan as an Arrow IPC file: not ``*.parquet``, so no Parquet glob sees it."""
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, plan.schema) as w:
+            w.write_table(plan)
+        final = f"{self.path}/{name}"
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        data = sink.getvalue().to_pybytes()
+        if self.remote:
+            self.fs.pipe_file(final, data)
+        else:
+            tmp = f"{final.rsplit('/', 1)[0]}/.{final.rsplit('/', 1)[-1]}.inprogress"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+
+    def read_plan(self, run_id: str) -> pa.Table:
+        folder = f"{self.path}/{RUNS}/{run_id}"
+        if self.fs.exists(f"{folder}/plan.arrow"):
+            with self.fs.open(f"{folder}/plan.arrow", "rb") as f:
+                return ipc.open_file(pa.BufferReader(f.read())).read_all()
+        with self.fs.open(f"{folder}/plan.parquet", "rb") as f:  # moved, not yet converted
+            return pq.read_table(f)
+
+    def migrate(self) -> int:
+        """Move a pre-``_runs`` ledger's ``runs/<id>/`` bookkeeping to ``_runs/<id>/``,
+        plans converted to ``plan.arrow``. Returns the runs moved (0: nothing to do)."""
+        legacy = f"{self.path}/{LEGACY_RUNS}"
+        if not self.fs.exists(legacy):
+            return 0
+        moved = 0
+        for folder in sorted(self.fs.ls(legacy, detail=False)):
+            run_id = folder.rstrip("/").rsplit("/", 1)[-1]
+            for src in sorted(self.fs.find(folder)):
+                name = src.rsplit("/", 1)[-1]
+                if name == "plan.parquet":
+                    with self.fs.open(src, "rb") as f:
+                        self._write_plan(f"{RUNS}/{run_id}/plan.arrow", pq.read_table(f))
+                    self.fs.rm_file(src)
+                elif not name.startswith("."):
+                    dst = f"{self.path}/{RUNS}/{run_id}/{name}"
+                    self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                    self.fs.mv(src, dst)
+            moved += 1
+        self.fs.rm(legacy, recursive=True)
+        log.warning("ledger %s: moved the bookkeeping of %d run(s) from runs/ to %s/", self.uri,
+                    moved, RUNS)
+        return moved
+
+    def start_run(self, run_id: str, output_dir: str, model: str, plan: pa.Table,
+                  started_at: datetime | None = None) -> None:
+        """Record a run before it writes anything: where its verdicts go and its plan
+        (``started_at``: the run's own clock, as in its summary)."""
+        self._write_plan(f"{RUNS}/{run_id}/plan.arrow",
+                         plan.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
+        self._write_json(f"{RUNS}/{run_id}/run.json", {
             "run_id": run_id, "output": output_dir, "model": model,
-            "started_at": datetime.now(timezone.utc).isoformat(),
+            "started_at": (started_at or datetime.now(timezone.utc)).isoformat(),
         })
 
     def finish_run(self, run_id: str, **info) -> None:
-        self._write_json(f"runs/{run_id}/done.json",
+        self._write_json(f"{RUNS}/{run_id}/done.json",
                          {"run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
                           **info})
 
@@ -294,7 +356,7 @@ class Ledger:
     # -- crash recovery --------------------------------------------------------------
     def unfinished_runs(self, exclude: str | None = None) -> list[dict]:
         """``run.json`` of every run that has no ``done.json``."""
-        runs_dir = f"{self.path}/runs"
+        runs_dir = f"{self.path}/{RUNS}"
         if not self.fs.exists(runs_dir):
             return []
         files = self.fs.find(runs_dir)
@@ -321,8 +383,7 @@ class Ledger:
                                and p.endswith(".parquet"))
             orphans = [p for p in files if join(output, p.rsplit("/", 1)[-1]) not in covered]
             if orphans:
-                with self.fs.open(f"{self.path}/runs/{run_id}/plan.parquet", "rb") as f:
-                    plan = pq.read_table(f)
+                plan = self.read_plan(run_id)
             for path in orphans:
                 uri = join(output, path.rsplit("/", 1)[-1])
                 with out_fs.open(path, "rb") as f:

@@ -94,3 +94,61 @@ def redact(text: str) -> str:
     """Strip presigned-URL query strings and credential fields from a message."""
     text = _SECRET_QUERY.sub(r"\1<redacted>", text)
     return _URL_QUERY.sub(r"\1?<redacted>", text)
+
+
+class OutputError(ValueError):
+    """An output location cannot be written; the message says what is wrong and what to do."""
+
+
+def check_writable(uri: str, storage: StorageConfig | None = None, what: str = "output",
+                   is_file: bool = False) -> None:
+    """Fail fast, before any work, when ``uri`` (a folder, or with ``is_file`` a file to
+    create) cannot be written: a file sits where a folder must be, no permission, a
+    read-only filesystem, a bucket that does not exist or credentials that may not write.
+    Creates the folder (as the command would) and writes and deletes one probe file."""
+    import secrets
+
+    probe_name = f".deepaudit-write-probe-{secrets.token_hex(4)}"
+    if is_s3(uri):
+        _check_s3(uri, storage or StorageConfig(), what, probe_name, is_file)
+        return
+    path = Path(filesystem_for(uri)[1])
+    folder = path.parent if is_file else path
+    if is_file and path.is_dir():
+        raise OutputError(f"{what} {uri} is a folder: give the path of a file to write")
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(
+                    f"{what} {uri}: {parent} is a file, not a folder; choose a path whose "
+                    "parents are all folders")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / probe_name
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(f"{what} {uri} cannot be written ({reason}: {exc.filename or folder}); "
+                          "choose a folder you can write to, or fix its permissions") from None
+
+
+def _check_s3(uri: str, storage: StorageConfig, what: str, probe_name: str,
+              is_file: bool) -> None:
+    fs, path = filesystem_for(uri, storage)
+    folder = path.rstrip("/").rsplit("/", 1)[0] if is_file else path.rstrip("/")
+    probe = f"{folder}/{probe_name}"
+    try:
+        fs.pipe_file(probe, b"")
+    except Exception as exc:  # noqa: BLE001 - botocore, s3fs and OS errors alike
+        reason = redact(str(exc)).strip().splitlines()[0][:200] if str(exc) else ""
+        kind = type(exc).__name__
+        hint = ("check the bucket name" if isinstance(exc, FileNotFoundError) else
+                "check that the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) may write there")
+        raise OutputError(f"{what} {uri} cannot be written ({kind}: {reason}); {hint}, "
+                          "or choose another prefix") from None
+    try:
+        fs.rm_file(probe)
+    except Exception:  # noqa: BLE001 - write without delete permission is still writable
+        pass

@@ -15,11 +15,14 @@ the pipeline failed to return: rows out always equal rows in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import secrets
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -84,7 +87,11 @@ class AuditConfig:
     detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
     max_side: int = 1920
     run_id: str | None = None
-    rows_per_file: int = 100_000
+    # A verdict file is closed (published, and ledgered) after this many rows or this
+    # many seconds after its first row, whichever comes first: what a SIGKILLed driver
+    # can lose at most. docs/robustness.md has the measurement behind the defaults.
+    roll_rows: int = 1_000
+    roll_seconds: float = 60.0
     progress: bool = True
     # Evidence for flagged items (Grad-CAM strips under OUT/evidence/): on/off, the run's
     # cap (split over classifier actors: ceil(cap / actors) each), frames per item.
@@ -140,9 +147,12 @@ def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceC
                          f"{cfg.evidence_max} and {cfg.evidence_frames}")
     if not cfg.evidence or cfg.evidence_max == 0:
         return None
+    from deepaudit.pipeline.evidence import staging_root
+
     root = cfg.output if is_s3(cfg.output) else str(Path(cfg.output).expanduser().absolute())
     return EvidenceConfig(
         root=join(root, "evidence"), run_id=run_id,
+        staging=staging_root(join(root, "evidence"), run_id),
         storage=StorageConfig(endpoint_url=cfg.s3_endpoint),
         max_items=per_actor_cap(cfg.evidence_max, plan.classify_actors),
         top_k=cfg.evidence_frames,
@@ -200,17 +210,29 @@ LOST_ALONE_REASON = (f"{_DIED}attempts beside other items and on each of "
 # Verdict rows per Parquet row group. The pipeline hands the driver one or two rows at a
 # time; writing each as its own row group made files of thousands of tiny groups, which
 # bloat the footer and slow every reader down. Rows wait in memory until a group is full
-# or the file closes (a file is only ever published complete, so nothing is lost by it).
+# or the file closes (a file is only ever published complete).
 ROW_GROUP_ROWS = 1024
+# Roll defaults (AuditConfig.roll_rows / roll_seconds); see docs/robustness.md.
+ROLL_ROWS = 1_000
+ROLL_SECONDS = 60.0
 
 
 class VerdictWriter:
-    """Streams verdict batches into rolling Parquet files and keeps the run's tallies."""
+    """Streams verdict batches into rolling Parquet files and keeps the run's tallies.
+
+    A file closes once it holds ``roll_rows`` rows, or ``roll_seconds`` after its first
+    row (checked after each batch and, with :meth:`start_roll_timer`, once a second even
+    when no batch comes): that bounds what a killed driver loses. ``on_file_closed`` runs
+    after each file is published, with its rows' ``manifest_row``, ``status``, ``error``,
+    ``audited_at`` and ``evidence``. Thread-safe (the roll timer is a thread)."""
 
     def __init__(self, out_dir: str, storage: StorageConfig, manifest: pa.Table, run_id: str,
-                 rows_per_file: int,
+                 roll_rows: int = ROLL_ROWS,
                  on_file_closed: Callable[[str, pa.Table], None] | None = None,
                  roll_seconds: float | None = None) -> None:
+        if roll_rows < 1 or (roll_seconds is not None and roll_seconds <= 0):
+            raise ValueError(f"--roll-rows must be >= 1 and --roll-seconds > 0, got "
+                             f"{roll_rows} and {roll_seconds}")
         self.fs, self.dir = filesystem_for(out_dir, storage)
         self.fs.makedirs(self.dir, exist_ok=True)
         self.uri = out_dir
@@ -221,12 +243,12 @@ class VerdictWriter:
         if len(self._rows) > 1 and not np.all(self._rows[1:] > self._rows[:-1]):
             raise ValueError("manifest_row must be strictly increasing")
         self.on_file_closed, self.roll_seconds = on_file_closed, roll_seconds
-        self._file_rows: list[pa.Table] = []  # (manifest_row, status, error, audited_at)
+        self._file_rows: list[pa.Table] = []  # (manifest_row, status, error, audited_at, evidence)
         self._opened_at = 0.0
         self._tmp: str | None = None
         extra_fields = [f for f in self.extras.schema if f.name != ROW_INDEX]
         self.schema = pa.schema(list(VERDICT_SCHEMA) + extra_fields)
-        self.run_id, self.rows_per_file = run_id, rows_per_file
+        self.run_id, self.roll_rows = run_id, roll_rows
         self.seen: set[int] = set()
         self.status: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
@@ -238,8 +260,15 @@ class VerdictWriter:
         self._rows_in_file = 0
         self._pending: list[pa.Table] = []  # rows of the open file's next row group
         self._pending_rows = 0
+        self._lock = threading.RLock()
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def write(self, batch: pa.Table) -> None:
+        with self._lock:
+            self._write(batch)
+
+    def _write(self, batch: pa.Table) -> None:
         batch = batch.select(STAGE_VERDICT_SCHEMA.names).cast(STAGE_VERDICT_SCHEMA)
         rows = batch.column(ROW_INDEX).to_pylist()
         fresh = [i for i, r in enumerate(rows) if r not in self.seen]  # retried tasks can repeat
@@ -248,7 +277,6 @@ class VerdictWriter:
             rows = [rows[i] for i in fresh]
         if not rows:
             return
-        self.seen.update(rows)
         now = datetime.now(timezone.utc)
         n = batch.num_rows
         batch = batch.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
@@ -258,17 +286,48 @@ class VerdictWriter:
             if f.name != ROW_INDEX:
                 batch = batch.append_column(f, extras.column(f.name))
         table = batch.select(self.schema.names).cast(self.schema)
+        if self._writer is None:
+            self._open()
+        self.seen.update(rows)
         self._tally(table)
-        if self._writer is None or self._rows_in_file >= self.rows_per_file or (
-                self.roll_seconds and time.monotonic() - self._opened_at > self.roll_seconds):
-            self._roll()
         self._pending.append(table)
         self._pending_rows += n
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush()
         self._rows_in_file += n
-        if self.on_file_closed:
-            self._file_rows.append(table.select([ROW_INDEX, "status", "error", "audited_at"]))
+        self._file_rows.append(table.select([ROW_INDEX, "status", "error", "audited_at",
+                                             "evidence"]))
+        self._roll_if_due()
+
+    def _roll_if_due(self) -> None:
+        if self._writer is not None and (self._rows_in_file >= self.roll_rows or (
+                self.roll_seconds and time.monotonic() - self._opened_at >= self.roll_seconds)):
+            self._close_file()
+
+    def roll_if_due(self) -> None:
+        with self._lock:
+            self._roll_if_due()
+
+    def start_roll_timer(self, every_s: float = 1.0) -> None:
+        """Close a due file even while no batch arrives (a slow item, a stalled stage)."""
+        if not self.roll_seconds or self._timer is not None:
+            return
+
+        def tick() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.roll_if_due()
+                except Exception:  # noqa: BLE001 - the main thread's close reports it
+                    log.exception("closing a verdict file on time failed")
+
+        self._timer = threading.Thread(target=tick, name="verdict-roll", daemon=True)
+        self._timer.start()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._stop.set()
+            self._timer.join()
+            self._timer = None
 
     def _tally(self, table: pa.Table) -> None:
         self.status.update(table.column("status").to_pylist())
@@ -279,8 +338,7 @@ class VerdictWriter:
                 self.errors[err.split(":", 1)[0]] += 1
         self.evidence_written += table.num_rows - table.column("evidence").null_count
 
-    def _roll(self) -> None:
-        self._close_file()
+    def _open(self) -> None:
         name = f"verdicts-{len(self.files):05d}.parquet"
         # A file only ever appears complete: on S3 the object exists once the upload
         # completes on close; locally it is written under a hidden name and renamed.
@@ -306,25 +364,26 @@ class VerdictWriter:
             if self._tmp:
                 os.replace(self._tmp, f"{self.dir}/{self.files[-1].rsplit('/', 1)[-1]}")
                 self._tmp = None
-            if self.on_file_closed:
-                rows = pa.concat_tables(self._file_rows) if self._file_rows else None
-                self._file_rows = []
-                if rows is not None:
-                    self.on_file_closed(self.files[-1], rows)
+            rows = pa.concat_tables(self._file_rows) if self._file_rows else None
+            self._file_rows = []
+            if self.on_file_closed and rows is not None:
+                self.on_file_closed(self.files[-1], rows)
 
     def abort(self) -> None:
         """Drop the open file without publishing it (the run is being torn down)."""
-        self._pending, self._pending_rows = [], 0
-        if self._writer is not None:
-            sink, tmp = self._sink, self._tmp
-            self._writer = self._sink = self._tmp = None
-            self.files.pop()
-            if tmp:
-                sink.close()
-                os.remove(tmp)
-            else:  # s3fs: abort the upload, and never let close() commit a partial object
-                sink.discard()
-                sink.closed = True
+        self._stop_timer()
+        with self._lock:
+            self._pending, self._pending_rows = [], 0
+            if self._writer is not None:
+                sink, tmp = self._sink, self._tmp
+                self._writer = self._sink = self._tmp = None
+                self.files.pop()
+                if tmp:
+                    sink.close()
+                    os.remove(tmp)
+                else:  # s3fs: abort the upload, and never let close() commit a partial object
+                    sink.discard()
+                    sink.closed = True
 
     def missing(self, manifest: pa.Table) -> pa.Table:
         """The manifest rows the pipeline has not returned yet."""
@@ -351,7 +410,70 @@ class VerdictWriter:
         return missing.num_rows
 
     def close(self) -> None:
-        self._close_file()
+        """Publish the open file (also what an interrupted run keeps)."""
+        self._stop_timer()
+        with self._lock:
+            self._close_file()
+
+
+class AuditInterrupted(BaseException):
+    """SIGINT or SIGTERM stopped the audit; what was finished is on disk.
+
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way (Ray's
+    included) may swallow it. ``summary`` is the run's summary (state ``interrupted``)."""
+
+    def __init__(self, signum: int, summary: dict | None = None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.summary = signum, summary
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class _Signals:
+    """SIGINT/SIGTERM handlers for the run: the first raises :class:`AuditInterrupted`
+    (deferred while the writer is in the middle of a batch), the second exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._depth = 0
+        self._raised = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, prev)
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # a second signal: no flush, leave now
+            os._exit(128 + signum)
+        self.signum = signum
+        if self._depth == 0:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise AuditInterrupted(self.signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self._raise()
 
 
 def _write_json(fs, path: str, payload: dict) -> None:
@@ -360,12 +482,13 @@ def _write_json(fs, path: str, payload: dict) -> None:
 
 
 def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
-    """Run one audit and return its summary. Raises before any work for bad inputs."""
-    from deepaudit.jobs.incremental import (
-        LEDGER_ROLL_SECONDS,
-        LEDGER_ROWS_PER_FILE,
-        prepare_incremental,
-    )
+    """Run one audit and return its summary. Raises before any work for bad inputs.
+
+    SIGINT/SIGTERM during the run: the finished rows are published (and ledgered), the
+    summary says ``interrupted`` and :class:`AuditInterrupted` is raised with it."""
+    from deepaudit.infra.storage import check_writable
+    from deepaudit.jobs.incremental import prepare_incremental
+    from deepaudit.pipeline.evidence import drop_staging, promote
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -374,58 +497,89 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
     if cfg.frames is not None and cfg.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {cfg.frames}")
+    if cfg.roll_rows < 1 or cfg.roll_seconds <= 0:
+        raise ValueError(f"--roll-rows must be >= 1 and --roll-seconds > 0, got "
+                         f"{cfg.roll_rows} and {cfg.roll_seconds}")
+    check_writable(cfg.output, storage, what="--output")
+    if cfg.ledger:
+        check_writable(cfg.ledger, storage, what="--ledger")
     run_id = check_run_id(cfg.run_id) if cfg.run_id else new_run_id()
     run_dir = join(cfg.output, "runs", run_id)
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
-                              run_dir, storage)
+                              run_dir, storage, started_at=started)
     manifest = inc.todo  # the rows this run audits (all of them without a ledger)
-    rows_per_file = cfg.rows_per_file
-    if cfg.ledger:
-        rows_per_file = min(rows_per_file, LEDGER_ROWS_PER_FILE)
-    writer = VerdictWriter(run_dir, storage, manifest, run_id, rows_per_file,
-                           on_file_closed=inc.on_file_closed if cfg.ledger else None,
-                           roll_seconds=LEDGER_ROLL_SECONDS if cfg.ledger else None)
+    evidence: EvidenceConfig | None = None
 
-    run_error, plan, evidence, retried, lost_reason = None, None, None, 0, LOST_REASON
+    def file_closed(uri: str, rows: pa.Table) -> None:
+        # The rows are on disk: their evidence may now appear, then their ledger entries.
+        if evidence is not None and evidence.staging:
+            uris = [u for u in rows.column("evidence").to_pylist() if u]
+            if uris:
+                promote(evidence.root, evidence.staging, uris, storage)
+        inc.on_file_closed(uri, rows)
+
+    writer = VerdictWriter(run_dir, storage, manifest, run_id, cfg.roll_rows,
+                           on_file_closed=file_closed, roll_seconds=cfg.roll_seconds)
+
+    run_error, plan, retried, lost_reason, lost = None, None, 0, LOST_REASON, 0
     where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0
+    signals = _Signals()
+    signals.install()
+    interrupted: AuditInterrupted | None = None
     try:
-        if manifest.num_rows:
-            where, cpus, gpus, plan = _start_cluster(cfg, handle)
-            log.info("run %s on %s: %s", run_id, where, plan)
-            evidence = evidence_config(cfg, plan, run_id)
-            run_error = _stream_verdicts(manifest, plan, handle, cfg, writer, on_rows, evidence)
-        if not run_error and manifest.num_rows and not writer.seen:
-            # Tasks that fail for good drop their rows and the run goes on; when that is
-            # every row, the stages themselves are broken: call the run failed.
-            run_error = "no item came back from the pipeline; the log says why"
-        if not run_error and cfg.retry_lost:
-            lost_items = writer.missing(manifest)
-            retried = lost_items.num_rows
-            if retried:
-                log.warning("%d item(s) came back from no stage (their workers died on every "
-                            "attempt); running them again, each alone in its worker", retried)
-                retry_error = _stream_verdicts(lost_items, plan, handle, cfg, writer, on_rows,
-                                               evidence, isolate=True, total=manifest.num_rows)
-                # The run itself went through: a failed second pass only explains its rows.
-                lost_reason = LOST_ALONE_REASON if retry_error is None else (
-                    f"{LOST_REASON}; running it again alone failed too: {retry_error}")
-        lost = writer.fill_missing(manifest, run_error or lost_reason)
+        try:
+            if manifest.num_rows:
+                where, cpus, gpus, plan = _start_cluster(cfg, handle)
+                signals.install()  # ray.init sets its own SIGTERM handler
+                log.info("run %s on %s: %s", run_id, where, plan)
+                evidence = evidence_config(cfg, plan, run_id)
+                writer.start_roll_timer()
+                run_error = _stream_verdicts(manifest, plan, handle, cfg, writer, on_rows,
+                                             evidence, signals=signals)
+            if not run_error and manifest.num_rows and not writer.seen:
+                # Tasks that fail for good drop their rows and the run goes on; when that
+                # is every row, the stages themselves are broken: call the run failed.
+                run_error = "no item came back from the pipeline; the log says why"
+            if not run_error and cfg.retry_lost:
+                lost_items = writer.missing(manifest)
+                retried = lost_items.num_rows
+                if retried:
+                    log.warning("%d item(s) came back from no stage (their workers died on "
+                                "every attempt); running them again, each alone in its worker",
+                                retried)
+                    retry_error = _stream_verdicts(lost_items, plan, handle, cfg, writer,
+                                                   on_rows, evidence, isolate=True,
+                                                   total=manifest.num_rows, signals=signals)
+                    # The run itself went through: a failed second pass only explains its
+                    # rows.
+                    lost_reason = LOST_ALONE_REASON if retry_error is None else (
+                        f"{LOST_REASON}; running it again alone failed too: {retry_error}")
+            with signals.deferred():
+                lost = writer.fill_missing(manifest, run_error or lost_reason)
+        except AuditInterrupted as exc:
+            interrupted = exc  # keep what is finished; the missing rows stay not done
+            log.warning("%s: writing the %d finished rows, then stopping",
+                        exc, len(writer.seen))
         writer.close()
-    except BaseException:  # interrupted: publish nothing half-written
+        if evidence is not None and evidence.staging:
+            drop_staging(evidence.staging, storage)  # evidence of rows never written
+    except BaseException:  # a failure while publishing: publish nothing half-written
         writer.abort()
+        signals.restore()
         raise
     finally:
         if (cfg.min_cpus or cfg.min_gpus) and manifest.num_rows:
             from deepaudit.infra.ray_runtime import release_resource_request
 
             release_resource_request()
-    if on_rows:
+    if on_rows and not interrupted:
         on_rows(len(writer.seen), manifest.num_rows)
 
     wall = time.perf_counter() - t0
+    state = "interrupted" if interrupted else "failed" if run_error else "completed"
     summary = {
         "run_id": run_id,
-        "state": "failed" if run_error else "completed",
+        "state": state,
         "run_error": run_error,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -449,15 +603,26 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "error_codes": dict(writer.errors.most_common()),
         "lost_rows": lost,
         "retried_alone": retried,
-        "throughput_items_per_s": round(manifest.num_rows / wall, 4) if wall > 0 else None,
+        "throughput_items_per_s": round(len(writer.seen) / wall, 4) if wall > 0 else None,
         "cluster": {"where": where, "cpus": cpus, "gpus": gpus},
         "plan": asdict(plan) if plan else None,
+        "roll": {"rows": cfg.roll_rows, "seconds": cfg.roll_seconds},
         "evidence": _evidence_summary(evidence, cfg, writer),
     }
+    if interrupted:
+        summary["interrupted"] = {
+            "signal": signal.Signals(interrupted.signum).name,
+            "done": len(writer.seen),
+            "not_done": manifest.num_rows - len(writer.seen),
+        }
     fs, base = filesystem_for(cfg.output, storage)
     _write_json(fs, f"{writer.dir}/_summary.json", summary)
     _write_json(fs, f"{base}/_summary.json", summary)
-    inc.finish(summary["state"])
+    inc.finish(state)
+    signals.restore()
+    if interrupted:
+        interrupted.summary = summary
+        raise interrupted
     return summary
 
 
@@ -523,7 +688,7 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                      cfg: AuditConfig, writer: VerdictWriter,
                      on_rows: Callable[[int, int], None] | None,
                      evidence: EvidenceConfig | None = None, isolate: bool = False,
-                     total: int | None = None) -> str | None:
+                     total: int | None = None, signals: _Signals | None = None) -> str | None:
     """Run the pipeline over ``manifest`` into ``writer``; return the run error, if the
     pipeline broke. ``total``: the run's row count, for progress (default: this manifest's).
     """
@@ -534,9 +699,10 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
     try:
         ds = build_dataset(manifest, plan, handle, cfg, evidence, isolate=isolate)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.write(batch)
-            if on_rows:
-                on_rows(len(writer.seen), total)
+            with signals.deferred() if signals else contextlib.nullcontext():
+                writer.write(batch)
+                if on_rows:
+                    on_rows(len(writer.seen), total)
     except Exception as exc:  # the pipeline itself broke: still account for every row
         run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
         log.error("pipeline failed: %s", run_error)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deepaudit.jobs.check import check_command
@@ -215,10 +216,13 @@ def audit(
         Optional[list[str]], typer.Option(help="With a prefix: drop keys matching this glob "
                                           "(repeatable).")
     ] = None,
-    rows_per_file: Annotated[
-        int, typer.Option(min=1, help="Roll verdict files after this many rows (at most "
-                          "5,000 with --ledger, so a crash loses little).")
-    ] = 100_000,
+    roll_rows: Annotated[
+        int, typer.Option(min=1, help="Close a verdict file after this many rows.")
+    ] = 1_000,
+    roll_seconds: Annotated[
+        float, typer.Option(min=0.1, help="Close a verdict file this long after its first "
+                            "row: the most a killed driver loses.")
+    ] = 60.0,
     min_cpus: Annotated[
         int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
                           "cluster has this many CPUs before planning the actors.")
@@ -236,7 +240,7 @@ def audit(
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.ledger import LedgerPolicy
     from deepaudit.infra.listing import ListingConfig
-    from deepaudit.jobs.audit import AuditConfig
+    from deepaudit.jobs.audit import AuditConfig, AuditInterrupted
     from deepaudit.pipeline.manifest import ManifestError
 
     setup_logging(verbose)
@@ -247,7 +251,7 @@ def audit(
             classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
             progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
-            rows_per_file=rows_per_file, min_cpus=min_cpus, min_gpus=min_gpus,
+            roll_rows=roll_rows, roll_seconds=roll_seconds, min_cpus=min_cpus, min_gpus=min_gpus,
             retry_lost=retry_lost,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
@@ -255,8 +259,18 @@ def audit(
         )
         summary = _run_with_progress(cfg, progress and not json_out)
     except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    except AuditInterrupted as exc:
+        s = exc.summary or {}
+        done = s.get("interrupted", {})
+        if json_out and s:
+            sys.stdout.write(json.dumps(s, default=str) + "\n")
+        console.print(f"[yellow]{escape(str(exc))}[/yellow]: {done.get('done', 0)} item(s) "
+                      f"written to {escape(str(s.get('output', '?')))}, "
+                      f"{done.get('not_done', '?')} not done. Rerun with the same --ledger to "
+                      "audit only what is left.")
+        raise typer.Exit(exc.exit_code) from None
     if json_out:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:

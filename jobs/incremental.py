@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,14 +28,9 @@ from deepaudit.infra.ledger import (
     decide,
     ledger_rows,
 )
-from deepaudit.infra.storage import StorageConfig
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
 
 log = logging.getLogger(__name__)
-
-# Verdict files roll at least this often when a ledger is kept, so a crash loses little.
-LEDGER_ROWS_PER_FILE = 5_000
-LEDGER_ROLL_SECONDS = 300.0
-
 
 @dataclass
 class Incremental:
@@ -79,14 +75,19 @@ def prepare_incremental(
     run_id: str,
     run_dir: str,
     storage: StorageConfig,
+    started_at: datetime | None = None,
 ) -> Incremental:
     """Decide, per manifest row, whether this run audits it; record the run's plan."""
     n = manifest.num_rows
     if not ledger_uri:
         return Incremental(todo=manifest, manifest_rows=n, reasons=Counter({NEW: n}))
     ledger = Ledger(ledger_uri, storage)
+    ledger.migrate()
     entries = ledger.read()
+    crashed = ledger.unfinished_runs(exclude=run_id)
     recovered = ledger.reconcile(entries, current_run=run_id)
+    for run in crashed:
+        settle_evidence(run["output"], run["run_id"], storage)
     if recovered.num_rows:
         entries = pa.concat_tables([entries, recovered])
     keys = change_keys(manifest, storage)
@@ -104,9 +105,37 @@ def prepare_incremental(
         "attempt": decision["attempt"],
         "reason": decision["reason"],
     }, schema=PLAN_SCHEMA).filter(mask)
-    ledger.start_run(run_id, run_dir, model, plan)
+    ledger.start_run(run_id, run_dir, model, plan, started_at=started_at)
     log.info("ledger %s: %s; %d recovered from unfinished runs", ledger_uri,
              dict(reasons), recovered.num_rows)
     return Incremental(todo=todo, manifest_rows=n, reasons=reasons,
                        recovered=recovered.num_rows, ledger=ledger, plan=plan, model=model,
                        run_id=run_id)
+
+
+def settle_evidence(run_dir: str, run_id: str, storage: StorageConfig) -> int:
+    """Evidence of a run that ended without closing (SIGKILL): move what its published
+    verdict rows point to out of staging, and delete the rest. Returns the items kept."""
+    import pyarrow.parquet as pq
+
+    from deepaudit.pipeline.evidence import drop_staging, promote, staging_root
+
+    out = run_dir.rstrip("/").rsplit("/", 2)[0]  # OUT of OUT/runs/<run_id>
+    out = out if is_s3(out) else filesystem_for(out)[1]  # evidence URIs are absolute
+    root = join(out, "evidence")
+    staging = staging_root(root, run_id)
+    fs, staging_path = filesystem_for(staging, storage)
+    if not fs.exists(staging_path):
+        return 0
+    out_fs, path = filesystem_for(run_dir, storage)
+    uris: list[str] = []
+    if out_fs.exists(path):
+        for f in sorted(out_fs.ls(path, detail=False)):
+            name = f.rsplit("/", 1)[-1]
+            if name.startswith("verdicts-") and name.endswith(".parquet"):
+                with out_fs.open(f, "rb") as fh:
+                    uris += [u for u in pq.read_table(fh, columns=["evidence"])["evidence"]
+                             .to_pylist() if u]
+    kept = promote(root, staging, uris, storage)
+    drop_staging(staging, storage)
+    return kept

@@ -54,6 +54,10 @@ class EvidenceConfig:
     max_items: int = 500  # per ClassifyStage instance (the audit splits its cap over actors)
     top_k: int = 3  # frames per item, the highest frame scores
     mask_threshold: float = MASK_THRESHOLD
+    # Where files are written first (the audit: ``root/_staging/<run_id>``); the driver
+    # moves an item's files to ``root`` once its verdict row is on disk (see
+    # :func:`promote`), so no evidence exists without its row. None: straight to ``root``.
+    staging: str | None = None
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -103,11 +107,13 @@ def safe_filename(text: str) -> str:
 
 
 class EvidenceWriter:
-    """Writes files under ``root/<evidence_dirname(media_id)>/`` (local or s3://)."""
+    """Writes files under ``root/<evidence_dirname(media_id)>/`` (local or s3://), or under
+    ``staging`` in the same layout while still returning the URI under ``root``."""
 
-    def __init__(self, root: str, storage: StorageConfig | None = None) -> None:
+    def __init__(self, root: str, storage: StorageConfig | None = None,
+                 staging: str | None = None) -> None:
         self.root = root.rstrip("/") or root
-        self.fs, self.base = filesystem_for(root, storage)
+        self.fs, self.base = filesystem_for(staging or root, storage)
         self.base = self.base.rstrip("/")
 
     def path_for(self, media_id: str | bytes, name: str) -> tuple[str, str]:
@@ -242,7 +248,7 @@ class EvidenceBuilder:
 
     def __init__(self, config: EvidenceConfig, model, prepare, autocast) -> None:
         self.config, self.model, self.prepare, self.autocast = config, model, prepare, autocast
-        self.writer = EvidenceWriter(config.root, config.storage)
+        self.writer = EvidenceWriter(config.root, config.storage, config.staging)
         self.written = 0
         self.failed = 0
 
@@ -308,6 +314,49 @@ class EvidenceBuilder:
         self.writer.write(row["media_id"], f"{name}.json",
                           json.dumps(meta, indent=2, default=str).encode())
         return uri
+
+
+STAGING = "_staging"
+
+
+def staging_root(root: str, run_id: str) -> str:
+    """Where a run's evidence waits for its verdict rows: ``root/_staging/<run_id>``."""
+    return join(root, STAGING, safe_filename(run_id))
+
+
+def promote(root: str, staging: str, uris: list[str], storage: StorageConfig | None = None
+            ) -> int:
+    """Move the evidence of ``uris`` (PNG URIs under ``root``, from verdict rows now on
+    disk) and their JSON from ``staging`` to ``root``. Returns the items moved."""
+    fs, _ = filesystem_for(root, storage)
+    moved = 0
+    for uri in uris:
+        if not uri or not uri.startswith(root.rstrip("/") + "/"):
+            continue
+        rel = uri[len(root.rstrip("/")) + 1:]
+        for suffix in ("", ".json"):
+            src = filesystem_for(join(staging, rel), storage)[1]
+            dst = filesystem_for(uri, storage)[1]
+            if suffix:
+                src, dst = src.removesuffix(".png") + ".json", dst.removesuffix(".png") + ".json"
+            if fs.exists(src):
+                fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+                fs.mv(src, dst)
+                moved += not suffix
+    return moved
+
+
+def drop_staging(staging: str, storage: StorageConfig | None = None) -> None:
+    """Delete what is left in a run's staging folder: evidence of rows never written."""
+    fs, path = filesystem_for(staging, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    try:  # the shared _staging folder, once no run uses it (locally; S3 has no folders)
+        if fs.exists(parent) and not fs.ls(parent, detail=False):
+            fs.rmdir(parent)
+    except OSError:
+        pass  # another run just staged something there
 
 
 def per_actor_cap(max_items: int, actors: int) -> int:

@@ -322,7 +322,7 @@ def test_help_lists_the_archive_and_cluster_commands():
         assert word in result.output
     result = runner.invoke(app, ["audit", "--help"])
     for option in ("--ledger", "--max-attempts", "--retry-errors", "--any-model", "--include",
-                   "--exclude", "--rows-per-file"):
+                   "--exclude", "--roll-rows", "--roll-seconds"):
         assert option in result.output
     result = runner.invoke(app, ["submit", "--help"])
     for option in ("--address", "--follow", "--ship-code", "--working-dir", "--env"):

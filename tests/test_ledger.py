@@ -159,8 +159,14 @@ def test_writer_on_a_filtered_manifest_ledgers_each_file_after_close(tmp_path):
     got.update(manifest_row=[3], media_id=["/d.mp4"], uri=["/d.mp4"], status=["no_face"],
                frame_indices=[[]], face_boxes=[[]], frame_p_fake=[[]])
     w.write(pa.table(got, schema=STAGE_VERDICT_SCHEMA))
+    # A full file is published (and ledgered) at once, not when the next batch comes.
+    assert [rows for _, rows in closed] == [[3]]
     # While a file is open it is invisible under its final name.
-    assert not list((tmp_path / "run").glob("verdicts-*.parquet"))
+    w2 = VerdictWriter(str(tmp_path / "run2"), StorageConfig(), todo, "r2", 10)
+    w2.write(pa.table(got, schema=STAGE_VERDICT_SCHEMA))
+    assert not list((tmp_path / "run2").glob("verdicts-*.parquet"))
+    w2.close()
+    assert len(list((tmp_path / "run2").glob("verdicts-*.parquet"))) == 1
     assert w.fill_missing(todo, "actor died") == 1
     w.close()
     t = read_verdicts(str(tmp_path / "run"))
@@ -314,7 +320,7 @@ def test_run_killed_halfway_is_rerun_without_duplicates(ray_local, tiny_model, m
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "deepaudit.jobs.cli", "audit", str(arch), "-o", str(out),
            "--ledger", str(led), "--model", str(tiny_model), "--frames", "4", "--num-cpus", "2",
-           "--batch-size", "1", "--rows-per-file", "1", "--decode-actors", "1",
+           "--batch-size", "1", "--roll-rows", "1", "--decode-actors", "1",
            "--classify-actors", "1", "--no-progress"]
     log = (tmp_path / "crashed.log").open("wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
