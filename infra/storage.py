@@ -101,11 +101,12 @@ class OutputError(ValueError):
 
 
 def check_writable(uri: str, storage: StorageConfig | None = None, what: str = "output",
-                   is_file: bool = False) -> None:
+                   is_file: bool = False, create: bool = True) -> None:
     """Fail fast, before any work, when ``uri`` (a folder, or with ``is_file`` a file to
     create) cannot be written: a file sits where a folder must be, no permission, a
     read-only filesystem, a bucket that does not exist or credentials that may not write.
-    Creates the folder (as the command would) and writes and deletes one probe file."""
+    Creates the folder (as the command would; ``create=False``: probes its nearest
+    existing parent instead) and writes and deletes one probe file there."""
     import secrets
 
     probe_name = f".deepaudit-write-probe-{secrets.token_hex(4)}"
@@ -116,16 +117,19 @@ def check_writable(uri: str, storage: StorageConfig | None = None, what: str = "
     folder = path.parent if is_file else path
     if is_file and path.is_dir():
         raise OutputError(f"{what} {uri} is a folder: give the path of a file to write")
+    existing = folder
     for parent in [folder, *folder.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(
                     f"{what} {uri}: {parent} is a file, not a folder; choose a path whose "
                     "parents are all folders")
+            existing = parent
             break
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / probe_name
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = (folder if create else existing) / probe_name
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -57,7 +57,7 @@ class CheckConfig:
 def run_check(cfg: CheckConfig) -> dict:
     """Score ``cfg.files`` in this process; returns the JSON-ready result (with
     ``exit_code``). Raises ValueError/FileNotFoundError for usage errors only."""
-    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.infra.storage import StorageConfig, check_writable
     from deepaudit.jobs.audit import _with_threshold, new_run_id
     from deepaudit.models.checkpoint import resolve_model
     from deepaudit.models.face_detector import FaceDetectorConfig
@@ -65,6 +65,8 @@ def run_check(cfg: CheckConfig) -> dict:
     from deepaudit.pipeline.media import DecodeConfig
     from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage, CropConfig, DecodeCropStage
 
+    if cfg.evidence:  # a folder is made only when something is flagged
+        check_writable(cfg.evidence_dir, what="--evidence-dir", create=False)
     handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
     run_id = "check-" + new_run_id()
     evidence_root = str(Path(cfg.evidence_dir).expanduser().absolute())
@@ -185,7 +187,9 @@ def check_command(
                           device=device, evidence=evidence, evidence_dir=str(evidence_dir))
         result = run_check(cfg)
     except (ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")

@@ -240,6 +240,7 @@ def audit(
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.ledger import LedgerPolicy
     from deepaudit.infra.listing import ListingConfig
+    from deepaudit.infra.storage import StorageConfig, check_writable
     from deepaudit.jobs.audit import AuditConfig, AuditInterrupted
     from deepaudit.pipeline.manifest import ManifestError
 
@@ -257,9 +258,13 @@ def audit(
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
         )
+        storage = StorageConfig(endpoint_url=s3_endpoint)
+        check_writable(output, storage, what="--output")  # before any work or progress bar
+        if ledger:
+            check_writable(ledger, storage, what="--ledger")
         summary = _run_with_progress(cfg, progress and not json_out)
     except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except AuditInterrupted as exc:
         s = exc.summary or {}

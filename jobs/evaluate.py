@@ -170,7 +170,7 @@ def robustness(runs: dict[str, list[dict]], threshold: float) -> dict:
 
 def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
-    from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+    from deepaudit.infra.storage import StorageConfig, check_writable, filesystem_for, join
     from deepaudit.jobs.audit import AuditConfig, read_verdicts, run_audit
     from deepaudit.jobs.datasets import parse_label
     from deepaudit.jobs.metrics import histogram_png, roc_png
@@ -180,6 +180,7 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    check_writable(cfg.output, storage, what="--output")
     card_path = _calibration_card(cfg.model) if cfg.calibrate else None
     manifest = read_manifest(cfg.manifest, RESERVED_COLUMNS, storage)
     if "label" not in manifest.column_names:
@@ -302,6 +303,7 @@ def evaluate_command(
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from deepaudit.jobs.logs import setup_logging
@@ -318,7 +320,7 @@ def evaluate_command(
         with console.status("auditing the manifest..."):
             result = run_evaluate(cfg)
     except (ManifestError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import typer
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
@@ -108,7 +109,13 @@ def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa
     """Run ``sql`` against ``target``'s views and return the result as an Arrow table."""
     import duckdb
 
-    con = open_target(target, storage)
+    try:
+        con = open_target(target, storage)
+    except QueryError:
+        raise
+    except (OSError, pa.ArrowException) as exc:  # unreadable, not Parquet, no permission
+        raise QueryError(f"cannot read {target} ({type(exc).__name__}: {exc}); check the path "
+                         "and that the credentials may read it") from None
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
@@ -149,7 +156,7 @@ def query_command(
     try:
         result = run_query(target, sql, StorageConfig(endpoint_url=s3_endpoint))
     except QueryError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if fmt is OutputFormat.csv:
         import pyarrow.csv as pacsv

@@ -468,13 +468,17 @@ def report_command(
     histogram, ROC and confusion matrix (with labels), top flagged items with their
     evidence, errors and throughput. It opens offline in any browser."""
     from rich.console import Console
+    from rich.markup import escape
+
+    from deepaudit.infra.storage import OutputError, check_writable
 
     console = Console(stderr=True)
     storage = StorageConfig(endpoint_url=s3_endpoint)
     try:
+        check_writable(str(output), storage, what="--output", is_file=True)
         data = load_run(out, run_id, storage)
-    except ReportError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (ReportError, OutputError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     page = render_report(data, storage, top=top, max_errors=max_errors)
     output.parent.mkdir(parents=True, exist_ok=True)

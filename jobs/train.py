@@ -300,7 +300,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     from ray.util.queue import Queue
 
     from deepaudit.infra.ray_runtime import connect
-    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.infra.storage import StorageConfig, check_writable
     from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, default_cache_root
     from deepaudit.jobs.datasets import drop_from_training, load_inputs, split_table
     from deepaudit.jobs.train_worker import FINAL_FILE, train_loop_per_worker
@@ -309,6 +309,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    check_writable(cfg.output, storage, what="--output")  # before any work
     out = Path(cfg.output).expanduser().absolute()
     model_config, init_handle = model_config_for(cfg)
     if cfg.patch_size is not None and cfg.patch_size >= model_config.input_size:
