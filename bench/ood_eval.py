@@ -37,8 +37,8 @@ def main(
     from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, load_crops
     from deepaudit.jobs.datasets import load_inputs
     from deepaudit.jobs.metrics import binary_metrics, roc_auc
-    from deepaudit.models.perturb import apply_perturbation, parse_perturbations
     from deepaudit.models.checkpoint import resolve_model
+    from deepaudit.models.perturb import apply_perturbation, parse_perturbations
     from deepaudit.pipeline.media import sample_indices
     from deepaudit.pipeline.schema import CROP_SCHEMA, table_from_rows
     from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage

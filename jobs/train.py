@@ -51,7 +51,8 @@ class TrainConfig:
     name: str | None = None  # the card's name and the files' stem; default: the arch
     input_size: int | None = None
     frames: int | None = None  # frames the audit samples per video (the card's)
-    threshold: float | None = None  # the card's; None: max Youden J on validation
+    threshold: float | None = None  # the card's; None: chosen on validation (see target_fpr)
+    target_fpr: float | None = None  # threshold at this validation FPR; None: max Youden J
     train_frames: int = 32  # frames decoded per training video
     epochs: int = 12  # phase 1: trunk + frame head on crops
     seq_epochs: int = 8  # phase 2: LSTM + video head on frame-feature sequences
@@ -117,6 +118,8 @@ class TrainConfig:
             bad(f"--frames must be >= 1, got {self.frames}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             bad(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
+            bad(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
         if self.train_frames < 1:
             bad(f"--train-frames must be >= 1, got {self.train_frames}")
         if self.epochs < 0 or self.seq_epochs < 1:
@@ -173,9 +176,8 @@ def model_config_for(cfg: TrainConfig):
     """The card's ModelConfig (registry defaults, or the init checkpoint's, with the
     run's overrides) and the init handle, if any."""
     from deepaudit.models.checkpoint import resolve_model
-    from deepaudit.models.registry import get_config
-
     from deepaudit.models.pretrained import is_trunk_init
+    from deepaudit.models.registry import get_config
 
     handle = None
     if cfg.init_from is not None and not is_trunk_init(cfg.init_from):
@@ -638,6 +640,9 @@ def train_command(
     threshold: Annotated[Optional[float], typer.Option(
         help="The card's fake threshold (default: the one that maximises TPR - FPR on the "
              "validation items; tune it later with evaluate --calibrate).")] = None,
+    target_fpr: Annotated[Optional[float], typer.Option(
+        help="Set the card's threshold so the false-positive rate on the validation items "
+             "is at most this (default: the threshold that maximises TPR - FPR).")] = None,
     train_frames: Annotated[int, typer.Option(
         help="Frames decoded per training video (more crops; sequences are drawn from "
              "them).")] = 32,
@@ -750,7 +755,7 @@ def train_command(
         given = dict(
             inputs=tuple(inputs or ()), output=output, model=model, init_from=init_from,
             name=name, input_size=input_size, frames=frames, threshold=threshold,
-            train_frames=train_frames, epochs=epochs, seq_epochs=seq_epochs,
+            target_fpr=target_fpr, train_frames=train_frames, epochs=epochs, seq_epochs=seq_epochs,
             batch_size=batch_size, seq_batch_size=seq_batch_size, lr=lr, seq_lr=seq_lr,
             weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
             loss=loss, focal_gamma=focal_gamma, label_smoothing=label_smoothing, freeze=freeze,

@@ -32,12 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from deepaudit.jobs.crop_cache import load_crops
-from deepaudit.jobs.metrics import binary_metrics, roc_auc, threshold_max_youden
+from deepaudit.jobs.metrics import (
+    binary_metrics,
+    roc_auc,
+    threshold_at_fpr,
+    threshold_max_youden,
+)
 from deepaudit.models.augment import AugmentConfig, augment
+from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.losses import BinaryLoss, LossConfig
 from deepaudit.models.pretrained import is_trunk_init, load_trunk
 from deepaudit.models.registry import create_model
-from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.sbi import SBIConfig, self_blend
 from deepaudit.pipeline.media import sample_indices
 
@@ -690,6 +695,12 @@ class WorkerLoop:
         0.5; ``deepaudit evaluate --calibrate`` can then tune it to a target FPR)."""
         if self.cfg.threshold is not None:
             return {"value": self.cfg.threshold, "rule": "fixed (--threshold)"}
+        labels, scores = [r["label"] for r in preds], [r["p_fake"] for r in preds]
+        if self.cfg.target_fpr is not None and 0 in labels:
+            t = threshold_at_fpr(labels, scores, self.cfg.target_fpr)
+            return {"value": min(max(t, 1e-6), 1 - 1e-6),
+                    "rule": f"false-positive rate at most {self.cfg.target_fpr:g} on the "
+                            "validation items (--target-fpr)"}
         t = threshold_max_youden([r["label"] for r in preds], [r["p_fake"] for r in preds])
         if t is None:
             return {"value": self.model_config.threshold,

