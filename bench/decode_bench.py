@@ -20,7 +20,8 @@ CPU seconds are this process's plus its ffmpeg children's, per video; the two se
 run ``--repeats`` times, alternating, and report their medians. Then the
 false-alarm rate of :func:`~deepaudit.pipeline.media.frame_defect` on the clean frames of
 the shared data: ``--fa-frames`` frames of every video decoded sequentially, and every
-image. Prints one JSON line.
+image. Prints one JSON line; ``--record`` appends it, with date, commit and machine, to
+``bench/results/decode.jsonl``.
 
     python bench/decode_bench.py [--minutes 10] [--generated 1] [--ffpp 2] [--frames 16]
                                  [--repeats 3]
@@ -42,6 +43,7 @@ from typing import Annotated, Optional
 import ffmpeg
 import numpy as np
 import typer
+from record import append_record, git_commit, machine  # bench/record.py, beside this script
 
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.pipeline.media import (
@@ -63,7 +65,8 @@ FFPP_DEFAULT = ["ffpp_c23_original__033__mosahil.mp4", "ffpp_c23_Deepfakes__263_
 
 
 def cpu_now() -> float:
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -192,22 +195,6 @@ def false_alarms(shared: Path, frames: int) -> dict:
             "false_alarm_rate": round(flagged / max(1, total), 5), "flagged_items": which[:20]}
 
 
-def machine() -> dict:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu": model}
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent)
-    return out.stdout.strip() or "unknown"
-
-
 def main(
     minutes: Annotated[float, typer.Option(help="Length of each long video.")] = 10.0,
     generated: Annotated[int, typer.Option(help="Generated 720p open-GOP videos.")] = 1,
@@ -219,10 +206,12 @@ def main(
     shared: Annotated[Optional[Path], typer.Option(
         help="Shared data (default: $DEEPAUDIT_SHARED_DATA or ../shared/data).")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the long videos go.")] = None,
+    record: Annotated[bool, typer.Option(help="Append the line to bench/results/.")] = False,
 ) -> None:
     root = Path(__file__).resolve().parents[1]
-    shared = shared or Path(os.environ.get("DEEPAUDIT_SHARED_DATA", root.parent / "shared" / "data"))
-    started = time.time()
+    shared = shared or Path(os.environ.get("DEEPAUDIT_SHARED_DATA",
+                                           root.parent / "shared" / "data"))
+    started, commit = time.time(), git_commit()  # before: others may commit meanwhile
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = Path(tmp)
         groups: dict[str, list[dict]] = {"generated": [], "ffpp": []}
@@ -240,10 +229,10 @@ def main(
             print(json.dumps(groups["ffpp"][-1]), file=sys.stderr, flush=True)
             path.unlink()
     fa = false_alarms(shared, fa_frames) if shared.is_dir() else None
-    print(json.dumps({
+    result = {
         "bench": "decode",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "commit": commit,
         "machine": machine(),
         "minutes": minutes,
         "frames": frames,
@@ -252,7 +241,10 @@ def main(
         "per_video": [r for rows in groups.values() for r in rows],
         "frame_defect_false_alarms": fa,
         "wall_s": round(time.time() - started, 1),
-    }))
+    }
+    print(json.dumps(result))
+    if record:
+        append_record(Path(__file__).parent / "results" / "decode.jsonl", result)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ Videos and images take the same path; an image is a one-frame video.
   sampled frames are far apart (long videos), each one is fetched with an input seek
   instead, which decodes only from the nearest keyframe.
 * A sampled frame is the frame the video shows at that index, or it is not used
-  (docs/decode.md): ffmpeg's error output is read on every decode; a seeked frame with a
-  decode error, or one the cheap :func:`frame_defect` check flags (decoder fill green), makes the rest of the
-  item decode sequentially (``seek+fallback``); a sequentially decoded frame that the
-  check flags is dropped and reported (:class:`DecodedFrames`).
+  (docs/decode.md): seeks tell the decoder the stream's x264 build; ffmpeg's error
+  output is read on every decode; a seeked frame with a decode error, or one the cheap
+  :func:`frame_defect` check flags (decoder fill green), makes the rest of the item
+  decode sequentially (``seek+fallback``); a sequentially decoded frame that the check
+  flags is dropped and reported (:class:`DecodedFrames`).
 * Every failure raises :class:`MediaError` with a short code (the row's ``error``
   starts with it) and ffmpeg's own message, with URL credentials redacted.
 """

@@ -90,7 +90,8 @@ _ORDER = [
     "threshold", "n_frames_sampled", "n_frames_with_face", "n_frames_dropped",
     "frame_indices", "frame_p_fake", "evidence",
     "face_boxes", "model", "model_sha256", "fingerprint", "size_bytes", "width", "height",
-    "duration_s", "codec", "decode_mode", "decode_warnings", "dropped_frames", "decode_ms", "detect_ms", "classify_ms", "run_id", "audited_at",
+    "duration_s", "codec", "decode_mode", "decode_warnings", "dropped_frames", "decode_ms",
+    "detect_ms", "classify_ms", "run_id", "audited_at",
     "manifest_row",
 ]
 _ALL = dict(MEDIA_FIELDS + VERDICT_FIELDS + RUN_FIELDS)
