@@ -101,7 +101,7 @@ class OutputError(ValueError):
 
 
 def check_writable(uri: str, storage: StorageConfig | None = None, what: str = "output",
-                   is_file: bool = False, create: bool = True) -> None:
+                   is_file: bool = False, create: bool = False) -> None:
     """Fail fast, before any work, when ``uri`` (a folder, or with ``is_file`` a file to
     create) cannot be written: a file sits where a folder must be, no permission, a
     read-only filesystem, a bucket that does not exist or credentials that may not write.

@@ -47,30 +47,37 @@ def _quality_line(quality: dict | None) -> str:
 def print_summary(summary: dict, out: Console | None = None) -> None:
     """The run summary as a table."""
     out = out or Console()
-    t = Table(title=f"deepaudit run {summary['run_id']} ({summary['state']})", show_header=False)
+    e = lambda v: escape(str(v))  # noqa: E731 - ids, paths, codes and errors are data
+    t = Table(title=f"deepaudit run {e(summary['run_id'])} ({summary['state']})",
+              show_header=False)
     t.add_column(style="bold")
     t.add_column()
     trained = "" if summary["model_trained"] else "  [red]UNTRAINED: verdicts withheld[/red]"
     rows = [
-        ("model", f"{summary['model']}{trained}"),
+        ("model", f"{e(summary['model'])}{trained}"),
         ("model quality", _quality_line(summary.get("model_quality"))),
         ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
         *_items_row(summary),
         ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),
         ("verdicts", ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())),
-        ("error codes", ", ".join(f"{k} {v}" for k, v in summary["error_codes"].items()) or "-"),
+        ("error codes", ", ".join(f"{e(k)} {v}" for k, v in summary["error_codes"].items())
+         or "-"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("throughput", f"{summary['throughput_items_per_s']:.3f} items/s"),
-        ("cluster", f"{summary['cluster']['where']}, {summary['cluster']['gpus']:.0f} GPU"),
+        ("cluster", f"{e(summary['cluster']['where'])}, {summary['cluster']['gpus']:.0f} GPU"),
         ("evidence", _evidence_line(summary.get("evidence"))),
-        ("output", summary["output"]),
+        ("output", e(summary["output"])),
     ]
+    if summary.get("interrupted"):
+        i = summary["interrupted"]
+        rows.append(("interrupted", f"[yellow]{i['signal']}: {i['done']} done, "
+                     f"{i['not_done']} not done[/yellow]"))
     if summary.get("lost_rows") or summary.get("retried_alone"):
         at = [k for k, _ in rows].index("error codes") + 1
         rows.insert(at, ("lost", f"{summary.get('lost_rows', 0)} (after running "
                          f"{summary.get('retried_alone', 0)} item(s) again, each alone)"))
     if summary.get("run_error"):
-        rows.append(("run error", f"[red]{summary['run_error']}[/red]"))
+        rows.append(("run error", f"[red]{e(summary['run_error'])}[/red]"))
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t)
@@ -80,8 +87,8 @@ def _evidence_line(ev: dict | None) -> str:
     if not ev or not ev.get("enabled"):
         return "off"
     missing = ev["flagged_without_evidence"]
-    return f"{ev['written']} written to {ev['dir']}" + (f" ({missing} flagged over the cap)"
-                                                       if missing else "")
+    over = f" ({missing} flagged over the cap)" if missing else ""
+    return f"{ev['written']} written to {escape(str(ev['dir']))}{over}"
 
 
 def _items_row(summary: dict) -> list[tuple[str, str]]:

@@ -168,6 +168,18 @@ def robustness(runs: dict[str, list[dict]], threshold: float) -> dict:
     return out
 
 
+def validate_eval_manifest(uri: str, storage=None):
+    """The manifest as audit reads it (same reader, same column rules), plus a ``label``
+    column; raises ManifestError/ValueError with what to fix."""
+    from deepaudit.pipeline.manifest import read_manifest
+    from deepaudit.pipeline.schema import RESERVED_COLUMNS
+
+    manifest = read_manifest(uri, RESERVED_COLUMNS, storage)
+    if "label" not in manifest.column_names:
+        raise ValueError(f"{uri} has no 'label' column (fake/real or 1/0) to evaluate against")
+    return manifest
+
+
 def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
     from deepaudit.infra.storage import StorageConfig, check_writable, filesystem_for, join
@@ -176,16 +188,11 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     from deepaudit.jobs.metrics import histogram_png, roc_png
     from deepaudit.models.checkpoint import set_card_threshold
     from deepaudit.models.perturb import parse_perturbations
-    from deepaudit.pipeline.manifest import read_manifest
-    from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    manifest = validate_eval_manifest(cfg.manifest, storage)  # before anything heavy
     check_writable(cfg.output, storage, what="--output")
     card_path = _calibration_card(cfg.model) if cfg.calibrate else None
-    manifest = read_manifest(cfg.manifest, RESERVED_COLUMNS, storage)
-    if "label" not in manifest.column_names:
-        raise ValueError(f"{cfg.manifest} has no 'label' column (fake/real or 1/0) to "
-                         "evaluate against")
     group_column = cfg.group_column
     if group_column is not None and group_column not in manifest.column_names:
         raise ValueError(f"--group-column {group_column!r} is not a column of {cfg.manifest} "
@@ -312,6 +319,10 @@ def evaluate_command(
     setup_logging(verbose)
     console = Console(stderr=True)
     try:
+        from deepaudit.infra.storage import StorageConfig
+
+        # The manifest first, before the model, torch or Ray are touched.
+        validate_eval_manifest(manifest, StorageConfig(endpoint_url=s3_endpoint))
         cfg = EvalConfig(manifest=manifest, output=output, model=model,
                          group_column=group_column, threshold=threshold, calibrate=calibrate,
                          target_fpr=target_fpr, perturb=perturb, frames=frames,
@@ -325,7 +336,7 @@ def evaluate_command(
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         raise typer.Exit(0)
-    t = Table(title=f"{result['model']} (threshold {result['threshold']:.4f})")
+    t = Table(title=f"{escape(result['model'])} (threshold {result['threshold']:.4f})")
     t.add_column("slice", overflow="fold", min_width=16)
     for col in ("n", "AUC", "AP", "acc", "prec", "recall", "F1", "FPR"):
         t.add_column(col)
@@ -334,7 +345,7 @@ def evaluate_command(
         if m is None:
             return
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        t.add_row(name, str(m["n"]), f(m["roc_auc"]), f(m["average_precision"]),
+        t.add_row(escape(name), str(m["n"]), f(m["roc_auc"]), f(m["average_precision"]),
                   f(m["accuracy"]), f(m["precision"]), f(m["recall"]), f(m["f1"]), f(m["fpr"]))
 
     add("overall", result["overall"])
@@ -348,8 +359,8 @@ def evaluate_command(
         console.print(f"{len(groups) - MAX_PRINTED_GROUPS} more groups in metrics.json")
     c = result["counts"]
     console.print(f"{c['labelled']} labelled items, {c['scored']} scored, {c['unscored']} not "
-                  f"scored ({c['unscored_codes'] or 'none'}), {c['unlabelled']} unlabelled; "
-                  f"metrics in {result['metrics_file']}")
+                  f"scored ({escape(str(c['unscored_codes'] or 'none'))}), {c['unlabelled']} "
+                  f"unlabelled; metrics in {escape(result['metrics_file'])}")
     if "robustness" in result:
         rob = result["robustness"]
         rt = Table(title=f"robustness ({rob['items']} items scored in every run)")
@@ -358,7 +369,7 @@ def evaluate_command(
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         for name, v in rob["by_perturbation"].items():
             change = "" if name == "none" or v["delta_auc"] is None else f"{v['delta_auc']:+.3f}"
-            rt.add_row(name, f(v["roc_auc"]), change, f(v["recall"]), f(v["fpr"]))
+            rt.add_row(escape(name), f(v["roc_auc"]), change, f(v["recall"]), f(v["fpr"]))
         Console().print(rt)
     if "calibration" in result:
         cal = result["calibration"]

@@ -93,16 +93,51 @@ def open_target(target: str, storage: StorageConfig | None = None):
     con.execute(
         "CREATE VIEW latest AS SELECT * FROM verdicts QUALIFY row_number() OVER "
         "(PARTITION BY media_id, model ORDER BY audited_at DESC) = 1")
+    # One clock: a run's start is its summary's started_at (also in the ledger's run.json);
+    # the first row's audited_at only stands in for runs that recorded neither.
+    con.register("_run_info", _run_info(target, storage))
     con.execute(
-        "CREATE VIEW runs AS SELECT run_id, min(audited_at) AS started, "
-        "max(audited_at) AS finished, count(*) AS rows, "
-        "count(*) FILTER (WHERE verdict = 'fake') AS fakes, "
-        "count(*) FILTER (WHERE status = 'error') AS errors, any_value(model) AS model "
-        "FROM verdicts GROUP BY run_id")
+        "CREATE VIEW runs AS SELECT v.run_id, coalesce(any_value(i.started_at), "
+        "min(v.audited_at)) AS started, coalesce(any_value(i.finished_at), max(v.audited_at)) "
+        "AS finished, count(*) AS rows, "
+        "count(*) FILTER (WHERE v.verdict = 'fake') AS fakes, "
+        "count(*) FILTER (WHERE v.status = 'error') AS errors, any_value(v.model) AS model "
+        "FROM verdicts v LEFT JOIN _run_info i ON v.run_id = i.run_id GROUP BY v.run_id")
     con.execute(
         "CREATE VIEW last_run AS SELECT * FROM verdicts WHERE run_id = "
         "(SELECT run_id FROM runs ORDER BY started DESC LIMIT 1)")
     return con
+
+
+RUN_INFO_SCHEMA = pa.schema([("run_id", pa.string()),
+                             ("started_at", pa.timestamp("us", tz="UTC")),
+                             ("finished_at", pa.timestamp("us", tz="UTC"))])
+
+
+def _run_info(target: str, storage: StorageConfig) -> pa.Table:
+    """run_id, started_at, finished_at of every run with a summary (OUT/runs/*/
+    _summary.json) or a ledger record (LEDGER/_runs/*/run.json and done.json)."""
+    from datetime import datetime
+
+    fs, path = filesystem_for(target, storage)
+    info: dict[str, dict] = {}
+    for pattern, keys in ((f"{path}/_runs/*/run.json", ("started_at",)),
+                          (f"{path}/_runs/*/done.json", ("finished_at",)),
+                          (f"{path}/runs/*/_summary.json", ("started_at", "finished_at"))):
+        for f in fs.glob(pattern):
+            try:
+                with fs.open(f, "r") as fh:
+                    doc = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            row = info.setdefault(f.rstrip("/").rsplit("/", 2)[-2], {})
+            for k in keys:
+                if doc.get(k):
+                    row[k] = datetime.fromisoformat(doc[k])
+    return pa.table({"run_id": list(info),
+                     "started_at": [v.get("started_at") for v in info.values()],
+                     "finished_at": [v.get("finished_at") for v in info.values()]},
+                    schema=RUN_INFO_SCHEMA)
 
 
 def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa.Table:
@@ -168,10 +203,11 @@ def query_command(
         for row in result.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     else:
-        t = Table(*result.column_names)
+        # Values come from media and users: escape them, or rich reads "[...]" as markup.
+        t = Table(*(escape(c) for c in result.column_names))
         for row in result.slice(0, limit).to_pylist():
-            t.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                        for v in row.values()))
+            t.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float)
+                        else escape(str(v)) for v in row.values()))
         Console(width=max(120, Console().width)).print(t)
         if result.num_rows > limit:
             err.print(f"{result.num_rows - limit} more rows (raise --limit, or --format csv)")

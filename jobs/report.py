@@ -48,6 +48,7 @@ class RunData:
     out: str
     summary: dict
     rows: pa.Table
+    note: str | None = None  # which run was chosen instead of the latest, and why
 
 
 def load_run(out: str, run_id: str | None = None, storage: StorageConfig | None = None) -> RunData:
@@ -64,19 +65,52 @@ def load_run(out: str, run_id: str | None = None, storage: StorageConfig | None 
                           f"folder (deepaudit audit --output)?{hint}")
     with fs.open(summary_path, "r") as f:
         summary = json.load(f)
-    run_dir = f"{base}/runs/{summary['run_id']}"
-    files = sorted(p for p in fs.ls(run_dir, detail=False) if p.endswith(".parquet")) \
-        if fs.exists(run_dir) else []
+    note = None
+    files = _verdict_files(fs, f"{base}/runs/{summary['run_id']}")
+    if not files and run_id is None:
+        # The nightly case: an incremental run that skipped everything. Report the latest
+        # run that has rows instead, and say so.
+        chosen = _latest_run_with_rows(fs, base)
+        if chosen is not None:
+            note = (f"the latest run, {summary['run_id']}, audited nothing "
+                    f"({summary.get('rows_in', 0)} items to do); reporting run "
+                    f"{chosen[0]['run_id']}, the latest run with verdict rows")
+            summary, files = chosen
+    if not files:
+        raise ReportError(f"run {summary['run_id']} has no verdict files in "
+                          f"{base}/runs/{summary['run_id']}, and no earlier run has any")
     tables = []
     for p in files:
         with fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
             tables.append(pf.read(columns=cols))
-    if not tables:
-        raise ReportError(f"run {summary['run_id']} has no verdict files in {run_dir}")
     rows = pa.concat_tables(tables, promote_options="permissive")
-    return RunData(out=out, summary=summary, rows=rows)
+    return RunData(out=out, summary=summary, rows=rows, note=note)
+
+
+def _verdict_files(fs, run_dir: str) -> list[str]:
+    if not fs.exists(run_dir):
+        return []
+    return sorted(p for p in fs.ls(run_dir, detail=False)
+                  if p.rsplit("/", 1)[-1].startswith("verdicts-") and p.endswith(".parquet"))
+
+
+def _latest_run_with_rows(fs, base: str) -> tuple[dict, list[str]] | None:
+    """(summary, verdict files) of the most recently started run that has rows."""
+    summaries = []
+    for path in fs.glob(f"{base}/runs/*/_summary.json"):
+        try:
+            with fs.open(path, "r") as f:
+                summaries.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    for s in sorted(summaries, key=lambda s: str(s.get("started_at") or ""), reverse=True):
+        if s.get("rows_out"):
+            files = _verdict_files(fs, f"{base}/runs/{s['run_id']}")
+            if files:
+                return s, files
+    return None
 
 
 def label_value(label) -> int | None:
@@ -428,6 +462,8 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
     elif (s.get("model_quality") or {}).get("caveat"):
         caveat = s["model_quality"]["caveat"]
         banners.append(caveat[0].upper() + caveat[1:] + ".")
+    if data.note:
+        banners.append(data.note[0].upper() + data.note[1:] + ".")
     if s.get("state") == "failed":
         banners.append("The run failed; rows it could not finish are error rows.")
     banner = "".join(f'<div class="banner">{_e(b)}</div>' for b in banners)
@@ -480,6 +516,8 @@ def report_command(
     except (ReportError, OutputError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    if data.note:
+        console.print(f"note: {escape(data.note)}", soft_wrap=True)
     page = render_report(data, storage, top=top, max_errors=max_errors)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8", errors="replace")

@@ -1,15 +1,18 @@
 """Read and validate a manifest before any work starts.
 
-A manifest is CSV, JSONL or Parquet, local or on s3://, with at least a ``uri`` column.
-``media_id`` and ``label`` are optional; every other column is carried through to the
-verdict table unchanged (a column whose name clashes with a verdict column is renamed
-``manifest_<name>``).
+A manifest is CSV, TSV, JSONL or Parquet, local or on s3://, with at least a ``uri``
+column, or instead a ``relative_path`` column (as in the shared set's ``MANIFEST.tsv``):
+paths relative to the manifest's own folder, which become ``uri`` (and ``media_id``,
+unless the manifest has one). ``media_id`` and ``label`` are optional; every other column
+is carried through to the verdict table unchanged (a column whose name clashes with a
+verdict column is renamed ``manifest_<name>``). Every command reads manifests here.
 """
 
 from __future__ import annotations
 
 import io
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
 
 # Columns the pipeline adds itself; manifest columns with these names are renamed.
 ROW_INDEX = "manifest_row"
@@ -83,7 +86,8 @@ def validate_manifest(table: pa.Table, reserved: set[str], source: str = "manife
     if "uri" not in table.column_names:
         raise ManifestError(
             f"{source} has no 'uri' column (columns: {', '.join(table.column_names) or 'none'}). "
-            "Add a column named 'uri' holding a local path or s3://bucket/key per row."
+            "Add a column named 'uri' holding a local path or s3://bucket/key per row (or "
+            "'relative_path', relative to the manifest's folder)."
         )
     if table.num_rows == 0:
         raise ManifestError(f"{source} has no rows: list at least one media uri")
@@ -124,6 +128,29 @@ def validate_manifest(table: pa.Table, reserved: set[str], source: str = "manife
     return table.append_column(ROW_INDEX, pa.array(range(table.num_rows), pa.int64()))
 
 
+RELATIVE_PATH = "relative_path"
+
+
+def resolve_relative_paths(table: pa.Table, manifest_uri: str) -> pa.Table:
+    """A manifest without ``uri`` but with ``relative_path``: ``uri`` = the manifest's
+    folder + the relative path (``media_id`` defaults to the relative path)."""
+    names = table.column_names
+    if "uri" in names or RELATIVE_PATH not in names:
+        return table
+    rel = pc.cast(table[RELATIVE_PATH], pa.string())
+    if is_s3(manifest_uri):
+        base = manifest_uri.rsplit("/", 1)[0]
+    else:
+        base = str(Path(filesystem_for(manifest_uri)[1]).parent)
+    stripped = pc.utf8_ltrim(pc.fill_null(rel, ""), "/")
+    uri = pc.if_else(pc.equal(stripped, ""), "", pc.binary_join_element_wise(base, stripped, "/"))
+    table = table.append_column("uri", uri)
+    if "media_id" not in names:
+        table = table.append_column("media_id", rel)
+    return table
+
+
 def read_manifest(uri: str, reserved: set[str], storage: StorageConfig | None = None) -> pa.Table:
     """Read, validate and normalise a manifest; raises :class:`ManifestError`."""
-    return validate_manifest(_read_raw(uri, storage or StorageConfig()), reserved, source=uri)
+    raw = resolve_relative_paths(_read_raw(uri, storage or StorageConfig()), uri)
+    return validate_manifest(raw, reserved, source=uri)

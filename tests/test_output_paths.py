@@ -20,7 +20,7 @@ READ_ONLY = "/sys/fs/deepaudit-x"  # sysfs: not even root may create files there
 def small(tmp_path):
     """A file where a folder is expected, and a manifest to audit."""
     f = tmp_path / "small.csv"
-    f.write_text("uri\n/nowhere.mp4\n")
+    f.write_text("uri,label\n/nowhere.mp4,fake\n")
     return f
 
 
@@ -66,9 +66,9 @@ def test_report_evaluate_check_query_train_paths(small, tmp_path):
 
 
 def test_check_writable_creates_only_when_asked(tmp_path):
-    check_writable(str(tmp_path / "a" / "b"), what="--output", create=False)
-    assert not (tmp_path / "a").exists()
-    check_writable(str(tmp_path / "a" / "b"))
+    check_writable(str(tmp_path / "a" / "b"), what="--output")  # probes tmp_path itself
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+    check_writable(str(tmp_path / "a" / "b"), create=True)
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
     with pytest.raises(OutputError, match="is a folder"):
         check_writable(str(tmp_path), is_file=True)
