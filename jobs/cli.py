@@ -124,125 +124,131 @@ def _run_with_progress(cfg, show: bool) -> dict:
         return run_audit(cfg, on_rows=on_rows)
 
 
+# audit --help panels: short lines that fit 80 columns (details in the README).
+_IN, _OUT, _MODEL, _CLUSTER, _ADV = "Input", "Output", "Model", "Cluster", "Advanced"
+
+
 @app.command()
 def audit(
     manifest: Annotated[
         str,
-        typer.Argument(metavar="MANIFEST",
-                       help="CSV, TSV, JSONL or Parquet with a 'uri' column (local or s3://). "
-                       "Optional: media_id, label; other columns are carried to the output. "
-                       "Or a folder / s3:// prefix: every media object under it is audited."),
+        typer.Argument(metavar="MANIFEST", show_default=False,
+                       help="Manifest (csv/tsv/jsonl/parquet with 'uri' or 'relative_path'; "
+                       "other columns carried over), or a folder / s3:// prefix."),
     ],
-    output: Annotated[
-        str, typer.Option("--output", "-o", help="Output folder or s3:// prefix; each run "
-                          "writes OUTPUT/runs/<run_id>/verdicts-*.parquet and _summary.json.")
-    ],
-    model: Annotated[
-        Optional[str],
-        typer.Option(help="Registered model name or path to a .safetensors/.json checkpoint. "
-                     "Default: the shipped default weights."),
-    ] = None,
-    frames: Annotated[
-        Optional[int], typer.Option(min=1, help="Frames sampled per video (default: the "
-                                    "model card's). Images are always one frame.")
-    ] = None,
-    address: Annotated[
-        str, typer.Option(help="'local' starts a private Ray on this machine; 'auto' joins "
-                          "the cluster this runs in; ray://HOST:PORT uses Ray Client.")
-    ] = "local",
-    num_cpus: Annotated[
-        Optional[int], typer.Option(min=1, help="CPUs for a local Ray (default: all).")
-    ] = None,
-    s3_endpoint: Annotated[
-        Optional[str], typer.Option(help="S3 endpoint URL (overrides AWS_ENDPOINT_URL), e.g. "
-                                    "http://127.0.0.1:9000. Credentials come from the usual "
-                                    "AWS variables and profiles.")
-    ] = None,
-    decode_actors: Annotated[
-        Optional[int], typer.Option(min=1, help="CPU decode/crop actors (default: from cluster).")
-    ] = None,
-    classify_actors: Annotated[
-        Optional[int], typer.Option(min=1, help="Classifier actor processes, one call at a "
-                                    "time each (default: one per GPU; on CPU from the core "
-                                    "count, up to 4 inference threads per process).")
-    ] = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option(min=1, help="Videos per classifier call; their crops share "
-                                    "forward passes (default: 16 on GPU, 2 on CPU).")
-    ] = None,
-    torch_threads: Annotated[
-        Optional[int], typer.Option(min=1, help="torch threads per CPU classifier actor "
-                                    "(default 1: CPU clusters scale by actors, not threads).")
-    ] = None,
-    crop_batch: Annotated[
-        Optional[int], typer.Option(min=1, help="Crops per CNN forward pass (default: 16 on "
-                                    "CPU, from the GPU's memory on GPU).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    threshold: Annotated[
-        Optional[float], typer.Option(help="Override the model card's fake threshold.")
-    ] = None,
-    run_id: Annotated[
-        Optional[str], typer.Option(help="Run id (default: UTC time + random suffix).")
-    ] = None,
-    evidence: Annotated[
-        bool, typer.Option(help="Write Grad-CAM evidence (PNG strip + JSON) for items flagged "
-                           "fake, under OUTPUT/evidence/, and its path in the 'evidence' column.")
-    ] = True,
-    evidence_max: Annotated[
-        int, typer.Option(min=0, help="Cap on items with evidence per run, split over the "
-                          "classifier actors (ceil(cap / actors) each); 0 = none.")
-    ] = 500,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
-    ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    *,  # keyword-only: --output (required) can sit in its panel's place
     ledger: Annotated[
-        Optional[str], typer.Option(help="Ledger folder or s3:// prefix: audit only items that "
-                                    "are new, changed, errored (up to --max-attempts) or not "
-                                    "yet audited by this model, and record what was audited.")
+        Optional[str], typer.Option(metavar="URI", rich_help_panel=_IN,
+                                    help="Audit only new, changed or errored items; record "
+                                    "what was audited.")
     ] = None,
     max_attempts: Annotated[
-        int, typer.Option(min=1, help="With --ledger: an item that errored this many times "
-                          "(same model, unchanged) is not retried again.")
+        int, typer.Option(min=1, metavar="N", rich_help_panel=_IN,
+                          help="With --ledger: retry an errored item up to N times.")
     ] = 3,
     retry_errors: Annotated[
-        bool, typer.Option("--retry-errors", help="With --ledger: retry every errored item, "
-                           "whatever its attempt count.")
+        bool, typer.Option("--retry-errors", rich_help_panel=_IN,
+                           help="With --ledger: retry every errored item.")
     ] = False,
     any_model: Annotated[
-        bool, typer.Option("--any-model", help="With --ledger: an unchanged item audited by "
-                           "any model counts as done (default: a new model re-audits all).")
+        bool, typer.Option("--any-model", rich_help_panel=_IN,
+                           help="With --ledger: an item done by any model is done.")
     ] = False,
     include: Annotated[
-        Optional[list[str]], typer.Option(help="With a prefix: keep keys matching this glob "
-                                          "(relative to the prefix; repeatable).")
+        Optional[list[str]], typer.Option(metavar="GLOB", rich_help_panel=_IN,
+                                          help="With a prefix: keep matching keys.")
     ] = None,
     exclude: Annotated[
-        Optional[list[str]], typer.Option(help="With a prefix: drop keys matching this glob "
-                                          "(repeatable).")
+        Optional[list[str]], typer.Option(metavar="GLOB", rich_help_panel=_IN,
+                                          help="With a prefix: drop matching keys.")
     ] = None,
+    s3_endpoint: Annotated[
+        Optional[str], typer.Option(metavar="URL", rich_help_panel=_IN,
+                                    help="S3 endpoint (else AWS_ENDPOINT_URL).")
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="URI", rich_help_panel=_OUT,
+                          help="Folder or s3:// prefix for runs/<run_id>/.")
+    ],
+    run_id: Annotated[
+        Optional[str], typer.Option(metavar="ID", rich_help_panel=_OUT,
+                                    help="Run id (default: UTC time + suffix).")
+    ] = None,
+    evidence: Annotated[
+        bool, typer.Option(rich_help_panel=_OUT, help="Grad-CAM evidence for flagged items.")
+    ] = True,
+    evidence_max: Annotated[
+        int, typer.Option(min=0, metavar="N", rich_help_panel=_OUT,
+                          help="Items with evidence per run (0: none).")
+    ] = 500,
     roll_rows: Annotated[
-        int, typer.Option(min=1, help="Close a verdict file after this many rows.")
+        int, typer.Option(min=1, metavar="N", rich_help_panel=_OUT,
+                          help="Close a verdict file after N rows.")
     ] = 1_000,
     roll_seconds: Annotated[
-        float, typer.Option(min=0.1, help="Close a verdict file this long after its first "
-                            "row: the most a killed driver loses.")
+        float, typer.Option(min=0.1, metavar="S", rich_help_panel=_OUT,
+                            help="...or S seconds: what a kill loses.")
     ] = 60.0,
+    json_out: Annotated[
+        bool, typer.Option("--json", rich_help_panel=_OUT, help="Summary as JSON on stdout.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(rich_help_panel=_OUT, help="Progress bar.")] = True,
+    model: Annotated[
+        Optional[str], typer.Option(metavar="NAME|PATH", rich_help_panel=_MODEL,
+                                    help="Model name or checkpoint (default: shipped).")
+    ] = None,
+    frames: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_MODEL,
+                                    help="Frames per video (default: the card's).")
+    ] = None,
+    threshold: Annotated[
+        Optional[float], typer.Option(metavar="P", rich_help_panel=_MODEL,
+                                      help="Fake threshold (default: the card's).")
+    ] = None,
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", rich_help_panel=_MODEL,
+                                        help="Classifier device.")] = "auto",
+    address: Annotated[
+        str, typer.Option(metavar="ADDR", rich_help_panel=_CLUSTER,
+                          help="local, auto (this cluster) or ray://HOST:PORT.")
+    ] = "local",
+    num_cpus: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
+                                    help="CPUs of a local Ray (default: all).")
+    ] = None,
+    decode_actors: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
+                                    help="Decode/crop actors (default: planned).")
+    ] = None,
+    classify_actors: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
+                                    help="Classifier actors (default: planned).")
+    ] = None,
     min_cpus: Annotated[
-        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
-                          "cluster has this many CPUs before planning the actors.")
+        int, typer.Option(min=0, metavar="N", rich_help_panel=_CLUSTER,
+                          help="Wait for N CPUs (autoscaling).")
     ] = 0,
     min_gpus: Annotated[
-        int, typer.Option(min=0, help="Autoscaling clusters: ask for and wait until the "
-                          "cluster has this many GPUs (one classifier actor each).")
+        int, typer.Option(min=0, metavar="N", rich_help_panel=_CLUSTER,
+                          help="Wait for N GPUs (autoscaling).")
     ] = 0,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
+                                    help="Videos per classifier call.")
+    ] = None,
+    torch_threads: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
+                                    help="torch threads per CPU classifier.")
+    ] = None,
+    crop_batch: Annotated[
+        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
+                                    help="Crops per CNN forward pass.")
+    ] = None,
     retry_lost: Annotated[
-        bool, typer.Option(help="Items whose worker died on every attempt (a crash, the "
-                           "out-of-memory killer) run once more, each alone in its worker, "
-                           "so an item that kills its worker takes no other item with it.")
+        bool, typer.Option(rich_help_panel=_ADV,
+                           help="Rerun items whose worker died, each alone.")
     ] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=_ADV,
+                                          help="Log more.")] = False,
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.ledger import LedgerPolicy

@@ -158,9 +158,22 @@ def mask_stats(mask: np.ndarray) -> dict:
 
 
 def _ascii(text: str, limit: int) -> str:
-    """Printable ASCII for Hershey fonts (OpenCV draws nothing else)."""
+    """Printable ASCII for Hershey fonts (OpenCV draws nothing else), at most ``limit``
+    characters: a long text loses its middle, so both ends stay readable."""
     out = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
-    return out if len(out) <= limit else "..." + out[-(limit - 3) :]
+    if len(out) <= limit:
+        return out
+    keep = max(0, limit - 3)
+    return out[: keep // 2] + "..." + out[len(out) - (keep - keep // 2):]
+
+
+def strip_title(verdict: str, p_fake: float, threshold: float, media_id: str,
+                limit: int) -> str:
+    """The strip's header: verdict and score first, always whole; then the media id,
+    shortened from its middle to fit (the file name at its end stays)."""
+    head = f"{verdict.upper()} p={p_fake:.3f} (threshold {threshold:.4g})"
+    room = limit - len(head) - 2
+    return head if room < 8 else f"{head}  {_ascii(media_id, room)}"
 
 
 def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45,
@@ -171,6 +184,11 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45,
 def _overlay(crop_bgr: np.ndarray, heat: np.ndarray) -> np.ndarray:
     colour = cv2.applyColorMap(np.uint8(np.round(heat * 255)), cv2.COLORMAP_JET)
     return cv2.addWeighted(crop_bgr, 0.5, colour, 0.5, 0.0)
+
+
+def title_chars(width: int) -> int:
+    """Characters of the header that fit a strip ``width`` px wide (Hershey, scale 0.5)."""
+    return int(width / 8.2)
 
 
 COLUMNS = ("face crop", "Grad-CAM: video score", "Grad-CAM: frame score", "suspect mask")
@@ -201,7 +219,7 @@ def render_strip(
     width = 4 * side + 5 * gap
     height = title_h + head_h + k * (side + gap) + gap
     img = np.full((height, width, 3), 32, np.uint8)
-    _text(img, _ascii(title, int(width / 8.2)), (gap + 2, 20), 0.5)
+    _text(img, _ascii(title, title_chars(width)), (gap + 2, 20), 0.5)
     thr = f"suspect mask (>= {mask_threshold:g} x max)"
     for c, name in enumerate(COLUMNS[:3] + (thr,)):
         _text(img, name, (gap + c * (side + gap) + 2, title_h + 15), 0.42, (200, 200, 200))
@@ -290,7 +308,9 @@ class EvidenceBuilder:
         cfg = self.config
         frame_idx = [int(row["frame_indices"][p]) for p in ex.positions]
         frame_p = [float(row["frame_p_fake"][p]) for p in ex.positions]
-        title = f"FAKE p={row['p_fake']:.3f} (threshold {row['threshold']:.4g})  {row['media_id']}"
+        side = max(crops.shape[1], 192)  # render_strip's panel size
+        title = strip_title(row["verdict"] or "fake", row["p_fake"], row["threshold"],
+                            str(row["media_id"]), title_chars(4 * side + 5 * 4))
         png = render_strip(crops, ex.video_cam, ex.frame_cam, frame_idx, frame_p, title,
                            cfg.mask_threshold)
         frames = []

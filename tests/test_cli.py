@@ -69,3 +69,28 @@ def test_unsafe_run_id_is_refused_before_any_work(tmp_path, bad):
     result = runner.invoke(app, ["audit", str(m), "-o", str(tmp_path / "out"), "--run-id", bad])
     assert result.exit_code == 2 and "safe folder name" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
+def test_audit_help_is_readable_at_80_columns():
+    """Options in panels, and no option name cut ('--classify-act…') at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80", "TERM": "xterm"}
+    out = subprocess.run([sys.executable, "-m", "deepaudit.jobs.cli", "audit", "--help"],
+                         capture_output=True, text=True, env=env, timeout=120).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for panel in ("Input", "Output", "Model", "Cluster", "Advanced"):
+        assert f"─ {panel} ─" in out, out
+    names = ["--output", "--ledger", "--max-attempts", "--retry-errors", "--any-model",
+             "--include", "--exclude", "--s3-endpoint", "--run-id", "--evidence",
+             "--evidence-max", "--roll-rows", "--roll-seconds", "--json", "--progress",
+             "--model", "--frames", "--threshold", "--device", "--address", "--num-cpus",
+             "--decode-actors", "--classify-actors", "--min-cpus", "--min-gpus",
+             "--batch-size", "--torch-threads", "--crop-batch", "--retry-lost", "--verbose"]
+    words = set(out.replace("│", " ").split())
+    for name in names:
+        assert name in words, (name, out)
+    assert "…" not in out
+    assert len(out.splitlines()) < 120

@@ -278,3 +278,15 @@ def test_audit_writes_evidence_for_flagged_items_with_hostile_ids(ray_local, tin
     # Nothing was written outside OUT/evidence and OUT/runs.
     assert {p.name for p in out.iterdir()} == {"evidence", "runs", "_summary.json"}
     assert not (tmp_path / "etc").exists() and not Path("/abs/path.mp4").exists()
+
+
+def test_strip_header_keeps_verdict_and_score_first():
+    """A long path is shortened from its middle; the verdict and score always show."""
+    from deepaudit.pipeline.evidence import _ascii, strip_title
+
+    long_id = "s3://archive/" + "deep/" * 60 + "interview_2026-03-01_cam7.mp4"
+    title = strip_title("fake", 0.91234, 0.5, long_id, 95)
+    assert title.startswith("FAKE p=0.912 (threshold 0.5)  s3://")
+    assert title.endswith("interview_2026-03-01_cam7.mp4") and "..." in title
+    assert len(_ascii(title, 95)) <= 95 and _ascii(title, 95) == title
+    assert strip_title("fake", 0.5, 0.5, "a.mp4", 95) == "FAKE p=0.500 (threshold 0.5)  a.mp4"
