@@ -16,7 +16,7 @@ system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
 	  echo ">> installing Debian's ffmpeg"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q ffmpeg; \
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=600 update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q ffmpeg; \
 	fi
 
 # The report test drives a real headless Chromium (Debian's, through its chromedriver).
@@ -24,7 +24,7 @@ test-deps:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  echo ">> installing Debian's chromium and chromium-driver (for the report test)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=600 update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q chromium chromium-driver; \
 	fi
 
 $(STAMP): pyproject.toml
