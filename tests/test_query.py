@@ -90,7 +90,7 @@ def _check_readme_queries(target: str, prefix: str, storage: StorageConfig) -> N
                        storage).to_pylist()
     assert [(r["code"], r["n"]) for r in errors] == [("not_media", 2), ("timeout", 1)]
     dist = {r["source"]: r for r in run_query(
-        target, q["Score distribution per source (the first folder under the bucket or root)"],
+        target, q["Score distribution per source (the folder that holds each file)"],
         storage).to_pylist()}
     assert set(dist) == {"cam1", "cam2", "cam3"}
     assert dist["cam1"]["n"] == 2 and dist["cam1"]["fakes"] == 2  # latest b is 0.95
