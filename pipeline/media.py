@@ -324,7 +324,7 @@ def frame_defect(frame: np.ndarray) -> str | None:
 
     The sign is a share of the frame in fill green. Measured (docs/decode.md): it flags 73
     of the 78 corrupt frames old seeks gave on the FF++ clips (the other 5 are subtly
-    damaged; ffmpeg reported errors on all 78) and 0 of 2,835 clean frames of the shared
+    damaged; ffmpeg reported errors on all 78) and 0 of 4,245 clean frames of the shared
     data. A gray-chroma rule (textured blocks of exactly neutral colour) caught no more
     and flagged a photo in front of a gray press wall, so it is not used. Synthetic
     pictures with a pure green area (test patterns, an RGB-green key) are flagged too."""
@@ -410,23 +410,36 @@ def decode_sampled(source: Source, info: MediaInfo, config: DecodeConfig) -> Dec
                 .output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=1)
                 .compile()
             )
-            data, stderr = _run(args, config.timeout_s, source.location, config)
-            errors = decode_errors(stderr)
+            try:
+                data, stderr = _run(args, config.timeout_s, source.location, config)
+                errors = decode_errors(stderr)
+            except MediaError as exc:
+                if exc.code != "decode_failed":
+                    raise
+                data, errors = b"", [str(exc)]  # ffmpeg failed on this seek: fall back
             warnings += len(errors)
-            if len(data) < frame_bytes:
-                if not errors:
-                    continue  # past the end (the frame count was an estimate)
-                data = bytes(frame_bytes)
-            frame = np.frombuffer(data[:frame_bytes], np.uint8).reshape(h, w, 3)
-            if not errors and len(data) >= frame_bytes and frame_defect(frame) is None:
+            if len(data) < frame_bytes and not errors:
+                # Past the end (the frame count was an estimate).
+                dropped.append(DroppedFrame(idx, "not_decoded: past the end of the input"))
+                continue
+            if not errors and frame_defect(
+                    np.frombuffer(data[:frame_bytes], np.uint8).reshape(h, w, 3)) is None:
                 got.append((idx, data[:frame_bytes]))
                 continue
             # Seeking failed on this file once: the rest is decoded sequentially.
             mode, rest = DECODE_FALLBACK, indices[k:]
             break
     if rest:
-        chunks, errors = _sequential(source, info, config, rest, w, h)
+        try:
+            chunks, errors = _sequential(source, info, config, rest, w, h)
+        except MediaError as exc:
+            if mode == DECODE_SEQUENTIAL or exc.code != "decode_failed":
+                raise
+            chunks, errors = [], [str(exc)]  # keep the frames the seeks gave
         warnings += len(errors)
+        missing = "not_decoded: the input ended before this frame"
+        if not chunks and errors:
+            missing = f"not_decoded: {errors[0][:200]}"
         for idx, data in zip(rest, chunks):
             defect = frame_defect(np.frombuffer(data, np.uint8).reshape(h, w, 3))
             if defect:
@@ -434,8 +447,7 @@ def decode_sampled(source: Source, info: MediaInfo, config: DecodeConfig) -> Dec
             else:
                 got.append((idx, data))
         if len(chunks) < len(rest):
-            dropped.extend(DroppedFrame(i, "not_decoded: the input ended before this frame")
-                           for i in rest[len(chunks):])
+            dropped.extend(DroppedFrame(i, missing) for i in rest[len(chunks):])
     if not got:
         if dropped and any(d.reason.startswith("corrupt") for d in dropped):
             raise MediaError("corrupt_frames", f"every decoded frame was corrupt "
