@@ -36,7 +36,15 @@ FORMATS = {
 
 
 class ManifestError(ValueError):
-    """The manifest cannot be audited; the message says what to fix."""
+    """The manifest cannot be audited; the message says what to fix.
+
+    The message is one printable line: control characters that come from a manifest's
+    column names or values (or a parser's multi-line message) are escaped (``\\n``,
+    ``\\x00``), never printed raw."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                                 for c in str(message)))
 
 
 def manifest_format(uri: str) -> str:
@@ -62,7 +70,10 @@ def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
         if fmt in ("csv", "tsv"):
             return pacsv.read_csv(
                 io.BytesIO(data),
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                # A quoted value may hold newlines; without newlines_in_values, a file over
+                # one block (1 MB) splits rows at such a newline and fails to parse.
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                                 newlines_in_values=True),
                 # Ids and labels like "007" or "1" must stay strings.
                 convert_options=pacsv.ConvertOptions(
                     column_types={"uri": pa.string(), "media_id": pa.string(),
@@ -72,9 +83,33 @@ def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
             )
         if fmt == "jsonl":
             return pajson.read_json(io.BytesIO(data))
-        return pq.read_table(io.BytesIO(data))
+        # ParquetFile reads repeated column names (read_table does not), so they get the
+        # clear error of validate_manifest.
+        return pq.ParquetFile(io.BytesIO(data)).read()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise ManifestError(f"cannot parse manifest {uri} as {fmt}: {exc}") from exc
+
+
+def _check_column_names(table: pa.Table, source: str) -> None:
+    repeated = sorted(n for n, k in Counter(table.column_names).items() if k > 1)
+    if repeated:
+        raise ManifestError(
+            f"{source} has more than one column named {', '.join(map(repr, repeated))} "
+            "(a column named like a verdict column is renamed manifest_<name>): give each "
+            "column a distinct name."
+        )
+
+
+def _strings(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
+    """A column as text; a column that cannot be text (lists, structs, bytes that are not
+    UTF-8) is a ManifestError, not a pyarrow error."""
+    try:
+        return pc.cast(table[name], pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ManifestError(
+            f"{source}: column {name!r} must hold text, not {table.schema.field(name).type} "
+            f"({exc})"
+        ) from None
 
 
 def validate_manifest(table: pa.Table, reserved: set[str], source: str = "manifest") -> pa.Table:
@@ -98,19 +133,21 @@ def validate_manifest(table: pa.Table, reserved: set[str], source: str = "manife
             renames[name] = f"manifest_{name}"
     if renames:
         table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+    _check_column_names(table, source)
 
-    uri = pc.cast(table["uri"], pa.string())
+    uri = _strings(table, "uri", source)
     uri = pc.if_else(pc.is_null(uri), "", uri)
     table = table.set_column(table.column_names.index("uri"), "uri", uri)
     if "media_id" in table.column_names:
-        mid = pc.cast(table["media_id"], pa.string())
-        mid = pc.if_else(pc.or_(pc.is_null(mid), pc.equal(mid, "")), uri, mid)
+        mid = _strings(table, "media_id", source)
+        # Kleene or: a null id is "missing" (plain or_ would give null, and a null id).
+        mid = pc.if_else(pc.or_kleene(pc.is_null(mid), pc.equal(mid, "")), uri, mid)
         table = table.set_column(table.column_names.index("media_id"), "media_id", mid)
     else:
         table = table.append_column("media_id", uri)
     if "label" in table.column_names:
         table = table.set_column(
-            table.column_names.index("label"), "label", pc.cast(table["label"], pa.string())
+            table.column_names.index("label"), "label", _strings(table, "label", source)
         )
 
     ids = table["media_id"].to_pylist()
@@ -137,7 +174,8 @@ def resolve_relative_paths(table: pa.Table, manifest_uri: str) -> pa.Table:
     names = table.column_names
     if "uri" in names or RELATIVE_PATH not in names:
         return table
-    rel = pc.cast(table[RELATIVE_PATH], pa.string())
+    _check_column_names(table, manifest_uri)
+    rel = _strings(table, RELATIVE_PATH, manifest_uri)
     if is_s3(manifest_uri):
         base = manifest_uri.rsplit("/", 1)[0]
     else:
