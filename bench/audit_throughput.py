@@ -139,7 +139,7 @@ def main(
              "the fixed start-up cost. Stage costs and evidence use this many too.")] = 24,
     seconds: Annotated[float, typer.Option(help="Clip length.")] = 10.0,
     frames: Annotated[int, typer.Option(help="Frames sampled per clip.")] = 16,
-    model: Annotated[str, typer.Option(help="Model name or checkpoint.")] = "resnext_lstm",
+    model: Annotated[str, typer.Option(help="Model name or checkpoint.")] = "effnet_lite0_lstm",
     workdir: Annotated[Path, typer.Option(help="Clip cache and outputs.")] = Path("bench-out"),
     evidence: Annotated[bool, typer.Option(help="Measure the Grad-CAM evidence overhead.")] = True,
     rounds: Annotated[int, typer.Option(

@@ -30,6 +30,9 @@ def main(
              "reported).")] = None,
     scores_out: Annotated[Optional[str], typer.Option(help="Write per-item scores (JSONL).")]
         = None,
+    frame_mean: Annotated[bool, typer.Option(
+        help="Score an item by the mean of its frame scores (the frame head) instead of the "
+             "video head: for checkpoints whose LSTM is not trained yet.")] = False,
 ) -> None:
     import pyarrow.compute as pc
 
@@ -69,7 +72,7 @@ def main(
         for i in range(0, len(rows), 32):
             scored += stage(table_from_rows(rows[i:i + 32], CROP_SCHEMA)).to_pylist()
         y = [r["label"] for r in items]
-        p = [s["p_fake"] for s in scored]
+        p = [float(np.mean(s["frame_p_fake"])) if frame_mean else s["p_fake"] for s in scored]
         block = {"auc": roc_auc(y, p)}
         for kind in ("image", "video"):
             sel = [k for k, r in enumerate(items) if r["media_type"] == kind]

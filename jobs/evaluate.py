@@ -46,6 +46,7 @@ class EvalConfig:
     group_column: str | None = None
     threshold: float | None = None  # override the card's for this evaluation
     calibrate: bool = False
+    record_ood: bool = False  # write the measurement into the card as out-of-domain quality
     target_fpr: float = 0.05
     frames: int | None = None
     address: str = "local"
@@ -65,6 +66,9 @@ class EvalConfig:
             raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.calibrate and self.record_ood:
+            raise ValueError("--calibrate tunes on validation data and --record-out-of-domain "
+                             "records a measurement on unseen sources: use one per run")
         if self.calibrate and self.threshold is not None:
             raise ValueError("--calibrate chooses the threshold itself: drop --threshold")
 
@@ -75,7 +79,8 @@ def _calibration_card(model: str | None) -> Path:
 
     if model is None or Path(model).suffix not in (".json", ".safetensors"):
         raise ValueError(
-            "--calibrate writes the threshold into a model card: pass --model PATH/TO/card.json "
+            "--calibrate and --record-out-of-domain write into a model card: pass --model "
+            "PATH/TO/card.json "
             "(or its .safetensors), not a registered name. Copy a shipped model's card and "
             "weights elsewhere first if you want to calibrate them.")
     handle = resolve_model(model)
@@ -180,19 +185,40 @@ def validate_eval_manifest(uri: str, storage=None):
     return manifest
 
 
+def out_of_domain_record(result: dict, manifest: str) -> dict:
+    """What a card keeps of an evaluation on unseen sources: AUC overall and per media
+    type, FPR and recall at the card's threshold, counts, robustness, when and on what."""
+    overall = result["overall"] or {}
+    by_type = result["by_media_type"]
+    record = {
+        "data": manifest, "roc_auc": overall.get("roc_auc"),
+        "fpr": overall.get("fpr"), "recall": overall.get("recall"),
+        "threshold": result["threshold"], "n_real": overall.get("n_real"),
+        "n_fake": overall.get("n_fake"), "coverage": result["counts"]["coverage"],
+        "evaluated_at": result["evaluated_at"],
+    }
+    for kind, m in by_type.items():
+        record[f"{kind}_roc_auc"] = (m or {}).get("roc_auc")
+        record[f"{kind}_fpr"] = (m or {}).get("fpr")
+    if "robustness" in result:
+        record["robustness"] = {k: {"roc_auc": v["roc_auc"], "delta_auc": v["delta_auc"]}
+                                for k, v in result["robustness"]["by_perturbation"].items()}
+    return record
+
+
 def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
     from deepaudit.infra.storage import StorageConfig, check_writable, filesystem_for, join
     from deepaudit.jobs.audit import AuditConfig, read_verdicts, run_audit
     from deepaudit.jobs.datasets import parse_label
     from deepaudit.jobs.metrics import histogram_png, roc_png
-    from deepaudit.models.checkpoint import set_card_threshold
+    from deepaudit.models.checkpoint import set_card_out_of_domain, set_card_threshold
     from deepaudit.models.perturb import parse_perturbations
 
     storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
     manifest = validate_eval_manifest(cfg.manifest, storage)  # before anything heavy
     check_writable(cfg.output, storage, what="--output")
-    card_path = _calibration_card(cfg.model) if cfg.calibrate else None
+    card_path = _calibration_card(cfg.model) if cfg.calibrate or cfg.record_ood else None
     group_column = cfg.group_column
     if group_column is not None and group_column not in manifest.column_names:
         raise ValueError(f"--group-column {group_column!r} is not a column of {cfg.manifest} "
@@ -238,6 +264,9 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
         result["calibration"] = _calibrate(card_path, labels, scores, cfg, summary)
         set_card_threshold(card_path, result["calibration"]["threshold"],
                            {k: v for k, v in result["calibration"].items() if k != "metrics"})
+    if cfg.record_ood:
+        result["out_of_domain"] = out_of_domain_record(result, cfg.manifest)
+        set_card_out_of_domain(card_path, result["out_of_domain"])
     fs, base = filesystem_for(cfg.output, storage)
     fs.makedirs(base, exist_ok=True)
     plots = []
@@ -294,6 +323,10 @@ def evaluate_command(
         help="Set the card's threshold so the FPR on this (validation) manifest is at most "
              "--target-fpr, and write it into the card given by --model.")] = False,
     target_fpr: Annotated[float, typer.Option(help="FPR target for --calibrate.")] = 0.05,
+    record_out_of_domain: Annotated[bool, typer.Option(
+        help="The manifest holds media from sources the model never trained on: write AUC, "
+             "FPR and robustness into the card given by --model (metrics.out_of_domain), "
+             "which the audit summary, check and the report quote.")] = False,
     perturb: Annotated[Optional[str], typer.Option(
         help="Robustness: also score every face crop perturbed, one audit each, and report "
              "AUC per perturbation, e.g. jpeg:50,resize:0.5,blur:1.5,noise:8.")] = None,
@@ -326,6 +359,7 @@ def evaluate_command(
         cfg = EvalConfig(manifest=manifest, output=output, model=model,
                          group_column=group_column, threshold=threshold, calibrate=calibrate,
                          target_fpr=target_fpr, perturb=perturb, frames=frames,
+                         record_ood=record_out_of_domain,
                          address=address,
                          num_cpus=num_cpus, s3_endpoint=s3_endpoint)
         with console.status("auditing the manifest..."):

@@ -44,7 +44,7 @@ class TrainConfig:
 
     inputs: tuple[str, ...]
     output: str
-    model: str = "resnext_lstm"  # a registered architecture
+    model: str = "effnet_lite0_lstm"  # a registered architecture
     # A deepaudit checkpoint to fine-tune (.json/.safetensors), or ImageNet weights for the
     # CNN trunk: "imagenet" (the package that ships them) or a .pth state dict.
     init_from: str | None = None
@@ -622,7 +622,8 @@ def train_command(
         "--config", "-c", help="A recipe file (TOML; keys are these options' names, e.g. "
         "recipes/effnet_lite0.toml). Options given on the command line override its "
         "keys.")] = None,
-    model: Annotated[str, typer.Option(help="Registered architecture to train.")] = "resnext_lstm",
+    model: Annotated[str, typer.Option(help="Registered architecture to train.")]
+        = "effnet_lite0_lstm",
     init_from: Annotated[Optional[str], typer.Option(
         help="Start from a deepaudit checkpoint (.json card or .safetensors: fine-tuning), "
              "or start the CNN trunk from ImageNet weights: 'imagenet' (the weights package "

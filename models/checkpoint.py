@@ -220,6 +220,22 @@ def set_card_threshold(card_path: str | Path, threshold: float,
     return card
 
 
+def set_card_out_of_domain(card_path: str | Path, measured: dict[str, Any]) -> dict[str, Any]:
+    """Record a measurement on media from sources the model never trained on under the
+    card's ``metrics.out_of_domain`` (what every verdict surface quotes). The weights and
+    their sha256 are untouched. Returns the updated card."""
+    card_path = Path(card_path).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    if "config" not in card or "weights_sha256" not in card:
+        raise ValueError(f"{card_path} is not a deepaudit model card")
+    card["metrics"] = dict(card.get("metrics") or {})
+    card["metrics"]["out_of_domain"] = measured
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+    return card
+
+
 def _untrained(name: str) -> ModelHandle:
     """A handle for a registered architecture with no weights (seeded random init)."""
     config = get_config(name)

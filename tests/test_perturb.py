@@ -76,6 +76,13 @@ def test_robustness_by_hand():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_evaluate_perturb_end_to_end(ray_local, tiny_model, media, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_model.with_suffix(suffix), model_dir / f"tiny{suffix}")
+    card = model_dir / "tiny.json"
     manifest = tmp_path / "val.csv"
     with manifest.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["uri", "label"])
@@ -85,8 +92,9 @@ def test_evaluate_perturb_end_to_end(ray_local, tiny_model, media, tmp_path):
                      {"uri": str(media["face_video"]), "label": "fake"},
                      {"uri": str(media["face_video_2"]), "label": "real"}])
     out = tmp_path / "eval"
-    res = runner.invoke(app, ["evaluate", str(manifest), "-o", str(out), "--model",
-                              str(tiny_model), "--frames", "4", "--perturb", "jpeg:20,blur:2"])
+    res = runner.invoke(app, ["evaluate", str(manifest), "-o", str(out), "--model", str(card),
+                              "--frames", "4", "--perturb", "jpeg:20,blur:2",
+                              "--record-out-of-domain"])
     assert res.exit_code == 0, res.output
     assert "robustness" in res.output and "jpeg:20" in res.output
     rob = json.loads((out / "metrics.json").read_text())["robustness"]
@@ -99,6 +107,15 @@ def test_evaluate_perturb_end_to_end(ray_local, tiny_model, media, tmp_path):
     jpeg = {r["media_id"]: r["p_fake"] for r in read_verdicts(runs["jpeg:20"]).to_pylist()}
     assert len(base) == 4 and base.keys() == jpeg.keys()
     assert any(base[k] != jpeg[k] for k in base)  # the crops really were re-encoded
+    # The card now carries the measurement, and every verdict surface quotes it.
+    from deepaudit.models.checkpoint import resolve_model
+
+    ood = json.loads(card.read_text())["metrics"]["out_of_domain"]
+    assert ood["data"] == str(manifest) and ood["roc_auc"] == rob["by_perturbation"]["none"][
+        "roc_auc"]
+    assert set(ood["robustness"]) == {"none", "jpeg:20", "blur:2"} and "image_roc_auc" in ood
+    quality = resolve_model(card).quality
+    assert quality["ood_auc"] == ood["roc_auc"]
     bad = runner.invoke(app, ["evaluate", str(manifest), "-o", str(out / "x"), "--perturb",
                               "jpeg:0"])
     assert bad.exit_code == 2 and "1-100" in bad.output

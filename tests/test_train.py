@@ -260,3 +260,32 @@ def test_two_ddp_workers_with_data_cache_and_checkpoints_on_s3(ray_local, s3_ser
                for k in keys)
     assert any(k.startswith("ddp/cache/") and k.endswith(".crops.parquet") for k in keys)
     assert Path(result["card"]).is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tiny_recipe_end_to_end_through_the_cli(ray_local, toy, tmp_path):
+    """`train --config recipes/tiny.toml`: the shipped recipe's shape (head epoch, balanced
+    draws with self-blended fakes, threshold at a validation FPR) on the tiny model."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "--config", str(recipe), str(toy / "labels.csv"), "-o", str(out),
+        "--cache", str(tmp_path / "cache"), "--cpus-per-worker", "1", "--target-fpr", "0.1",
+        "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    card = json.loads(Path(summary["card"]).read_text())
+    assert card["arch"] == "effnet_lite_lstm_tiny" and card["config"]["input_size"] == 64
+    recipe_used = card["training_data"]["recipe"]
+    assert recipe_used["recipe_file"] == str(recipe) and recipe_used["balance"] is True
+    assert recipe_used["target_fpr"] == 0.1  # the command line beat the recipe's default
+    phase1 = [h for h in summary["history"] if h["phase"] == 1]
+    assert [h["epoch"] for h in phase1] == [1, 2]
+    assert phase1[0]["steps"] == 64 // 16  # epoch_crops / batch_size draws per epoch
+    assert "false-positive rate at most 0.1" in card["metrics"]["threshold"]["rule"]
+    preds = pq.read_table(out / "val_predictions.parquet").to_pylist()
+    reals = [p["p_fake"] for p in preds if p["label"] == 0]
+    t = card["config"]["threshold"]
+    assert sum(p >= t for p in reals) <= 0.1 * len(reals)
