@@ -519,18 +519,12 @@ def read_recipe(path: str | Path) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def _explicit_options() -> set[str]:
+def _explicit_options(ctx: typer.Context) -> set[str]:
     """TrainConfig names of the options typed on this command line (they beat a recipe)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return set()
     alias = {"gpu": "use_gpu"}
+    typed = ("COMMANDLINE", "ENVIRONMENT")
     return {alias.get(name, name) for name in ctx.params
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
-                                                  ParameterSource.ENVIRONMENT)}
+            if getattr(ctx.get_parameter_source(name), "name", None) in typed}
 
 
 def train_config(cli: dict, recipe: str | Path | None, explicit: set[str]) -> TrainConfig:
@@ -608,6 +602,7 @@ class ProgressPrinter:
 
 
 def train_command(
+    ctx: typer.Context,
     inputs: Annotated[Optional[list[str]], typer.Argument(
         metavar="INPUT",
         help="Training data, one or more: a labelled manifest (csv/tsv/jsonl/parquet with uri, "
@@ -770,7 +765,7 @@ def train_command(
             checkpoint_storage=checkpoint_storage, s3_endpoint=s3_endpoint, resume=resume,
             dtype=dtype, limit=limit, exclude=tuple(exclude or ()),
             exclude_from_training=tuple(exclude_from_training or ()))
-        cfg = train_config(given, config, _explicit_options())
+        cfg = train_config(given, config, _explicit_options(ctx))
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:

@@ -151,3 +151,27 @@ def test_summary_table_and_report_show_the_caveat():
     text = console.export_text()
     assert "ROC AUC 0.66 on unseen sources" in text and "lead for human review" in text
     assert "ROC AUC 0.66" in _summary_section(summary)
+
+
+def test_train_command_line_options_beat_the_recipe(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import deepaudit.jobs.train as train
+    from deepaudit.jobs.cli import app
+
+    seen = []
+
+    def fake_run(cfg, on_event=None):
+        seen.append(cfg)
+        raise train.TrainingError("stop here")
+
+    monkeypatch.setattr(train, "run_train", fake_run)
+    runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+    recipe = str(RECIPES / "effnet_lite0.toml")
+    runner.invoke(app, ["train", "--config", recipe, "x.csv", "-o", str(tmp_path),
+                        "--epochs", "5", "--early-stop", "none", "--gpu", "no"])
+    runner.invoke(app, ["train", "--config", recipe, "x.csv", "-o", str(tmp_path)])
+    typed, plain = seen
+    assert (typed.epochs, typed.early_stop, typed.use_gpu) == (5, "none", "no")
+    assert (plain.epochs, plain.early_stop, plain.use_gpu) == (6, "auc", "auto")
+    assert typed.lr == plain.lr == 3e-4 and typed.model == "effnet_lite0_lstm"
