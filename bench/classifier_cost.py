@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -45,8 +46,7 @@ def main(
     stages, batches = [], []
     rng = np.random.default_rng(0)
     for h, size in zip(handles, size_list):
-        h = type(h)(**{**h.__dict__, "config": h.config.__class__(
-            **{**h.config.__dict__, "input_size": size})})
+        h = replace(h, config=replace(h.config, input_size=size))
         stages.append(ClassifyStage(h, ClassifyConfig(device="cpu", crop_batch=16,
                                                       threads=threads)))
         rows = [{"status": "ok", "media_id": f"v{i}", "n_frames_with_face": frames,

@@ -44,7 +44,9 @@ from deepaudit.pipeline.schema import STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "deepaudit-crop-cache/1"
+# 2: crops from the decode that never keeps a corrupt frame (docs/decode.md); caches built
+# before it may hold frames a seek decoded wrongly, so they are not reused.
+CACHE_FORMAT = "deepaudit-crop-cache/2"
 TRANSIENT_CODES = ("timeout", "fetch_failed", "internal", "access_denied", "lost")
 
 CROP_ROW_SCHEMA = pa.schema([

@@ -22,7 +22,7 @@ from torch import nn
 
 from deepaudit.models.registry import ModelConfig, create_model, get_config, list_models
 
-DEFAULT_MODEL = "resnext_lstm"
+DEFAULT_MODEL = "effnet_lite0_lstm"
 CARD_FORMAT = "deepaudit-model-card/1"
 CARD_KEYS = (
     "name", "arch", "config", "weights_file", "weights_sha256", "trained", "dtype",

@@ -169,9 +169,9 @@ def test_train_command_line_options_beat_the_recipe(monkeypatch, tmp_path):
     runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
     recipe = str(RECIPES / "effnet_lite0.toml")
     runner.invoke(app, ["train", "--config", recipe, "x.csv", "-o", str(tmp_path),
-                        "--epochs", "5", "--early-stop", "none", "--gpu", "no"])
+                        "--epochs", "5", "--early-stop", "loss", "--gpu", "no"])
     runner.invoke(app, ["train", "--config", recipe, "x.csv", "-o", str(tmp_path)])
     typed, plain = seen
-    assert (typed.epochs, typed.early_stop, typed.use_gpu) == (5, "none", "no")
-    assert (plain.epochs, plain.early_stop, plain.use_gpu) == (6, "auc", "auto")
+    assert (typed.epochs, typed.early_stop, typed.use_gpu) == (5, "loss", "no")
+    assert (plain.epochs, plain.early_stop, plain.use_gpu) == (3, "none", "auto")
     assert typed.lr == plain.lr == 3e-4 and typed.model == "effnet_lite0_lstm"
