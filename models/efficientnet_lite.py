@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepaudit.models.resnext import init_conv_bn
+
 BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the weights were trained with
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99
 
@@ -119,15 +121,7 @@ class EfficientNetLite(nn.Module):
             self._dropout = nn.Dropout(dropout)
             self._fc = nn.Linear(head_channels, num_classes)
         self.num_classes = num_classes
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def frozen_modules(self, level: int) -> list[nn.Module]:
         """What ``train --freeze`` keeps fixed: 1 nothing, 2 the stem and the first three

@@ -16,6 +16,16 @@ from torch import Tensor, nn
 EXPANSION = 4  # bottleneck output channels = planes * EXPANSION
 
 
+def init_conv_bn(module: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convolutions and identity BatchNorms, in place."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1x1 reduce, grouped 3x3 (carries the stride), 1x1 expand."""
 
@@ -96,12 +106,7 @@ class ResNeXt(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         """Kaiming-normal convs, BN to identity; optionally zero each block's last BN."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
