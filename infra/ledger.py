@@ -270,34 +270,28 @@ class Ledger:
             os.replace(tmp, final)
         return final
 
-    def _write_json(self, name: str, payload: dict) -> None:
+    def _write_bytes(self, name: str, data: bytes) -> None:
+        """Write a file that only ever appears complete (a rename locally, one PUT on S3)."""
         final = f"{self.path}/{name}"
-        folder = final.rsplit("/", 1)[0]
+        folder, base = final.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
-        data = json.dumps(payload, indent=2, default=str).encode()
         if self.remote:
             self.fs.pipe_file(final, data)
         else:
-            tmp = f"{folder}/.{final.rsplit('/', 1)[-1]}.inprogress"
+            tmp = f"{folder}/.{base}.inprogress"
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, final)
+
+    def _write_json(self, name: str, payload: dict) -> None:
+        self._write_bytes(name, json.dumps(payload, indent=2, default=str).encode())
 
     def _write_plan(self, name: str, plan: pa.Table) -> None:
         """The plan as an Arrow IPC file: not ``*.parquet``, so no Parquet glob sees it."""
         sink = pa.BufferOutputStream()
         with ipc.new_file(sink, plan.schema) as w:
             w.write_table(plan)
-        final = f"{self.path}/{name}"
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        data = sink.getvalue().to_pybytes()
-        if self.remote:
-            self.fs.pipe_file(final, data)
-        else:
-            tmp = f"{final.rsplit('/', 1)[0]}/.{final.rsplit('/', 1)[-1]}.inprogress"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)
+        self._write_bytes(name, sink.getvalue().to_pybytes())
 
     def read_plan(self, run_id: str) -> pa.Table:
         folder = f"{self.path}/{RUNS}/{run_id}"

@@ -22,7 +22,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
@@ -226,23 +226,22 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     if group_column is None:
         group_column = next((c for c in GROUP_CANDIDATES if c in manifest.column_names), None)
 
-    summary = run_audit(AuditConfig(
+    audit = AuditConfig(
         manifest=cfg.manifest, output=join(cfg.output, "audit"), model=cfg.model,
         frames=cfg.frames, address=cfg.address, num_cpus=cfg.num_cpus,
         s3_endpoint=cfg.s3_endpoint, decode_actors=cfg.decode_actors,
         classify_actors=cfg.classify_actors, batch_size=cfg.batch_size, device=cfg.device,
-        threshold=cfg.threshold), on_rows=on_rows)
+        threshold=cfg.threshold)
+    summary = run_audit(audit, on_rows=on_rows)
     rows = read_verdicts(summary["output"], storage).to_pylist()
     threshold = float(summary["threshold"])
     perturbed, perturbed_runs = {"none": rows}, {"none": summary["output"]}
     for spec in parse_perturbations(cfg.perturb)[1:]:
         tag = spec.name.replace(":", "-")
-        run = run_audit(AuditConfig(
-            manifest=cfg.manifest, output=join(cfg.output, f"audit-{tag}"), model=cfg.model,
-            frames=cfg.frames, address=cfg.address, num_cpus=cfg.num_cpus,
-            s3_endpoint=cfg.s3_endpoint, decode_actors=cfg.decode_actors,
-            classify_actors=cfg.classify_actors, batch_size=cfg.batch_size, device=cfg.device,
-            threshold=threshold, perturb=spec.name, evidence=False), on_rows=on_rows)
+        # The same audit with every crop perturbed, at the baseline run's threshold.
+        run = run_audit(replace(audit, output=join(cfg.output, f"audit-{tag}"),
+                                threshold=threshold, perturb=spec.name, evidence=False),
+                        on_rows=on_rows)
         perturbed[spec.name] = read_verdicts(run["output"], storage).to_pylist()
         perturbed_runs[spec.name] = run["output"]
     result = {

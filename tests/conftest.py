@@ -93,6 +93,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+
+@pytest.fixture
+def tiny_card(tiny_model, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint's card and weights, for tests that write into
+    the card (evaluate --calibrate / --record-out-of-domain)."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_model.with_suffix(suffix), model_dir / f"tiny{suffix}")
+    return model_dir / "tiny.json"
+
 def _ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -81,12 +80,8 @@ def test_calibrate_refuses_registered_names_and_unlabelled_manifests(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_evaluate_runs_the_audit_and_calibrates_the_card(ray_local, tiny_model, media, tmp_path):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for suffix in (".safetensors", ".json"):
-        shutil.copy(tiny_model.with_suffix(suffix), model_dir / f"tiny{suffix}")
-    card = model_dir / "tiny.json"
+def test_evaluate_runs_the_audit_and_calibrates_the_card(ray_local, tiny_card, media, tmp_path):
+    card = tiny_card
     rows = [
         {"uri": str(media["face_image"]), "label": "real", "group": "g1"},
         {"uri": str(media["face_png"]), "label": "fake", "group": "g2"},

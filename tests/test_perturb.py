@@ -75,14 +75,8 @@ def test_robustness_by_hand():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_evaluate_perturb_end_to_end(ray_local, tiny_model, media, tmp_path):
-    import shutil
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for suffix in (".safetensors", ".json"):
-        shutil.copy(tiny_model.with_suffix(suffix), model_dir / f"tiny{suffix}")
-    card = model_dir / "tiny.json"
+def test_evaluate_perturb_end_to_end(ray_local, tiny_card, media, tmp_path):
+    card = tiny_card
     manifest = tmp_path / "val.csv"
     with manifest.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["uri", "label"])
