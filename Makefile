@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
 	# The torch spec again: without it, pip 26 resolves the project's torch range to a newer
 	# CUDA build (several GB) even though the CPU wheel installed above satisfies it.
-	$(BIN)/python -m pip install -q -e ".[test,demo,train]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test,demo,train,serve]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP) system-deps

@@ -54,69 +54,104 @@ class CheckConfig:
                 raise ValueError(f"file name {f!r} is not valid UTF-8: rename the file") from None
 
 
+class Checker:
+    """The ``check`` code path with its model and face detector loaded once: build it
+    once, then call :meth:`check` for each batch of files (``deepaudit serve`` keeps one
+    for its upload page). Not for concurrent calls: callers serialise them.
+
+    Evidence for flagged files goes to ``evidence_dir/<safe name of the file>/<run>.png``.
+    """
+
+    def __init__(self, model: str | None = None, threshold: float | None = None,
+                 frames: int | None = None, device: str = "auto",
+                 evidence_dir: str | None = DEFAULT_EVIDENCE_DIR, evidence_frames: int = 3,
+                 run_id: str | None = None) -> None:
+        from deepaudit.infra.storage import StorageConfig
+        from deepaudit.models.checkpoint import resolve_model
+        from deepaudit.models.face_detector import FaceDetectorConfig
+        from deepaudit.pipeline.evidence import EvidenceConfig
+        from deepaudit.pipeline.media import DecodeConfig
+        from deepaudit.pipeline.stages import (
+            ClassifyConfig,
+            ClassifyStage,
+            CropConfig,
+            DecodeCropStage,
+        )
+        from deepaudit.pipeline.writer import new_run_id
+
+        self.handle = resolve_model(model).with_threshold(threshold)
+        self.run_id = run_id or "check-" + new_run_id()
+        self.evidence_root = (str(Path(evidence_dir).expanduser().absolute())
+                              if evidence_dir else None)
+        storage = StorageConfig()
+        self.decode = DecodeCropStage(
+            decode=DecodeConfig(frames=frames or self.handle.config.frames),
+            detector=FaceDetectorConfig(threads=max(1, min(4, os.cpu_count() or 1))),
+            crop=CropConfig(size=self.handle.config.input_size),
+            storage=storage,
+        )
+        # The evidence cap counts over the checker's life: effectively none.
+        evidence = (EvidenceConfig(root=self.evidence_root, run_id=self.run_id, storage=storage,
+                                   max_items=2**62, top_k=evidence_frames)
+                    if self.evidence_root else None)
+        self.classify = ClassifyStage(self.handle, ClassifyConfig(device=device), evidence)
+
+    def check(self, files: list[str] | tuple[str, ...],
+              media_ids: list[str] | None = None) -> dict:
+        """Score local ``files``; returns the JSON-ready result (with ``exit_code``).
+        ``media_ids``: the names shown and used for evidence folders (default: the paths)."""
+        handle = self.handle
+        ids = list(media_ids) if media_ids is not None else list(files)
+        table = pa.table({
+            "manifest_row": pa.array(range(len(files)), pa.int64()),
+            "media_id": pa.array(ids, pa.string()),
+            "uri": pa.array([str(Path(f).expanduser().absolute()) for f in files], pa.string()),
+        })
+        rows = self.classify(self.decode(table)).to_pylist()
+        out = []
+        for r in rows:
+            out.append({
+                "file": r["media_id"],
+                "status": r["status"],
+                "verdict": r["verdict"],
+                "p_fake": r["p_fake"],
+                "confidence": r["confidence"],
+                "error": r["error"],
+                "media_type": r["media_type"],
+                "n_faces": len(r["face_boxes"] or []),
+                "n_frames_sampled": r["n_frames_sampled"],
+                "n_frames_with_face": r["n_frames_with_face"],
+                "frame_p_fake": r["frame_p_fake"],
+                "evidence": r["evidence"],
+            })
+        flagged = sum(f["verdict"] == "fake" for f in out)
+        unscored = sum(f["verdict"] is None for f in out)
+        code = EXIT_FLAGGED if flagged else EXIT_UNSCORED if unscored else EXIT_OK
+        return {
+            "model": handle.model_id,
+            "model_trained": handle.trained,
+            "model_quality": handle.quality,
+            "threshold": handle.config.threshold,
+            "run_id": self.run_id,
+            "files": out,
+            "flagged": flagged,
+            "unscored": unscored,
+            "evidence_dir": self.evidence_root if flagged and self.evidence_root else None,
+            "exit_code": code,
+        }
+
+
 def run_check(cfg: CheckConfig) -> dict:
     """Score ``cfg.files`` in this process; returns the JSON-ready result (with
     ``exit_code``). Raises ValueError/FileNotFoundError for usage errors only."""
-    from deepaudit.infra.storage import StorageConfig, check_writable
-    from deepaudit.jobs.audit import _with_threshold, new_run_id
-    from deepaudit.models.checkpoint import resolve_model
-    from deepaudit.models.face_detector import FaceDetectorConfig
-    from deepaudit.pipeline.evidence import EvidenceConfig
-    from deepaudit.pipeline.media import DecodeConfig
-    from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage, CropConfig, DecodeCropStage
+    from deepaudit.infra.storage import check_writable
 
     if cfg.evidence:  # a folder is made only when something is flagged
         check_writable(cfg.evidence_dir, what="--evidence-dir", create=False)
-    handle = _with_threshold(resolve_model(cfg.model), cfg.threshold)
-    run_id = "check-" + new_run_id()
-    evidence_root = str(Path(cfg.evidence_dir).expanduser().absolute())
-    storage = StorageConfig()
-    decode = DecodeCropStage(
-        decode=DecodeConfig(frames=cfg.frames or handle.config.frames),
-        detector=FaceDetectorConfig(threads=max(1, min(4, os.cpu_count() or 1))),
-        crop=CropConfig(size=handle.config.input_size),
-        storage=storage,
-    )
-    evidence = (EvidenceConfig(root=evidence_root, run_id=run_id, storage=storage,
-                               max_items=len(cfg.files), top_k=cfg.evidence_frames)
-                if cfg.evidence else None)
-    classify = ClassifyStage(handle, ClassifyConfig(device=cfg.device), evidence)
-    table = pa.table({
-        "manifest_row": pa.array(range(len(cfg.files)), pa.int64()),
-        "media_id": pa.array(list(cfg.files), pa.string()),
-        "uri": pa.array([str(Path(f).expanduser().absolute()) for f in cfg.files], pa.string()),
-    })
-    rows = classify(decode(table)).to_pylist()
-    files = []
-    for r in rows:
-        files.append({
-            "file": r["media_id"],
-            "status": r["status"],
-            "verdict": r["verdict"],
-            "p_fake": r["p_fake"],
-            "confidence": r["confidence"],
-            "error": r["error"],
-            "media_type": r["media_type"],
-            "n_faces": len(r["face_boxes"] or []),
-            "n_frames_sampled": r["n_frames_sampled"],
-            "n_frames_with_face": r["n_frames_with_face"],
-            "evidence": r["evidence"],
-        })
-    flagged = sum(f["verdict"] == "fake" for f in files)
-    unscored = sum(f["verdict"] is None for f in files)
-    code = EXIT_FLAGGED if flagged else EXIT_UNSCORED if unscored else EXIT_OK
-    return {
-        "model": handle.model_id,
-        "model_trained": handle.trained,
-        "model_quality": handle.quality,
-        "threshold": handle.config.threshold,
-        "run_id": run_id,
-        "files": files,
-        "flagged": flagged,
-        "unscored": unscored,
-        "evidence_dir": evidence_root if flagged and cfg.evidence else None,
-        "exit_code": code,
-    }
+    checker = Checker(model=cfg.model, threshold=cfg.threshold, frames=cfg.frames,
+                      device=cfg.device, evidence_dir=cfg.evidence_dir if cfg.evidence else None,
+                      evidence_frames=cfg.evidence_frames)
+    return checker.check(cfg.files)
 
 
 def _print_human(result: dict) -> None:

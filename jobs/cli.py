@@ -335,10 +335,12 @@ def list_models_cmd() -> None:
 
 from deepaudit.jobs.manifest_cmd import manifest_command  # noqa: E402
 from deepaudit.jobs.query import query_command  # noqa: E402
+from deepaudit.jobs.serve import serve_command  # noqa: E402
 from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command  # noqa: E402
 
 app.command("manifest")(manifest_command)
 app.command("query")(query_command)
+app.command("serve", short_help="Browse audit results in a web browser.")(serve_command)
 app.command(
     "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )(submit_command)

@@ -35,4 +35,7 @@ def run_demo(workdir: Path, seconds: float = 4.0, model: str | None = None,
                   f"{r['n_frames_with_face']}/{r['n_frames_sampled']}",
                   (r["error"] or "").split(":", 1)[0])
     Console().print(t)
+    console.print(f"browse the results: deepaudit serve {workdir.name}/out"
+                  if Path.cwd() == workdir.parent else
+                  f"browse the results: deepaudit serve {workdir / 'out'}")
     return summary

@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.pipeline.schema import VERDICT_SCHEMA
 
 
@@ -140,17 +140,23 @@ def _run_info(target: str, storage: StorageConfig) -> pa.Table:
                     schema=RUN_INFO_SCHEMA)
 
 
-def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa.Table:
-    """Run ``sql`` against ``target``'s views and return the result as an Arrow table."""
-    import duckdb
-
+def connect(target: str, storage: StorageConfig | None = None):
+    """:func:`open_target`, with an unreadable target reported as a :class:`QueryError`
+    (what ``deepaudit query`` and ``deepaudit serve`` open)."""
     try:
-        con = open_target(target, storage)
+        return open_target(target, storage)
     except QueryError:
         raise
     except (OSError, pa.ArrowException) as exc:  # unreadable, not Parquet, no permission
         raise QueryError(f"cannot read {target} ({type(exc).__name__}: {exc}); check the path "
                          "and that the credentials may read it") from None
+
+
+def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa.Table:
+    """Run ``sql`` against ``target``'s views and return the result as an Arrow table."""
+    import duckdb
+
+    con = connect(target, storage)
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:

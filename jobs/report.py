@@ -218,7 +218,8 @@ img.thumb { max-width:600px; width:100%; border:1px solid var(--line); border-ra
 """
 
 
-def _labels_scores(rows: pa.Table) -> tuple[list[float], list[int | None] | None]:
+def labels_scores(rows: pa.Table) -> tuple[list[float], list[int | None] | None]:
+    """The scored rows' p_fake and, when the rows carry real/fake labels, their labels."""
     scored = [r for r in rows.select(_present(rows, ["p_fake", "label"])).to_pylist()
               if r.get("p_fake") is not None]
     scores = [float(r["p_fake"]) for r in scored]
@@ -291,39 +292,62 @@ def _count(rows: pa.Table, col: str) -> dict:
     return out
 
 
-def _histogram_section(s: dict, scores: list[float], labels) -> str:
+def histogram_figure(scores: list[float], labels, threshold: float | None) -> bytes | None:
+    """The run's score histogram (PNG; split by label when there are labels), or None when
+    nothing was scored. The report and ``deepaudit serve`` draw it with this function."""
     from deepaudit.jobs.metrics import histogram_png
 
     if not scores:
+        return None
+    return histogram_png(scores, labels, threshold, title=f"p_fake ({len(scores)} items)")
+
+
+def labelled_pairs(scores: list[float], labels) -> tuple[list[int], list[float]]:
+    """(labels, scores) of the items with a real/fake label."""
+    pairs = [(lab, sc) for lab, sc in zip(labels or [], scores) if lab is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def roc_figure(scores: list[float], labels) -> bytes | None:
+    """The ROC curve (PNG) of the labelled, scored items, or None without both classes.
+    The report and ``deepaudit serve`` draw it with this function."""
+    from deepaudit.jobs.metrics import roc_png
+
+    y, x = labelled_pairs(scores, labels)
+    if not (0 < sum(y) < len(y)):
+        return None
+    return roc_png(y, x, title=f"ROC ({len(y)} labelled items)")
+
+
+def _histogram_section(s: dict, scores: list[float], labels) -> str:
+    png = histogram_figure(scores, labels, s.get("threshold"))
+    if png is None:
         body = '<p class="note">No item was scored, so there is no score histogram.</p>'
     else:
-        png = histogram_png(scores, labels, s.get("threshold"),
-                            title=f"p_fake ({len(scores)} items)")
         body = _img(png, "histogram of p_fake")
         body += '<p class="note">Dashed line: the decision threshold.</p>'
     return f'<section id="histogram"><h2>Score histogram</h2>{body}</section>'
 
 
 def _metrics_sections(s: dict, scores: list[float], labels) -> str:
-    from deepaudit.jobs.metrics import binary_metrics, roc_png
+    from deepaudit.jobs.metrics import binary_metrics
 
     if labels is None:
         return ('<section id="metrics-note"><h2>ROC and confusion matrix</h2><p class="note">'
                 "The manifest has no <code>label</code> column with real/fake values, so "
                 "there is no ROC curve or confusion matrix.</p></section>")
-    pairs = [(lab, sc) for lab, sc in zip(labels, scores) if lab is not None]
-    y = [p[0] for p in pairs]
-    x = [p[1] for p in pairs]
+    y, x = labelled_pairs(scores, labels)
     thr = float(s.get("threshold") or 0.5)
     m = binary_metrics(y, x, thr)
     caveat = "" if s.get("model_trained") else (
         '<p class="note">The model is untrained: these describe its raw scores; its '
         "verdicts were withheld.</p>")
-    if m.roc_auc is None:
+    png = roc_figure(scores, labels)
+    if png is None:
         roc = ('<p class="note">A ROC curve needs both real and fake labelled items; '
                f"this run has {m.n_real} real and {m.n_fake} fake.</p>")
     else:
-        roc = _img(roc_png(y, x, title=f"ROC ({m.n} labelled items)"), "ROC curve")
+        roc = _img(png, "ROC curve")
     (tn, fp), (fn, tp) = m.confusion_matrix()
     cm = (
         '<table class="cm"><thead><tr><th>true \\ predicted</th><th>real</th><th>fake</th>'
@@ -454,7 +478,7 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
     """The report page as one HTML string."""
     storage = storage or StorageConfig()
     s = data.summary
-    scores, labels = _labels_scores(data.rows)
+    scores, labels = labels_scores(data.rows)
     banners = []
     if not s.get("model_trained", True):
         banners.append("The model was untrained: scores are not evidence and verdicts were "

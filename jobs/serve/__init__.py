@@ -1,0 +1,115 @@
+"""``deepaudit serve OUT_OR_LEDGER``: browse what an audit found, in a web browser.
+
+Pages: the runs; one run (summary, counts, score histogram, ROC with labels: the
+report's figures, from the report's code); the items (filter, sort, keyset pages,
+export as CSV or Parquet); one item (metadata, frame scores, face boxes, evidence,
+history across runs and models); and Check a file (an upload through ``deepaudit
+check``'s code, with the model loaded once at start). Needs ``pip install
+'deepaudit[serve]'``. See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Optional
+
+import typer
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve_command(
+    target: Annotated[str, typer.Argument(
+        metavar="OUT_OR_LEDGER", show_default=False,
+        help="An audit output folder (all its runs) or a ledger, local or s3://.")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. Anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="DEEPAUDIT_SERVE_TOKEN", show_envvar=True,
+        help="Require this token on every request (Bearer header, or the printed link, "
+             "which sets a cookie). Required with a non-loopback --host.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        metavar="NAME|PATH", help="Model for Check a file (default: the shipped one).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        metavar="P", help="Fake threshold for Check a file (default: the card's).")] = None,
+    check: Annotated[bool, typer.Option(
+        help="Offer Check a file (loads the model and face detector once, at start).")] = True,
+    max_upload_mb: Annotated[int, typer.Option(
+        min=1, max=4096, metavar="MB", help="Largest upload for Check a file.")] = 100,
+    uploads_per_minute: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Uploads per client address per minute.")] = 10,
+    s3_endpoint: Annotated[Optional[str], typer.Option(
+        metavar="URL", help="S3 endpoint URL (overrides AWS_ENDPOINT_URL).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """Browse an audit's verdicts in a web browser: runs, items (filter, sort, export),
+    each item's evidence and history, and check a file by upload. Read-only: it never
+    writes to the results."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from deepaudit.jobs.logs import setup_logging
+
+    setup_logging(verbose)
+    err = Console(stderr=True)
+    if host not in LOOPBACK and not token:
+        err.print(f"[red]error:[/red] --host {escape(host)} is reachable from other machines: "
+                  "give --token TOKEN (for example --token "
+                  f"{secrets.token_urlsafe(18)}) or bind 127.0.0.1", soft_wrap=True)
+        raise typer.Exit(2)
+    if token is not None and len(token) < 12:
+        err.print("[red]error:[/red] --token must be at least 12 characters")
+        raise typer.Exit(2)
+    try:
+        import jinja2  # noqa: F401
+        import python_multipart  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        err.print(f"[red]error:[/red] deepaudit serve needs its extra: pip install "
+                  f"'deepaudit\\[serve]' ({escape(str(exc))})", soft_wrap=True)
+        raise typer.Exit(2) from None
+    import shutil
+    import tempfile
+
+    upload_root = tempfile.mkdtemp(prefix="deepaudit-serve-")  # private (0700): uploads only
+    try:
+        _serve(target, host, port, token, model, threshold, check, max_upload_mb,
+               uploads_per_minute, s3_endpoint, verbose, upload_root, err)
+    finally:
+        shutil.rmtree(upload_root, ignore_errors=True)
+
+
+def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
+           uploads_per_minute, s3_endpoint, verbose, upload_root, err) -> None:
+    import uvicorn
+    from rich.markup import escape
+
+    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.jobs.query import QueryError
+    from deepaudit.jobs.serve.app import create_app
+    from deepaudit.jobs.serve.data import open_archive
+
+    try:
+        with err.status(f"reading {escape(target)}..."):
+            archive = open_archive(target, StorageConfig(endpoint_url=s3_endpoint))
+        checker = None
+        if check:
+            from deepaudit.jobs.check import Checker
+
+            with err.status("loading the model and face detector for Check a file..."):
+                checker = Checker(model=model, threshold=threshold,
+                                  evidence_dir=f"{upload_root}/evidence")
+    except (QueryError, ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    app = create_app(archive, token=token, checker=checker, max_upload_mb=max_upload_mb,
+                     uploads_per_minute=uploads_per_minute, upload_root=upload_root)
+    shown = "localhost" if host in LOOPBACK else host
+    link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
+    err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
+              f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
+                            access_log=verbose, server_header=False)
+    uvicorn.Server(config).run()

@@ -1,0 +1,549 @@
+"""What ``deepaudit serve`` reads: the views of ``deepaudit query`` over an audit output or
+a ledger, one snapshot taken at start.
+
+At start the ``verdicts`` view (see :mod:`deepaudit.jobs.query`) is copied, without its
+list columns, into an in-memory DuckDB table ``items`` with a row id ``_id``: every page
+then reads memory, never the Parquet (or S3) again, and a million rows sort and filter
+in milliseconds. An item's list columns (face boxes, frame scores) are read from the view
+when its page is opened. Nothing is ever written to the target.
+
+Items pages are paged by keyset: the page after a row is ``WHERE (sort key) > (that
+row's key)``, never ``OFFSET``, so page 20,000 costs what page 2 costs. A cursor is the
+key of a row, ``[is_null, value, _id]``, as URL-safe base64 JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import os
+import posixpath
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
+from deepaudit.jobs.query import QueryError, connect
+
+log = logging.getLogger(__name__)
+
+LIST_COLUMNS = ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames")
+VERDICTS = ("fake", "real", "none")
+STATUSES = ("ok", "no_face", "error")
+# Columns of the items table shown in the list, in order; every one can be sorted on.
+LIST_SHOWN = ["media_id", "verdict", "p_fake", "confidence", "status", "error_code",
+              "media_type", "n_frames_with_face", "model", "run_id", "audited_at", "uri"]
+SORTABLE = set(LIST_SHOWN) | {"label", "size_bytes", "duration_s", "manifest_row",
+                              "n_frames_sampled"}
+NUMERIC = {"p_fake", "confidence", "n_frames_with_face", "n_frames_sampled", "size_bytes",
+           "duration_s", "manifest_row"}
+MAX_LIMIT = 500
+MAX_TEXT = 300
+
+
+class BadRequest(ValueError):
+    """A bad parameter: the server answers 400 with this message."""
+
+
+class NotFound(LookupError):
+    """No such run or item: the server answers 404 with this message."""
+
+
+def _text(params, name: str, limit: int = MAX_TEXT) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > limit:
+        raise BadRequest(f"{name} is longer than {limit} characters")
+    if "\x00" in value:
+        raise BadRequest(f"{name} contains a NUL character")
+    return value
+
+
+def _prob(params, name: str) -> float | None:
+    value = _text(params, name, 32)
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise BadRequest(f"{name} must be between 0 and 1, got {value!r}")
+    return p
+
+
+def _int(params, name: str, default: int, lo: int, hi: int) -> int:
+    value = _text(params, name, 32)
+    if value is None:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+@dataclass(frozen=True)
+class ItemQuery:
+    """The filters, sort and page of an items request, validated."""
+
+    verdict: str | None = None
+    status: str | None = None
+    error_code: str | None = None
+    p_min: float | None = None
+    p_max: float | None = None
+    model: str | None = None
+    run: str | None = None
+    q: str | None = None
+    sort: str = "p_fake"
+    order: str = "desc"
+    limit: int = 50
+    after: tuple | None = None
+    before: tuple | None = None  # () for "the last page"
+    start: int = 0  # the first row's number, for display only
+
+    FILTERS = ("verdict", "status", "error_code", "p_min", "p_max", "model", "run", "q")
+
+    @classmethod
+    def parse(cls, params) -> ItemQuery:
+        known = set(cls.FILTERS) | {"sort", "order", "limit", "after", "before", "start",
+                                    "token"}
+        unknown = sorted(set(params.keys()) - known)
+        if unknown:
+            raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known - {'token'}))}")
+        verdict, status = _text(params, "verdict"), _text(params, "status")
+        if verdict is not None and verdict not in VERDICTS:
+            raise BadRequest(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        p_min, p_max = _prob(params, "p_min"), _prob(params, "p_max")
+        if p_min is not None and p_max is not None and p_min > p_max:
+            raise BadRequest(f"p_min ({p_min}) is above p_max ({p_max})")
+        sort = _text(params, "sort", 64) or "p_fake"
+        if sort not in SORTABLE:
+            raise BadRequest(f"cannot sort on {sort!r}; sortable: {', '.join(sorted(SORTABLE))}")
+        order = _text(params, "order", 8) or ("desc" if sort in ("p_fake", "audited_at")
+                                             else "asc")
+        if order not in ("asc", "desc"):
+            raise BadRequest(f"order must be asc or desc, got {order!r}")
+        after, before = _text(params, "after", 2000), _text(params, "before", 2000)
+        if after and before:
+            raise BadRequest("give after or before, not both")
+        return cls(verdict=verdict, status=status, error_code=_text(params, "error_code"),
+                   p_min=p_min, p_max=p_max, model=_text(params, "model"),
+                   run=_text(params, "run"), q=_text(params, "q"), sort=sort, order=order,
+                   limit=_int(params, "limit", 50, 1, MAX_LIMIT),
+                   after=decode_cursor(after, sort) if after else None,
+                   before=(() if before == "end" else decode_cursor(before, sort))
+                   if before else None,
+                   start=_int(params, "start", 0, 0, 10**12))
+
+    def filters(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FILTERS if getattr(self, k) is not None}
+
+    def where(self) -> tuple[str, list]:
+        sql, args = ["TRUE"], []
+        if self.verdict == "none":
+            sql.append("verdict IS NULL")
+        elif self.verdict:
+            sql.append("verdict = ?")
+            args.append(self.verdict)
+        for col, value in (("status", self.status), ("error_code", self.error_code),
+                           ("model", self.model), ("run_id", self.run)):
+            if value is not None:
+                sql.append(f"{col} = ?")
+                args.append(value)
+        if self.p_min is not None:
+            sql.append("p_fake >= ?")
+            args.append(self.p_min)
+        if self.p_max is not None:
+            sql.append("p_fake <= ?")
+            args.append(self.p_max)
+        if self.q:
+            sql.append("(contains(lower(media_id), ?) OR contains(lower(coalesce(uri, '')), ?))")
+            args += [self.q.lower(), self.q.lower()]
+        return " AND ".join(sql), args
+
+
+def sort_expr(sort: str) -> str:
+    return "epoch_us(audited_at)" if sort == "audited_at" else f'"{sort}"'
+
+
+def encode_cursor(is_null: bool, value, row_id: int) -> str:
+    raw = json.dumps([bool(is_null), value, int(row_id)], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str, sort: str) -> tuple:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        is_null, value, row_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise BadRequest("the page cursor (after/before) is malformed: start again from the "
+                         "first page") from None
+    numeric = sort in NUMERIC or sort == "audited_at"
+    ok = (isinstance(is_null, bool) and isinstance(row_id, int) and not isinstance(row_id, bool)
+          and (value is None if is_null else
+               isinstance(value, (int, float)) and not isinstance(value, bool)
+               and math.isfinite(value) if numeric else isinstance(value, str)))
+    if not ok:
+        raise BadRequest(f"the page cursor does not fit sort={sort}: start again from the "
+                         "first page")
+    return is_null, value, row_id
+
+
+def keyset_condition(sort: str, sort_desc: bool, reverse: bool, cursor: tuple) -> tuple[str, list]:
+    """The rows after ``cursor`` in the order ``(sort IS NULL) ASC, sort ASC|DESC, _id ASC``
+    (nulls last), or before it when ``reverse``."""
+    is_null, value, row_id = cursor
+    e = sort_expr(sort)
+
+    def gt(asc: bool) -> str:  # "comes after" for a key ascending or not, scan flipped
+        return ">" if asc != reverse else "<"
+
+    null_flag = f"({e} IS NULL)"
+    terms, args = [], []
+    # 1. the null flag differs
+    terms.append(f"{null_flag} {gt(True)} ?")
+    args.append(is_null)
+    # 2. same flag, the value differs (only among non-null values)
+    if not is_null:
+        terms.append(f"(NOT {null_flag} AND {e} {gt(not sort_desc)} ?)")
+        args.append(value)
+        same = f"{e} = ?"
+        same_args = [value]
+    else:
+        same = f"{e} IS NULL"
+        same_args = []
+    # 3. same key, the row id differs
+    terms.append(f"({same} AND _id {gt(True)} ?)")
+    args += same_args + [row_id]
+    return "(" + " OR ".join(terms) + ")", args
+
+
+def order_by(sort: str, sort_desc: bool, reverse: bool) -> str:
+    e = sort_expr(sort)
+
+    def d(asc: bool) -> str:
+        return "ASC" if asc != reverse else "DESC"
+
+    return f"({e} IS NULL) {d(True)}, {e} {d(not sort_desc)}, _id {d(True)}"
+
+
+@dataclass
+class Page:
+    rows: list[dict]
+    total: int
+    next_cursor: str | None
+    prev_cursor: str | None
+    first_row: int  # 1-based number of the first row, when known
+    last_page: bool = False
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_dir: str  # OUT/runs/<run_id>, local path or s3:// URI
+    root: str  # OUT
+    summary: dict = field(default_factory=dict)
+
+
+class _LRU:
+    def __init__(self, size: int = 256) -> None:
+        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                return self.data[key]
+        value = make()
+        with self.lock:
+            self.data[key] = value
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        return value
+
+
+class Archive:
+    """One read-only snapshot of an audit output or a ledger."""
+
+    def __init__(self, target: str, storage: StorageConfig | None = None) -> None:
+        self.target = target
+        self.storage = storage or StorageConfig()
+        con = connect(target, self.storage)  # QueryError when it is not one
+        self.con = con
+        self.local = threading.local()
+        self.cache = _LRU()
+        cols = {r[0]: r[1] for r in con.execute("DESCRIBE verdicts").fetchall()}
+        self.columns = cols
+        keep = [c for c in cols if c not in LIST_COLUMNS]
+        select = ", ".join(f'"{c}"' for c in keep)
+        if "label" not in cols:
+            select += ", NULL::VARCHAR AS label"
+        if "manifest_row" not in cols:
+            raise QueryError(f"{target}: its verdict rows have no manifest_row column")
+        con.execute("SET threads = 2")
+        con.execute(
+            f"CREATE TABLE items AS SELECT {select}, CASE WHEN error IS NULL THEN NULL "
+            "ELSE split_part(error, ':', 1) END AS error_code, "
+            "row_number() OVER (ORDER BY run_id, manifest_row) AS _id FROM verdicts")
+        # Views over registered Arrow data are seen by this connection only: copy what the
+        # pages read into tables, which every thread's cursor sees.
+        con.execute("CREATE TABLE runs_t AS SELECT * FROM runs")
+        con.execute("CREATE TABLE ledger_t AS SELECT media_id, run_id, model, audited_at, "
+                    "status, error_code, attempts, change_key, verdict_file FROM ledger")
+        self.view_lock = threading.Lock()  # the main connection, for the list columns
+        self.is_ledger = con.execute("SELECT count(*) FROM ledger_t").fetchone()[0] > 0
+        self.runs = self._run_infos()
+        self.n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
+        self.models = [r[0] for r in con.execute(
+            "SELECT DISTINCT model FROM items WHERE model IS NOT NULL ORDER BY 1").fetchall()]
+        self.error_codes = [r[0] for r in con.execute(
+            "SELECT error_code, count(*) n FROM items WHERE error_code IS NOT NULL "
+            "GROUP BY 1 ORDER BY n DESC LIMIT 50").fetchall()]
+
+    # ------------------------------------------------------------------ plumbing
+
+    def cursor(self):
+        cur = getattr(self.local, "cur", None)
+        if cur is None:
+            cur = self.local.cur = self.con.cursor()
+        return cur
+
+    def rows(self, sql: str, args: list | None = None) -> list[dict]:
+        cur = self.cursor()
+        cur.execute(sql, args or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def scalar(self, sql: str, args: list | None = None):
+        return self.cursor().execute(sql, args or []).fetchone()[0]
+
+    def _run_infos(self) -> dict[str, RunInfo]:
+        runs: dict[str, RunInfo] = {}
+        if self.is_ledger:
+            found = self.rows("SELECT run_id, any_value(verdict_file) AS f FROM ledger_t "
+                              "WHERE verdict_file IS NOT NULL GROUP BY run_id")
+            for r in found:
+                run_dir = r["f"].rsplit("/", 1)[0]
+                root = run_dir.rsplit("/", 2)[0] if run_dir.rsplit("/", 2)[-2:-1] == ["runs"] \
+                    else run_dir
+                runs[r["run_id"]] = RunInfo(r["run_id"], run_dir, root)
+        else:
+            for (run_id,) in self.con.execute("SELECT DISTINCT run_id FROM items").fetchall():
+                if run_id is not None:
+                    runs[run_id] = RunInfo(run_id, join(self.target, "runs", run_id), self.target)
+        for info in runs.values():
+            try:
+                fs, path = filesystem_for(join(info.run_dir, "_summary.json"), self.storage)
+                with fs.open(path, "r") as f:
+                    info.summary = json.load(f)
+            except (OSError, ValueError):
+                info.summary = {}
+        return runs
+
+    # ------------------------------------------------------------------ model quality
+
+    def quality(self, model: str | None) -> dict:
+        """The measured out-of-domain quality and caveat of ``model``, from the newest run
+        summary that recorded it; unmeasured when none did."""
+        from deepaudit.models.checkpoint import model_quality
+
+        best = None
+        for info in self.runs.values():
+            s = info.summary
+            if s.get("model") == model and s.get("model_quality"):
+                if best is None or str(s.get("started_at")) > str(best.get("started_at")):
+                    best = s
+        if best is not None:
+            return best["model_quality"]
+        return model_quality(None, trained=True)
+
+    # ------------------------------------------------------------------ pages
+
+    def run_list(self) -> list[dict]:
+        def make():
+            rows = self.rows("SELECT * FROM runs_t ORDER BY started DESC NULLS LAST, run_id")
+            for r in rows:
+                s = self.runs.get(r["run_id"], RunInfo(r["run_id"], "", "")).summary
+                r["state"] = s.get("state") or "unknown"
+                r["trained"] = s.get("model_trained", True)
+            return rows
+        return self.cache.get(("runs",), make)
+
+    def run(self, run_id: str) -> dict:
+        if run_id not in self.runs:
+            raise NotFound(f"no run {run_id!r} in {self.target}")
+
+        def make():
+            info = self.runs[run_id]
+            (row,) = [r for r in self.run_list() if r["run_id"] == run_id] or [{}]
+            counts = {}
+            for col in ("status", "verdict", "error_code"):
+                counts[col] = self.rows(
+                    f"SELECT coalesce({col}, 'none') AS k, count(*) AS n FROM items "
+                    f"WHERE run_id = ? GROUP BY 1 ORDER BY n DESC", [run_id])
+            return {"info": info, "row": row, "summary": info.summary, "counts": counts}
+        return self.cache.get(("run", run_id), make)
+
+    def scores(self, run_id: str) -> tuple[list[float], list | None]:
+        from deepaudit.jobs.report import label_value
+
+        cur = self.cursor()
+        t = cur.sql("SELECT p_fake, label FROM items WHERE run_id = ? AND p_fake IS NOT NULL",
+                    params=[run_id]).to_arrow_table()
+        scores = t.column("p_fake").to_pylist()
+        labels = [label_value(v) for v in t.column("label").to_pylist()]
+        return scores, (labels if any(v is not None for v in labels) else None)
+
+    def count(self, query: ItemQuery) -> int:
+        where, args = query.where()
+        return self.cache.get(("count", where, tuple(args)),
+                              lambda: self.scalar(f"SELECT count(*) FROM items WHERE {where}",
+                                                  args))
+
+    def page(self, query: ItemQuery) -> Page:
+        where, args = query.where()
+        desc = query.order == "desc"
+        reverse = query.before is not None
+        cursor = query.before if reverse else query.after
+        if cursor:
+            cond, cargs = keyset_condition(query.sort, desc, reverse, cursor)
+            where, args = f"{where} AND {cond}", args + cargs
+        cols = ", ".join(f'"{c}"' for c in LIST_SHOWN) + ', manifest_row, _id, ' \
+            f"{sort_expr(query.sort)} AS _key"
+        rows = self.rows(f"SELECT {cols} FROM items WHERE {where} "
+                         f"ORDER BY {order_by(query.sort, desc, reverse)} "
+                         f"LIMIT {query.limit + 1}", args)
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        if reverse:
+            rows.reverse()
+        total = self.count(query)
+
+        def cur(r):
+            return encode_cursor(r["_key"] is None, r["_key"], r["_id"])
+
+        if reverse:
+            next_c = cur(rows[-1]) if rows else None
+            prev_c = cur(rows[0]) if rows and more else None
+            first = (total - len(rows) + 1) if query.before == () else query.start + 1
+        else:
+            next_c = cur(rows[-1]) if rows and more else None
+            prev_c = cur(rows[0]) if rows and (query.after is not None) else None
+            first = query.start + 1
+        return Page(rows=rows, total=total, next_cursor=next_c, prev_cursor=prev_c,
+                    first_row=max(1, first), last_page=next_c is None)
+
+    def export(self, query: ItemQuery, batch_rows: int = 50_000):
+        """A record batch reader over the scalar columns of every row the filter selects,
+        in the page's order (the list columns stay in the Parquet: use deepaudit query)."""
+        where, args = query.where()
+        sql = (f"SELECT * EXCLUDE (_id) FROM items WHERE {where} "
+               f"ORDER BY {order_by(query.sort, query.order == 'desc', False)}")
+        cur = self.con.cursor()
+        reader = cur.sql(sql, params=args).to_arrow_reader(batch_rows)
+        return reader
+
+    def item(self, run_id: str, row: int) -> dict:
+        found = self.rows("SELECT * FROM items WHERE run_id = ? AND manifest_row = ?",
+                          [run_id, row])
+        if not found:
+            raise NotFound(f"no item {row} in run {run_id!r}")
+        item = found[0]
+        lists = [c for c in LIST_COLUMNS if c in self.columns]
+        if lists:
+            cols = ", ".join(f'"{c}"' for c in lists)
+            def lists_of():
+                with self.view_lock:
+                    cur = self.con.execute(f"SELECT {cols} FROM verdicts WHERE run_id = ? AND "
+                                           "manifest_row = ?", [run_id, row])
+                    names = [d[0] for d in cur.description]
+                    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+            extra = self.cache.get(("lists", run_id, row), lists_of)
+            if extra:
+                item.update(extra[0])
+        return item
+
+    def history(self, media_id: str) -> list[dict]:
+        return self.rows("SELECT run_id, manifest_row, model, audited_at, status, error_code, "
+                         "verdict, p_fake FROM items WHERE media_id = ? "
+                         "ORDER BY audited_at DESC, run_id", [media_id])
+
+    def ledger_entries(self, media_id: str) -> list[dict]:
+        if not self.is_ledger:
+            return []
+        return self.rows("SELECT run_id, model, audited_at, status, error_code, attempts, "
+                         "change_key FROM ledger_t WHERE media_id = ? ORDER BY audited_at DESC",
+                         [media_id])
+
+    # ------------------------------------------------------------------ files
+
+    def evidence(self, item: dict, suffix: str) -> tuple[Any, str] | None:
+        """``(fs, path)`` of the item's evidence strip (``.png``) or its JSON, only when
+        it lies under ``OUT/evidence/`` of the item's own run; else None."""
+        from deepaudit.pipeline.evidence import evidence_dirname, safe_filename
+
+        info = self.runs.get(item.get("run_id"))
+        if info is None:
+            return None
+        root = join(info.root, "evidence")
+        candidates = []
+        if item.get("evidence"):
+            candidates.append(item["evidence"])
+        candidates.append(join(root, evidence_dirname(item["media_id"]),
+                               safe_filename(item["run_id"]) + ".png"))
+        for cand in candidates:
+            if not isinstance(cand, str) or not cand.endswith(".png"):
+                continue
+            cand = cand[: -len(".png")] + suffix
+            resolved = _under(cand, root, self.storage)
+            if resolved is None:
+                continue
+            fs, path = resolved
+            try:
+                if fs.isfile(path):
+                    return fs, path
+            except OSError:
+                continue
+        return None
+
+
+def _under(uri: str, root: str, storage: StorageConfig) -> tuple[Any, str] | None:
+    """``(fs, path)`` of ``uri`` when it resolves inside ``root`` (same scheme, no ``..``,
+    symlinks followed for local paths); None otherwise."""
+    if is_s3(uri) != is_s3(root) or "\x00" in uri:
+        return None
+    if is_s3(uri):
+        key, base = uri.split("://", 1)[1], root.split("://", 1)[1].rstrip("/")
+        if ".." in key.split("/") or posixpath.normpath(key) != key:
+            return None
+        if not key.startswith(base + "/"):
+            return None
+        fs, _ = filesystem_for(root, storage)
+        return fs, key
+    fs, path = filesystem_for(uri, storage)
+    _, base = filesystem_for(root, storage)
+    real, real_base = os.path.realpath(path), os.path.realpath(base)
+    if os.path.commonpath([real, real_base]) != real_base or real == real_base:
+        return None
+    return fs, real
+
+
+def open_archive(target: str, storage: StorageConfig | None = None) -> Archive:
+    try:
+        return Archive(target, storage)
+    except (OSError, pa.ArrowException) as exc:
+        raise QueryError(f"cannot read {target} ({type(exc).__name__}: {exc})") from None
