@@ -15,6 +15,10 @@ Videos and images take the same path; an image is a one-frame video.
   :func:`frame_defect` check flags (decoder fill green), makes the rest of the item
   decode sequentially (``seek+fallback``); a sequentially decoded frame that the check
   flags is dropped and reported (:class:`DecodedFrames`).
+* Hostile inputs are refused before they cost anything: a frame size over
+  ``max_pixels`` (also what a decoder would allocate for a decompression bomb: ffprobe
+  and ffmpeg get the limit too, so neither allocates it) and a frame count over
+  ``max_frames`` are ``too_large``; every ffmpeg run of an item shares one deadline.
 * Every failure raises :class:`MediaError` with a short code (the row's ``error``
   starts with it) and ffmpeg's own message, with URL credentials redacted.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -53,18 +58,20 @@ class DecodeConfig:
     # Decoded frames are scaled so their long side is at most this (faces are cropped
     # from these frames; detection runs on a smaller copy).
     max_side: int = 1920
-    # Inputs above this many pixels per frame are refused rather than decoded.
+    # Inputs above this many pixels per frame are refused rather than decoded (too_large).
     max_pixels: int = 80_000_000
+    # Videos that claim more frames than this are refused (too_large): 46 h at 60 fps.
+    max_frames: int = 10_000_000
     # Above this spacing between sampled frames, seek to each frame instead of decoding all.
     seek_spacing_s: float = 4.0
+    # Per item: its ffprobe and every ffmpeg run of its decode share this budget.
     timeout_s: float = 180.0
     presign_expiry_s: int = 3600
     # Reads over HTTP (s3:// through presigned URLs): ffmpeg reconnects mid-stream by
     # itself; a call that fails on a transient error (5xx, reset) is rerun this often.
     http_retries: int = 3
     # Threads per ffmpeg process (decoder and filters). The pipeline decodes several items
-    # at once, so one each is cheapest: measured on a 10 s 640x360 H.264 clip, 16 sampled
-    # frames cost 0.26 CPU-s on one thread against 0.35 with ffmpeg's automatic threads.
+    # at once, so one each is cheapest (docs/decode.md). 0: ffmpeg decides.
     ffmpeg_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -75,6 +82,9 @@ class DecodeConfig:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.max_side < 64:
             raise ValueError(f"max_side must be >= 64, got {self.max_side}")
+        if self.max_pixels < 1 or self.max_frames < 1 or self.timeout_s <= 0:
+            raise ValueError(f"max_pixels and max_frames must be >= 1 and timeout_s > 0, got "
+                             f"{self.max_pixels}, {self.max_frames} and {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,9 @@ class Source:
     location: str  # a local path or an http(s) URL ffmpeg can read with range requests
     size_bytes: int
     fingerprint: str
+    # time.monotonic() by which the item's ffprobe and ffmpeg runs must be done (None:
+    # each run gets the whole DecodeConfig.timeout_s).
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ def open_source(uri: str, storage: StorageConfig, config: DecodeConfig) -> Itera
         raise MediaError("access_denied", redact(str(exc))) from None
     except Exception as exc:  # network, bad bucket name, etc.
         raise MediaError("fetch_failed", f"{type(exc).__name__}: {redact(str(exc))}") from None
+    deadline = time.monotonic() + config.timeout_s
     if info.get("type") == "directory":
         raise MediaError("not_a_file", f"{uri} is a directory")
     size = int(info.get("size") or 0)
@@ -132,11 +146,11 @@ def open_source(uri: str, storage: StorageConfig, config: DecodeConfig) -> Itera
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         fingerprint = f"size={size};etag={etag}"
         url = fs.url(path, expires=config.presign_expiry_s)
-        yield Source(location=url, size_bytes=size, fingerprint=fingerprint)
+        yield Source(location=url, size_bytes=size, fingerprint=fingerprint, deadline=deadline)
     else:
         mtime = os.stat(path).st_mtime
         fingerprint = f"size={size};mtime={mtime:.6f};sha256={_sha256_file(path)}"
-        yield Source(location=path, size_bytes=size, fingerprint=fingerprint)
+        yield Source(location=path, size_bytes=size, fingerprint=fingerprint, deadline=deadline)
 
 
 # ffmpeg/ffprobe messages that mean the network failed, not the media.
@@ -148,11 +162,23 @@ _TRANSIENT = re.compile(
 
 def _video_input(source: Source, config: DecodeConfig, **options):
     """The input's video stream for ffmpeg-python, with every decode's input options: quiet,
-    ``config.ffmpeg_threads`` for the decoder and filter graph, reconnects over HTTP."""
+    ``config.ffmpeg_threads`` for the decoder and filter graph, the decoder's pixel limit,
+    reconnects over HTTP."""
     n = config.ffmpeg_threads
     threads = {"threads": n, "filter_threads": n} if n else {}
-    return ffmpeg.input(source.location, loglevel="error", **threads, **options,
-                        **http_input_options(source.location)).video
+    return ffmpeg.input(source.location, loglevel="error", max_pixels=config.max_pixels,
+                        **threads, **options, **http_input_options(source.location)).video
+
+
+def time_left(source: Source, config: DecodeConfig) -> float:
+    """Seconds the item has left for its next ffmpeg run; ``timeout`` when none."""
+    if source.deadline is None:
+        return config.timeout_s
+    left = source.deadline - time.monotonic()
+    if left <= 0:
+        raise MediaError("timeout", f"decoding took longer than the {config.timeout_s:g} s "
+                                    "limit per item")
+    return left
 
 
 def http_input_options(location: str) -> dict:
@@ -199,16 +225,48 @@ def _rotation(stream: dict) -> int:
     return int(float((stream.get("tags") or {}).get("rotate", 0) or 0))
 
 
-def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
-    """ffprobe the input: picks the first video stream and estimates its frame count."""
+# What libavcodec says when a decoder refuses a frame size: over ``max_pixels``, or too
+# large for it at all (``Picture size 50000x50000 is invalid``).
+_PICTURE_SIZE = re.compile(r"Picture size (\d+)x(\d+) (?:exceeds|is invalid)")
+
+
+def _ffprobe(source: Source, config: DecodeConfig) -> tuple[dict, str]:
+    """ffprobe's streams and format as JSON, and its error output. The decoder gets the
+    pixel limit: for some formats (PNG) ffprobe decodes the first frame to learn its pixel
+    format, and a small bomb would otherwise allocate its whole declared frame here."""
+    args = ["ffprobe", "-v", "error", "-max_pixels", str(config.max_pixels),
+            *(a for k, v in http_input_options(source.location).items() for a in (f"-{k}", str(v))),
+            "-show_format", "-show_streams", "-of", "json", source.location]
+
+    def once() -> tuple[dict, str]:
+        timeout = time_left(source, config)
+        try:
+            proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise MediaError("timeout", f"ffprobe was stopped after {timeout:.3g} s: the "
+                             f"item's {config.timeout_s:g} s limit ran out") from None
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, args, proc.stdout, proc.stderr)
+        return json.loads(proc.stdout or b"{}"), proc.stderr.decode("utf-8", "replace")
+
     try:
-        meta = _retrying(source.location, config, lambda: ffmpeg.probe(
-            source.location, timeout=config.timeout_s, v="error",
-            **http_input_options(source.location)))
-    except ffmpeg.Error as exc:
+        return _retrying(source.location, config, once)
+    except subprocess.CalledProcessError as exc:
+        refused = _PICTURE_SIZE.search((exc.stderr or b"").decode("utf-8", "replace"))
+        if refused:  # some demuxers (H.264) fail outright when the decoder refuses
+            raise _too_many_pixels(int(refused.group(1)), int(refused.group(2)), config) from None
         raise _ffmpeg_error("not_media", exc) from None
-    except subprocess.TimeoutExpired:
-        raise MediaError("timeout", f"ffprobe took longer than {config.timeout_s:.0f}s") from None
+
+
+def _too_many_pixels(width: int, height: int, config: DecodeConfig) -> MediaError:
+    return MediaError("too_large",
+                      f"{width}x{height} exceeds the {config.max_pixels / 1e6:g} MP limit")
+
+
+def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
+    """ffprobe the input: picks the first video stream and estimates its frame count.
+    Refuses (``too_large``) a frame over ``max_pixels`` or more than ``max_frames``."""
+    meta, stderr = _ffprobe(source, config)
     streams = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"]
     # Cover art attached to audio files is a "video" stream of one picture: not a video.
     real = [s for s in streams if not (s.get("disposition") or {}).get("attached_pic")]
@@ -219,11 +277,14 @@ def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
     s = real[0]
     width, height = int(s.get("width") or 0), int(s.get("height") or 0)
     if width <= 0 or height <= 0:
-        raise MediaError("not_media", f"video stream has no frame size ({s.get('codec_name')})")
+        refused = _PICTURE_SIZE.search(stderr)  # the decoder refused the declared size
+        if refused:
+            width, height = int(refused.group(1)), int(refused.group(2))
+        else:
+            raise MediaError("not_media",
+                             f"video stream has no frame size ({s.get('codec_name')})")
     if width * height > config.max_pixels:
-        raise MediaError(
-            "too_large", f"{width}x{height} exceeds the {config.max_pixels / 1e6:.0f} MP limit"
-        )
+        raise _too_many_pixels(width, height, config)
     if abs(_rotation(s)) % 180 == 90:
         width, height = height, width
     fmt = meta.get("format", {})
@@ -235,6 +296,9 @@ def probe(source: Source, uri: str, config: DecodeConfig) -> MediaInfo:
         n_frames = int(round(duration * fps)) if duration > 0 and fps > 0 else 1
     if is_image:
         n_frames, duration = 1, 0.0
+    elif n_frames > config.max_frames:
+        raise MediaError("too_large", f"the video claims {n_frames:,} frames "
+                         f"({duration:,.0f} s), over the {config.max_frames:,}-frame limit")
     return MediaInfo(
         media_type="image" if is_image else "video",
         width=width,
@@ -265,7 +329,8 @@ def _run(args: list[str], timeout: float, location: str = "",
         try:
             proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise MediaError("timeout", f"ffmpeg took longer than {timeout:.0f}s") from None
+            raise MediaError("timeout", f"ffmpeg was stopped after {timeout:.3g} s: the "
+                             f"item's {config.timeout_s:g} s limit ran out") from None
         if proc.returncode != 0 and not proc.stdout:
             raise subprocess.CalledProcessError(proc.returncode, args, b"", proc.stderr)
         return proc.stdout, proc.stderr.decode("utf-8", "replace")
@@ -278,8 +343,7 @@ def _run(args: list[str], timeout: float, location: str = "",
 
 # Error-level lines ffmpeg prints when a decode starts at an open-GOP keyframe: the
 # stream asks to unmark reference pictures from before the seek point, which the decoder
-# never had. They change no pixel of a frame at or after the keyframe (measured: seeked
-# frames with only these lines are bit-identical to sequential decoding; docs/decode.md).
+# never had. They change no pixel at or after the keyframe (docs/decode.md).
 _ENTRY_POINT_NOISE = re.compile(r"mmco: unref (short|long) failure")
 
 
@@ -296,17 +360,16 @@ _X264_VERSION = re.compile(rb"x264 - core (\d+)")
 def x264_build(source: Source, config: DecodeConfig) -> int | None:
     """The x264 version that encoded the stream, from the SEI of its first packet.
 
-    ffmpeg's H.264 decoder works around bugs of old x264 builds (e.g. 4:4:4 with 8x8
-    transforms before core 151) only when it has seen that SEI, which is in the first
-    frame alone: a decode that seeks past it decodes such files into garbage (the
-    FaceForensics++ c23 encodes are core 148). Passing the version back fixes the seek."""
+    ffmpeg's H.264 decoder works around bugs of old x264 builds only once it has seen
+    that SEI, which is in the first frame alone, so a seek past it can decode garbage;
+    passing the version back fixes the seek (docs/decode.md)."""
     args = (
         ffmpeg.input(source.location, loglevel="error", **http_input_options(source.location))
         .output("pipe:", map="0:v:0", c="copy", format="h264", vframes=1)
         .compile()
     )
     try:
-        data, _ = _run(args, min(config.timeout_s, 60.0), source.location, config)
+        data, _ = _run(args, min(time_left(source, config), 60.0), source.location, config)
     except MediaError:
         return None  # the decode itself reports what is wrong with the input
     match = _X264_VERSION.search(data[:1 << 20])
@@ -322,12 +385,8 @@ def frame_defect(frame: np.ndarray) -> str | None:
     """A cheap check for decoder garbage that ffmpeg did not report; None if the frame
     looks like a picture. ``frame``: RGB uint8 [H, W, 3].
 
-    The sign is a share of the frame in fill green. Measured (docs/decode.md): it flags 73
-    of the 78 corrupt frames old seeks gave on the FF++ clips (the other 5 are subtly
-    damaged; ffmpeg reported errors on all 78) and 0 of 4,245 clean frames of the shared
-    data. A gray-chroma rule (textured blocks of exactly neutral colour) caught no more
-    and flagged a photo in front of a gray press wall, so it is not used. Synthetic
-    pictures with a pure green area (test patterns, an RGB-green key) are flagged too."""
+    The sign is a share of the frame in fill green; what it catches and misses is in
+    docs/decode.md. Synthetic pictures with a pure green area are flagged too."""
     f = frame[::2, ::2]  # every other pixel is plenty for a share
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
     green = float(np.mean((r <= 8) & (b <= 8) & (g >= 120)))
@@ -360,7 +419,7 @@ class DecodedFrames:
 
 def _seek_time(idx: int, info: MediaInfo, spacing: float) -> float:
     # Half a frame early: accurate seek keeps the first frame at or after the time, so
-    # rounding can never skip to the next frame (idx / fps printed to the millisecond did).
+    # rounding can never skip to the next frame.
     if info.fps > 0:
         return max(0.0, (idx - 0.5) / info.fps)
     return idx * spacing
@@ -378,7 +437,7 @@ def _sequential(source: Source, info: MediaInfo, config: DecodeConfig, indices: 
                 vframes=len(indices))
         .compile()
     )
-    raw, stderr = _run(args, config.timeout_s, source.location, config)
+    raw, stderr = _run(args, time_left(source, config), source.location, config)
     size = w * h * 3
     return [raw[i: i + size] for i in range(0, len(raw) - size + 1, size)], decode_errors(stderr)
 
@@ -411,7 +470,7 @@ def decode_sampled(source: Source, info: MediaInfo, config: DecodeConfig) -> Dec
                 .compile()
             )
             try:
-                data, stderr = _run(args, config.timeout_s, source.location, config)
+                data, stderr = _run(args, time_left(source, config), source.location, config)
                 errors = decode_errors(stderr)
             except MediaError as exc:
                 if exc.code != "decode_failed":
