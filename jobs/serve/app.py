@@ -150,7 +150,7 @@ class Guard:
                 for k, v in ((b"content-security-policy", CSP.encode()),
                              (b"x-content-type-options", b"nosniff"),
                              (b"x-frame-options", b"DENY"),
-                             (b"referrer-policy", b"no-referrer"),
+                             (b"referrer-policy", b"same-origin"),
                              (b"cache-control", b"no-store")):
                     if not any(h[0].lower() == k for h in headers):
                         headers.append((k, v))
@@ -201,6 +201,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     limiter = RateLimiter(uploads_per_minute)
     check_lock = threading.Lock()
     upload_root = upload_root or tempfile.mkdtemp(prefix="deepaudit-serve-")
+    os.makedirs(upload_root, mode=0o700, exist_ok=True)
     os.chmod(upload_root, 0o700)
     figures: dict = {}
 
@@ -397,7 +398,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         if request.method == "GET":
             return check_form(request)
         origin = request.headers.get("origin")
-        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
+        host = request.headers.get("host")
+        if origin and origin != "null" and origin.split("://", 1)[-1] != host:
             return check_form(request, 403, error="the form was posted from another site")
         form = await request.form(max_files=1, max_fields=4)
         cookie, field = request.cookies.get(CSRF_COOKIE), form.get("csrf")
