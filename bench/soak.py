@@ -18,6 +18,12 @@ audit of it on a local Ray (default model, no evidence) and watches the driver:
   windows mean something only when they span many blocks: with the default 10,000 rows
   ~30 blocks each; a few hundred rows give noise (the last blocks often arrive together).
   ``trace`` names a file with every callback's (seconds, rows done, peak RSS MiB).
+* CPU per window, to tell a pipeline that slows down from a machine that gets busier:
+  ``cpu_ms_per_item`` is the CPU time per item of the driver and of everything under it
+  (``pipeline``: Ray's processes, the actors and their ffmpeg runs), and
+  ``other_cores`` how many cores the rest of the machine used meanwhile (``/proc/stat``
+  busy time minus the pipeline's). ``cpu_slope`` is ``pipeline``'s slope, as above: a
+  pipeline whose work per item grows has it positive.
 
 The issue's goal: RSS at 100 % within 1.2x of RSS at 10 % (``rss_ratio``), and throughput
 that does not decay (``throughput_slope`` not below ``-max_decay``). Prints one JSON line;
@@ -32,6 +38,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +47,7 @@ from record import append_record  # bench/record.py, beside this script
 
 MARKS = (0.10, 0.50, 1.00)
 WINDOWS = 10
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb() -> float:
@@ -58,6 +66,39 @@ def hwm_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _proc_stat(pid: str) -> tuple[int, float]:
+    """(parent pid, CPU-s of the process and of its children it has waited for)."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU-s so far of (this process, it and all its descendants, the whole machine)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents[int(name)], cpu[int(name)] = _proc_stat(name)
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+    me = os.getpid()
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    tree, todo = 0.0, [me]
+    while todo:
+        pid = todo.pop()
+        tree += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(ticks[:3]) + sum(ticks[5:8])  # all but idle and iowait
+    return cpu.get(me, 0.0), tree, busy / CLOCK_TICKS
 
 
 def media_paths(folder: Path, clip_seconds: float) -> tuple[list[Path], list[Path]]:
@@ -154,6 +195,8 @@ class Watch:
         self.t0 = time.perf_counter()
         self.points: list[tuple[float, int, float]] = []  # (seconds, done, peak so far)
         self.marks: dict[str, dict] = {}
+        # (rows done, seconds, driver CPU-s, pipeline CPU-s, machine CPU-s) per callback
+        self.cpu: list[tuple[int, float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="soak-rss", daemon=True)
 
@@ -179,6 +222,7 @@ class Watch:
         peak = self.sample()
         t = time.perf_counter() - self.t0
         self.points.append((t, done, peak))
+        self.cpu.append((done, t, *cpu_seconds()))
         for frac in MARKS:
             key = f"{round(frac * 100)}%"
             if key not in self.marks and done >= round(frac * self.rows):
@@ -212,6 +256,27 @@ class Watch:
             t_lo, lo = (first[0], first[1]) if lo < first[1] else (self.time_at(lo), lo)
             out.append(round((hi - lo) / (t_hi - t_lo), 3) if t_hi > t_lo else None)
         return first[0], out
+
+
+    def cpu_windows(self) -> dict:
+        """CPU per item in each window of 10 % of the rows (from the first callback at or
+        past each boundary): the driver's, the pipeline's, and the cores the rest of the
+        machine used meanwhile."""
+        driver, pipeline, other = [], [], []
+        width = self.rows / WINDOWS
+        for k in range(WINDOWS):
+            lo = next((c for c in self.cpu if c[0] >= k * width and c[0] > 0), None)
+            hi = next((c for c in self.cpu if c[0] >= (k + 1) * width), None)
+            if lo is None or hi is None or hi[0] <= lo[0] or hi[1] <= lo[1]:
+                for values in (driver, pipeline, other):
+                    values.append(None)
+                continue
+            n, dt = hi[0] - lo[0], hi[1] - lo[1]
+            driver.append(round((hi[2] - lo[2]) / n * 1e3, 1))
+            pipeline.append(round((hi[3] - lo[3]) / n * 1e3, 1))
+            other.append(round(((hi[4] - lo[4]) - (hi[3] - lo[3])) / dt, 2))
+        return {"cpu_ms_per_item": {"driver": driver, "pipeline": pipeline},
+                "other_cores": other}
 
 
 def slope(values: list[float | None]) -> float | None:
@@ -259,9 +324,9 @@ def main(
                       model=model or None, num_cpus=num_cpus or None, evidence=False,
                       progress=False)
     if roll_rows:
-        cfg.roll_rows = roll_rows
+        cfg = replace(cfg, roll_rows=roll_rows)
     if roll_seconds:
-        cfg.roll_seconds = roll_seconds
+        cfg = replace(cfg, roll_seconds=roll_seconds)
     rss_before = rss_mb()
     watch = Watch(rows)
     watch.start()
@@ -279,7 +344,9 @@ def main(
                    if b > a)
     steps = [watch.points[0][1]] + steps if watch.points else steps
     trace = workdir / f"trace-{rows}.json"  # every callback: seconds, rows done, peak RSS MiB
-    trace.write_text(json.dumps({"run_id": summary["run_id"], "points": watch.points}))
+    trace.write_text(json.dumps({"run_id": summary["run_id"], "points": watch.points,
+                                 "cpu": watch.cpu}))
+    cpu = watch.cpu_windows()
     run_dir = Path(summary["output"])
     parquet = sorted(run_dir.rglob("*.parquet"))
     result = {
@@ -302,6 +369,8 @@ def main(
         "rows_per_callback": {"median": steps[len(steps) // 2] if steps else None,
                               "max": max(steps, default=None)},
         "throughput_slope": slope_,
+        **cpu,
+        "cpu_slope": slope(cpu["cpu_ms_per_item"]["pipeline"]),
         "parquet_files": len(parquet),
         "files_in_summary": len(summary["files"]),
         "roll": summary["roll"],
