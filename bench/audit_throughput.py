@@ -63,6 +63,7 @@ import typer
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.models.checkpoint import resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
+from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.media import DecodeConfig, decode_frames, open_source, probe
 
@@ -117,15 +118,12 @@ class Scorer:
 
         self.torch = torch
         self.model = handle.load("cpu").to(memory_format=torch.channels_last)
-        cfg = handle.config
-        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+        self.normalise = CropNormaliser(handle.config)
 
     def __call__(self, crops: np.ndarray) -> float:
         torch = self.torch
         with torch.inference_mode():
-            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-            feats = self.model.frame_features(x.contiguous(memory_format=torch.channels_last))
+            feats = self.model.frame_features(self.normalise(crops))
             logit = self.model.sequence_logits(feats[None], torch.tensor([len(crops)]))
         return float(torch.sigmoid(logit)[0])
 
@@ -419,12 +417,11 @@ def evidence_stage_cost(model: str, all_crops: list[np.ndarray], workdir: Path) 
     the same batches through ClassifyStage with evidence off, then on."""
     import pyarrow as pa
 
-    from deepaudit.jobs.audit import _with_threshold
     from deepaudit.pipeline.evidence import EvidenceConfig
     from deepaudit.pipeline.schema import CROP_SCHEMA, table_from_rows
     from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage
 
-    handle = _with_threshold(resolve_model(model), 1e-6)
+    handle = resolve_model(model).with_threshold(1e-6)
     rows = [{"manifest_row": i, "media_id": f"clip{i}", "uri": f"clip{i}", "status": "ok",
              "n_frames_with_face": len(c), "frame_indices": list(range(len(c))),
              "face_boxes": [], "crops": c.tobytes(), "crop_size": c.shape[1]}

@@ -69,9 +69,9 @@ def main(
     import pyarrow.compute as pc
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.datasets import SplitConfig, load_inputs, split_table
     from deepaudit.jobs.metrics import roc_auc
+    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.jobs.train.datasets import SplitConfig, load_inputs, split_table
     from deepaudit.pipeline.media import sample_indices
 
     opts = ort.SessionOptions()

@@ -37,9 +37,9 @@ def main(
     import pyarrow.compute as pc
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.datasets import load_inputs
     from deepaudit.jobs.metrics import binary_metrics, roc_auc
+    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.jobs.train.datasets import load_inputs
     from deepaudit.models.checkpoint import resolve_model
     from deepaudit.models.perturb import apply_perturbation, parse_perturbations
     from deepaudit.pipeline.media import sample_indices

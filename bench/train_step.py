@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import typer
 
-from deepaudit.jobs.train_worker import FrameNet
+from deepaudit.jobs.train.worker import FrameNet
 from deepaudit.models.augment import AugmentConfig, augment
-from deepaudit.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model
+from deepaudit.models.preprocess import CropNormaliser
+from deepaudit.models.registry import create_model, get_config
 
 
 def main(
@@ -42,8 +43,7 @@ def main(
     net = create_model(model).to(memory_format=torch.channels_last)
     frames = FrameNet(net).train()
     optim = torch.optim.AdamW(frames.parameters(), lr=3e-4, weight_decay=0.05)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    normalise = CropNormaliser(get_config(model))
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     labels = torch.tensor(rng.integers(0, 2, batch), dtype=torch.float32)
@@ -53,8 +53,7 @@ def main(
     aug_ms = (time.perf_counter() - t) * 1e3 / batch
 
     def prepare() -> torch.Tensor:
-        x = torch.from_numpy(augmented).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
-        return x.contiguous(memory_format=torch.channels_last)
+        return normalise(augmented)
 
     times = []
     for _ in range(steps + 1):  # the first step warms up oneDNN

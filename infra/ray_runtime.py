@@ -41,11 +41,20 @@ def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = T
     raise ValueError(f"--address must be 'local', 'auto' or ray://HOST:PORT, got {address!r}")
 
 
+# What configure_ray_data sets on Ray Data's process-wide DataContext (the tests put
+# Ray's defaults back after each test).
+DATA_CONTEXT_SETTINGS = {
+    "max_errored_blocks": -1,
+    "enable_progress_bars": False,
+    "print_on_execution_start": False,
+}
+
+
 def configure_ray_data() -> None:
     """Ray Data as deepaudit runs it.
 
     * A task that still fails after its retries (``TASK_RETRIES`` in
-      ``pipeline/stages.py``) drops its block and the run goes on: the stages turn every
+      ``pipeline/dataset.py``) drops its block and the run goes on: the stages turn every
       error of their own into a row, so such a task is one whose worker died each time
       (or a stage that raised, a bug). The audit runs its items once more, each alone in
       its worker, and writes those still missing as ``lost`` error rows. Ray Data's
@@ -58,9 +67,8 @@ def configure_ray_data() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = -1
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    for name, value in DATA_CONTEXT_SETTINGS.items():
+        setattr(ctx, name, value)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Its "Dataset ... execution finished in N seconds" line: deepaudit prints the run's
     # wall time in its summary; with --verbose (root logger at INFO) it stays.

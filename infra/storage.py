@@ -34,6 +34,14 @@ class StorageConfig:
     read_timeout_s: float = 60.0
     max_attempts: int = 5
 
+    def __post_init__(self) -> None:
+        # The one place storage options are checked (every command builds one StorageConfig).
+        if self.endpoint_url is not None and not re.match(r"https?://[^/\s]+", self.endpoint_url):
+            raise ValueError(f"--s3-endpoint must be an http:// or https:// URL, got "
+                             f"{self.endpoint_url!r}")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0 or self.max_attempts < 1:
+            raise ValueError("storage timeouts must be > 0 and max_attempts >= 1")
+
     def resolved_endpoint(self) -> str | None:
         return (
             self.endpoint_url

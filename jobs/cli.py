@@ -15,8 +15,9 @@ from rich.table import Table
 from deepaudit.jobs.check import check_command
 from deepaudit.jobs.evaluate import evaluate_command
 from deepaudit.jobs.logs import setup_logging
+from deepaudit.jobs.options import check_endpoint
 from deepaudit.jobs.report import report_command
-from deepaudit.jobs.train import train_command
+from deepaudit.jobs.train.command import train_command
 
 app = typer.Typer(
     name="deepaudit",
@@ -163,7 +164,7 @@ def audit(
                                           help="With a prefix: drop matching keys.")
     ] = None,
     s3_endpoint: Annotated[
-        Optional[str], typer.Option(metavar="URL", rich_help_panel=_IN,
+        Optional[str], typer.Option(metavar="URL", rich_help_panel=_IN, callback=check_endpoint,
                                     help="S3 endpoint (else AWS_ENDPOINT_URL).")
     ] = None,
     output: Annotated[
@@ -251,17 +252,19 @@ def audit(
                                           help="Log more.")] = False,
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
-    from deepaudit.infra.ledger import LedgerPolicy
     from deepaudit.infra.listing import ListingConfig
     from deepaudit.infra.storage import StorageConfig, check_writable
-    from deepaudit.jobs.audit import AuditConfig, AuditInterrupted
+    from deepaudit.jobs.audit import AuditConfig
+    from deepaudit.jobs.interrupt import AuditInterrupted
+    from deepaudit.pipeline.ledger import LedgerPolicy
     from deepaudit.pipeline.manifest import ManifestError
 
     setup_logging(verbose)
     try:
+        storage = StorageConfig(endpoint_url=s3_endpoint)
         cfg = AuditConfig(
             manifest=manifest, output=output, model=model, frames=frames, address=address,
-            num_cpus=num_cpus, s3_endpoint=s3_endpoint, decode_actors=decode_actors,
+            num_cpus=num_cpus, storage=storage, decode_actors=decode_actors,
             classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
             progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
@@ -271,7 +274,6 @@ def audit(
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
         )
-        storage = StorageConfig(endpoint_url=s3_endpoint)
         check_writable(output, storage, what="--output")  # before any work or progress bar
         if ledger:
             check_writable(ledger, storage, what="--ledger")

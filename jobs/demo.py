@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from deepaudit.jobs.audit import AuditConfig, read_verdicts, run_audit
+from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.writer import read_verdicts
 
 
 def run_demo(workdir: Path, seconds: float = 4.0, model: str | None = None,

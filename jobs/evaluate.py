@@ -25,9 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+from deepaudit.jobs.options import S3Endpoint
+
+if TYPE_CHECKING:
+    from deepaudit.jobs.audit import AuditConfig
 
 STATUS_OK = "ok"  # deepaudit.pipeline.schema.STATUS_OK, without importing pyarrow for --help
 
@@ -40,37 +45,43 @@ MAX_PRINTED_GROUPS = 20
 
 @dataclass(frozen=True)
 class EvalConfig:
-    manifest: str
+    """An evaluation: the audit it runs (built like any audit; its output is
+    ``OUTPUT/audit``) and what to do with the scores."""
+
+    audit: AuditConfig
     output: str
-    model: str | None = None
     group_column: str | None = None
-    threshold: float | None = None  # override the card's for this evaluation
     calibrate: bool = False
     record_ood: bool = False  # write the measurement into the card as out-of-domain quality
     target_fpr: float = 0.05
-    frames: int | None = None
-    address: str = "local"
-    num_cpus: int | None = None
-    s3_endpoint: str | None = None
-    decode_actors: int | None = None
-    classify_actors: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    perturb: str | None = None  # e.g. "jpeg:50,resize:0.5": one more audit per perturbation
+    perturbations: str | None = None  # e.g. "jpeg:50,resize:0.5": one more audit each
 
     def __post_init__(self) -> None:
         from deepaudit.models.perturb import parse_perturbations
 
-        parse_perturbations(self.perturb)  # validates
+        parse_perturbations(self.perturbations)  # validates
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.calibrate and self.record_ood:
             raise ValueError("--calibrate tunes on validation data and --record-out-of-domain "
                              "records a measurement on unseen sources: use one per run")
-        if self.calibrate and self.threshold is not None:
+        if self.calibrate and self.audit.threshold is not None:
             raise ValueError("--calibrate chooses the threshold itself: drop --threshold")
+
+    @property
+    def manifest(self) -> str:
+        return self.audit.manifest
+
+    @classmethod
+    def build(cls, manifest: str, output: str, perturb: str | None = None,
+              group_column: str | None = None, calibrate: bool = False,
+              record_ood: bool = False, target_fpr: float = 0.05, **audit) -> EvalConfig:
+        """An evaluation of ``manifest`` into ``output``; ``audit``: AuditConfig fields."""
+        from deepaudit.infra.storage import join
+        from deepaudit.jobs.audit import AuditConfig
+
+        return cls(AuditConfig(manifest=manifest, output=join(output, "audit"), **audit),
+                   output, group_column, calibrate, record_ood, target_fpr, perturb)
 
 
 def _calibration_card(model: str | None) -> Path:
@@ -97,7 +108,7 @@ def _block(labels: list[int], scores: list[float], threshold: float) -> dict | N
 
 def compute_metrics(rows: list[dict], threshold: float, group_column: str | None) -> dict:
     """Metrics over verdict rows that carry the manifest's ``label`` (and group) column."""
-    from deepaudit.jobs.datasets import parse_label
+    from deepaudit.pipeline.manifest import parse_label
 
     labelled, unlabelled = [], 0
     for r in rows:
@@ -151,8 +162,8 @@ def robustness(runs: dict[str, list[dict]], threshold: float) -> dict:
     """AUC, and recall and FPR at ``threshold``, per perturbation (``runs`` maps a
     perturbation's name to its verdict rows; ``none`` is the baseline), on the labelled
     items scored in every run, with each one's AUC change against the baseline."""
-    from deepaudit.jobs.datasets import parse_label
     from deepaudit.jobs.metrics import binary_metrics
+    from deepaudit.pipeline.manifest import parse_label
 
     def scored(rows: list[dict]) -> dict[str, tuple[int, float]]:
         return {r["media_id"]: (parse_label(r.get("label")), float(r["p_fake"])) for r in rows
@@ -208,17 +219,19 @@ def out_of_domain_record(result: dict, manifest: str) -> dict:
 
 def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
-    from deepaudit.infra.storage import StorageConfig, check_writable, filesystem_for, join
-    from deepaudit.jobs.audit import AuditConfig, read_verdicts, run_audit
-    from deepaudit.jobs.datasets import parse_label
+    from deepaudit.infra.storage import check_writable, filesystem_for, join
+    from deepaudit.jobs.audit import run_audit
     from deepaudit.jobs.metrics import histogram_png, roc_png
     from deepaudit.models.checkpoint import set_card_out_of_domain, set_card_threshold
     from deepaudit.models.perturb import parse_perturbations
+    from deepaudit.pipeline.manifest import parse_label
+    from deepaudit.pipeline.writer import read_verdicts
 
-    storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    audit = cfg.audit
+    storage = audit.storage
     manifest = validate_eval_manifest(cfg.manifest, storage)  # before anything heavy
     check_writable(cfg.output, storage, what="--output")
-    card_path = _calibration_card(cfg.model) if cfg.calibrate or cfg.record_ood else None
+    card_path = _calibration_card(audit.model) if cfg.calibrate or cfg.record_ood else None
     group_column = cfg.group_column
     if group_column is not None and group_column not in manifest.column_names:
         raise ValueError(f"--group-column {group_column!r} is not a column of {cfg.manifest} "
@@ -226,17 +239,11 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     if group_column is None:
         group_column = next((c for c in GROUP_CANDIDATES if c in manifest.column_names), None)
 
-    audit = AuditConfig(
-        manifest=cfg.manifest, output=join(cfg.output, "audit"), model=cfg.model,
-        frames=cfg.frames, address=cfg.address, num_cpus=cfg.num_cpus,
-        s3_endpoint=cfg.s3_endpoint, decode_actors=cfg.decode_actors,
-        classify_actors=cfg.classify_actors, batch_size=cfg.batch_size, device=cfg.device,
-        threshold=cfg.threshold)
     summary = run_audit(audit, on_rows=on_rows)
     rows = read_verdicts(summary["output"], storage).to_pylist()
     threshold = float(summary["threshold"])
     perturbed, perturbed_runs = {"none": rows}, {"none": summary["output"]}
-    for spec in parse_perturbations(cfg.perturb)[1:]:
+    for spec in parse_perturbations(cfg.perturbations)[1:]:
         tag = spec.name.replace(":", "-")
         # The same audit with every crop perturbed, at the baseline run's threshold.
         run = run_audit(replace(audit, output=join(cfg.output, f"audit-{tag}"),
@@ -333,7 +340,7 @@ def evaluate_command(
                                                   "(default: the card's).")] = None,
     address: Annotated[str, typer.Option(help="'local', 'auto' or ray://HOST:PORT.")] = "local",
     num_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs for a local Ray.")] = None,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: S3Endpoint = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]
         = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -353,14 +360,14 @@ def evaluate_command(
     try:
         from deepaudit.infra.storage import StorageConfig
 
+        storage = StorageConfig(endpoint_url=s3_endpoint)
         # The manifest first, before the model, torch or Ray are touched.
-        validate_eval_manifest(manifest, StorageConfig(endpoint_url=s3_endpoint))
-        cfg = EvalConfig(manifest=manifest, output=output, model=model,
-                         group_column=group_column, threshold=threshold, calibrate=calibrate,
-                         target_fpr=target_fpr, perturb=perturb, frames=frames,
-                         record_ood=record_out_of_domain,
-                         address=address,
-                         num_cpus=num_cpus, s3_endpoint=s3_endpoint)
+        validate_eval_manifest(manifest, storage)
+        cfg = EvalConfig.build(
+            manifest, output, perturb=perturb, group_column=group_column, calibrate=calibrate,
+            record_ood=record_out_of_domain, target_fpr=target_fpr, model=model,
+            threshold=threshold, frames=frames, address=address, num_cpus=num_cpus,
+            storage=storage)
         with console.status("auditing the manifest..."):
             result = run_evaluate(cfg)
     except (ManifestError, ValueError, FileNotFoundError) as exc:

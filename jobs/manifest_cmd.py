@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from deepaudit.jobs.options import S3Endpoint
+
 
 def manifest_command(
     prefix: Annotated[
@@ -34,9 +36,7 @@ def manifest_command(
         bool, typer.Option(help="Tell the media type of keys without an extension from their "
                            "first 512 bytes (one range read each).")
     ] = True,
-    s3_endpoint: Annotated[
-        Optional[str], typer.Option(help="S3 endpoint URL (overrides AWS_ENDPOINT_URL).")
-    ] = None,
+    s3_endpoint: S3Endpoint = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the listing's counts as JSON on stdout.")
     ] = False,

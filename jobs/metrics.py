@@ -2,7 +2,7 @@
 
 Convention: label 1 = fake (the positive class), 0 = real; a score is p_fake and an
 item is predicted fake when ``score >= threshold``. Plain NumPy, so the figures can be
-checked by hand (``tests/test_metrics.py``) and no scikit-learn is needed.
+checked by hand (``tests/jobs/test_metrics.py``) and no scikit-learn is needed.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
-from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
+from deepaudit.pipeline.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.pipeline.schema import VERDICT_SCHEMA
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
@@ -142,6 +142,12 @@ class ModelHandle:
         """Measured out-of-domain quality and its caveat (see :func:`model_quality`)."""
         return model_quality(self.card, self.trained)
 
+    def with_threshold(self, threshold: float | None) -> ModelHandle:
+        """This model with another decision threshold (``None``: the card's)."""
+        if threshold is None:
+            return self
+        return replace(self, config=self.config.with_threshold(threshold))
+
     def load(self, device: str | torch.device = "cpu") -> nn.Module:
         """Build the model, load and verify its weights, and return it in ``eval()`` mode
         on ``device``. Without weights the model is seeded (0), so it is deterministic."""
@@ -206,12 +212,11 @@ def set_card_threshold(card_path: str | Path, threshold: float,
     how it was chosen under ``calibration``. The card's sha256 covers the weights file
     only, so the weights stay valid. Returns the updated card."""
     card_path = Path(card_path).with_suffix(".json")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     card = json.loads(card_path.read_text())
     if "config" not in card or "weights_sha256" not in card:
         raise ValueError(f"{card_path} is not a deepaudit model card")
-    card["config"]["threshold"] = float(threshold)
+    config = ModelConfig.from_dict(card["config"]).with_threshold(threshold)  # validates
+    card["config"]["threshold"] = config.threshold
     if calibration is not None:
         card["calibration"] = calibration
     tmp = card_path.with_suffix(".json.tmp")

@@ -24,9 +24,7 @@ class FaceDetectorConfig:
     # landmarks are mapped back to the frame's own pixel grid.
     detect_side: int = 640
     # Frames whose long side is smaller than this are enlarged to it before detection.
-    # RetinaFace's anchors miss small faces in small frames: on the 264 FaceForensics++
-    # 128x128 frames in ../shared/data/train (faces of 16-24 px), 208 had a face found at
-    # native size and 232 after enlarging to 320 px (with min_face_px=16).
+    # RetinaFace's anchors miss small faces in small frames (docs/design.md, "Faces").
     min_detect_side: int = 320
     # Faces smaller than this (in the frame's pixels) are ignored: too small to judge.
     min_face_px: int = 16

@@ -16,7 +16,7 @@ its maximum, so every map is in [0, 1] (all zeros when nothing pushes the score 
 ``d logit / d A_c(x, y) = (1 / hw) d logit / d f_c`` at every position: the backward pass
 runs through the heads and the LSTM on pooled features only, never through the trunk, and
 ``layer4`` activations are needed only for the frames that are drawn. This is exact, not an
-approximation; ``tests/test_gradcam.py`` checks it against autograd through the full graph.
+approximation; ``tests/models/test_gradcam.py`` checks it against autograd through the full graph.
 """
 
 from __future__ import annotations

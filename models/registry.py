@@ -24,6 +24,13 @@ HALF = (0.5, 0.5, 0.5)
 Builder = Callable[..., nn.Module]
 
 
+def check_threshold(threshold: float) -> float:
+    """The one rule for a fake/real decision threshold (cards, --threshold, recipes)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"the threshold must be in (0, 1), got {threshold}")
+    return threshold
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What a model needs around it: its builder name and arguments, the crop size and
@@ -36,6 +43,13 @@ class ModelConfig:
     frames: int
     threshold: float
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
+
+    def with_threshold(self, threshold: float | None) -> ModelConfig:
+        """This config with another decision threshold (``None``: unchanged)."""
+        return self if threshold is None else replace(self, threshold=float(threshold))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (tuples become lists)."""

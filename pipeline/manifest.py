@@ -192,3 +192,49 @@ def read_manifest(uri: str, reserved: set[str], storage: StorageConfig | None = 
     """Read, validate and normalise a manifest; raises :class:`ManifestError`."""
     raw = resolve_relative_paths(_read_raw(uri, storage or StorageConfig()), uri)
     return validate_manifest(raw, reserved, source=uri)
+
+
+def is_manifest_file(uri: str) -> bool:
+    """A manifest is named *.csv, *.tsv, *.jsonl or *.parquet; anything else is a prefix."""
+    return uri.lower().endswith(tuple(FORMATS))
+
+
+def read_input(uri: str, storage: StorageConfig, listing=None) -> pa.Table:
+    """What the audit reads: a manifest file, or a folder or an s3:// prefix listed with
+    ``listing`` (an :class:`~deepaudit.infra.listing.ListingConfig`; its columns ``size``,
+    ``etag`` and ``mtime`` give the ledger's change keys). Validated like any manifest."""
+    from deepaudit.pipeline.schema import RESERVED_COLUMNS
+
+    if is_manifest_file(uri):
+        return read_manifest(uri, RESERVED_COLUMNS, storage)
+    from deepaudit.infra.listing import ListingConfig, ListingStats, listing_table
+
+    stats = ListingStats()
+    try:
+        table = listing_table(uri, storage, listing or ListingConfig(), stats)
+    except FileNotFoundError:
+        raise ManifestError(f"{uri} is neither a manifest (*.csv, *.tsv, *.jsonl, *.parquet) "
+                            "nor a folder") from None
+    if table.num_rows == 0:
+        raise ManifestError(
+            f"no media found under {uri}: {stats.listed} objects listed, {stats.excluded} "
+            f"excluded by --include/--exclude, {stats.not_media} not media. Check the prefix "
+            "and the globs.")
+    return validate_manifest(table, RESERVED_COLUMNS, source=uri)
+
+
+# The ``label`` column's words (any case); anything else is unlabelled.
+FAKE_WORDS = {"fake", "1", "true", "yes", "manipulated", "deepfake", "synthetic"}
+REAL_WORDS = {"real", "0", "false", "no", "original", "pristine", "genuine"}
+
+
+def parse_label(value: object) -> int | None:
+    """1 for fake, 0 for real, None for anything else (unknown, empty)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in FAKE_WORDS:
+        return 1
+    if text in REAL_WORDS:
+        return 0
+    return None

@@ -49,17 +49,14 @@ class StagePlan:
         return self.decode_actors * self.decode_cpus + self.classify_actors * self.classify_cpus
 
 
-# Single-threaded CPU cost estimates, measured on a 2-core AMD EPYC (bench/audit_throughput.py):
-# decoding a frame of a 640x360 H.264 clip plus RetinaFace and the crop cost ~62 ms; the
-# ResNeXt50_32x4d trunk costs ~206 ms per 224 px crop and scales with the crop's area.
+# Single-threaded CPU cost per frame of decode + RetinaFace + crop, and of the classifier
+# per 224 px crop (scaled by the crop's area); docs/design.md, "The actor plan".
 DECODE_MS_PER_FRAME = 62.0
 CLASSIFY_MS_PER_CROP_224 = 206.0
 
 
-# Crops per forward pass on CPU. Bigger passes do not amortise anything on one thread and
-# their activations spill out of the core's cache: measured single-threaded on this
-# machine, two 16-frame videos in one 32-crop pass cost 1.07 CPU-s per video, in two
-# 16-crop passes 0.72-0.87 (as much as one video alone).
+# Crops per forward pass on CPU: bigger passes amortise nothing on one thread and spill
+# out of the core's cache (docs/design.md, "The actor plan").
 CPU_CROP_BATCH = 16
 
 

@@ -5,8 +5,10 @@
   decoder garbage; see :func:`~deepaudit.pipeline.media.decode_sampled`) → RetinaFace →
   most prominent face per frame → aligned crop. Only uint8 crops and metadata leave it.
 * :class:`ClassifyStage` (GPU actors, CPU when there is none): crops from every video in
-  the batch go through the ResNeXt trunk together, then each video's sequence goes
+  the batch go through the CNN trunk together, then each video's sequence goes
   through the LSTM head.
+
+No Ray here: :mod:`deepaudit.pipeline.dataset` wires both stages into Ray Data.
 
 Neither stage ever raises for a bad item: a failure becomes the row's ``status`` and
 ``error``, so rows out always equal rows in.
@@ -14,13 +16,11 @@ Neither stage ever raises for a bad item: a failure becomes the row's ``status``
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,7 @@ import pyarrow as pa
 from deepaudit.infra.storage import StorageConfig, redact
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
 from deepaudit.models.perturb import Perturbation, apply_perturbation
+from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
 from deepaudit.pipeline.media import (
@@ -169,86 +170,6 @@ class DecodeCropStage:
         return result
 
 
-# Attempts after the first at a task whose actor died (a node lost, the out-of-memory
-# killer, a crash in native code). Ray Data's default is to retry forever, on an actor it
-# restarts forever: one input that kills its worker every time then stalls the audit for
-# good. After these retries the task's rows come back missing; the audit runs them once
-# more, each alone in its worker (``isolate``), and writes what is still missing as error
-# rows (``lost: ...``); see :func:`deepaudit.infra.ray_runtime.configure_ray_data`.
-TASK_RETRIES = 3
-# Attempts after the first in that isolated pass: one, for a worker lost to something
-# else (a node going away); an input that kills its worker alone needs no more proof.
-ISOLATED_RETRIES = 1
-
-
-@contextlib.contextmanager
-def retry_args_accepted():
-    """``max_task_retries`` reaches Ray Data's actors only through ``map_batches``'
-    ``**ray_remote_args`` (it has no named parameter), which Ray 2.60 deprecates for
-    removal in 2.64 with a warning on every run; pyproject.toml pins ray below 2.64, so the
-    warning says nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-        yield
-
-
-def actor_pool(size: int, calls: int, inputs: int, isolate: bool = False):
-    """The actor pool strategy of a stage: ``size`` actors of ``calls`` concurrent calls
-    (threads) each, but no more actors than ``inputs`` (blocks or rows it will get: an
-    actor with nothing to do still boots a worker process). ``isolate``: one call per
-    actor and nothing queued behind it, so a task whose worker dies takes no other item
-    with it (Ray Data otherwise queues up to twice ``calls`` tasks on each actor, and they
-    all fail when it dies)."""
-    from ray.data import ActorPoolStrategy
-
-    size = max(1, min(size, inputs))
-
-    if isolate:
-        return ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=1,
-                                 max_tasks_in_flight_per_actor=1)
-    return ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=calls,
-                             enable_true_multi_threading=calls > 1)
-
-
-def decode_crop_dataset(
-    keys: pa.Table,
-    decode: DecodeConfig,
-    detector: FaceDetectorConfig,
-    crop: CropConfig,
-    storage: StorageConfig,
-    actors: int,
-    cpus_per_actor: float,
-    calls_per_actor: int = 2,
-    isolate: bool = False,
-):
-    """A Ray Dataset of :class:`DecodeCropStage` outputs over ``keys`` (``manifest_row``,
-    ``media_id``, ``uri``) on an actor pool: the audit's first stage, also used by the
-    training crop cache, so both crop faces exactly alike. ``isolate``: one item per task
-    and per actor at a time (see :func:`actor_pool`), for items whose tasks failed."""
-    import ray.data
-
-    # Small blocks spread the media over the actors; ~8 blocks per actor balances tails.
-    per_block = 1 if isolate else max(1, min(32, -(-keys.num_rows // (actors * 8))))
-    # from_blocks puts the Arrow slices as they are and reads their metadata here in the
-    # driver. from_arrow sends one remote task per block to read it: on a fresh pool that
-    # booted three worker processes and held the actor pools back ~2.5 s (measured on 2
-    # cores). from_items does it locally too, but row by row in Python (200k rows: 17 s,
-    # against 10 s here).
-    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
-    with retry_args_accepted():
-        return ray.data.from_blocks(blocks).map_batches(
-            DecodeCropStage,
-            fn_constructor_kwargs={"decode": decode, "detector": detector, "crop": crop,
-                                   "storage": storage},
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=actor_pool(actors, calls_per_actor, len(blocks), isolate),
-            num_cpus=cpus_per_actor,
-            max_task_retries=ISOLATED_RETRIES if isolate else TASK_RETRIES,
-            udf_modifying_row_count=False,
-        )
-
-
 @dataclass(frozen=True)
 class ClassifyConfig:
     device: str = "auto"  # auto | cpu | cuda
@@ -295,8 +216,7 @@ class ClassifyStage:
         self.model = model.to(memory_format=torch.channels_last).eval()
         cfg = handle.config
         self.size = cfg.input_size
-        self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.normalise = CropNormaliser(cfg, self.device)
         self.threshold = float(cfg.threshold)
         self.perturbation = Perturbation.parse(config.perturb or "none")
         self.evidence = self._evidence_builder(evidence)
@@ -342,13 +262,9 @@ class ClassifyStage:
         with torch.inference_mode(), torch.autocast(
             "cuda", dtype=torch.float16, enabled=self.device.type == "cuda"
         ):
-            # uint8 crosses to the device (4x less traffic than fp32), then normalises there.
-            x = torch.from_numpy(np.concatenate(arrays)).to(self.device, non_blocking=True)
-            feats = []
-            for chunk in x.split(self.config.crop_batch):
-                chunk = chunk.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-                feats.append(self.model.frame_features(chunk).float())
+            x = torch.from_numpy(np.concatenate(arrays))
+            feats = [self.model.frame_features(self.normalise(chunk)).float()
+                     for chunk in x.split(self.config.crop_batch)]
             feats = torch.cat(feats)
             frame_p = torch.sigmoid(self.model.frame_logits(feats).float()).cpu().numpy()
             per_video = feats.split(lengths)
@@ -381,15 +297,10 @@ class ClassifyStage:
             return None
         torch = self.torch
 
-        def prepare(crops: np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-            return x.contiguous(memory_format=torch.channels_last)
-
         def autocast():
             return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
 
-        return EvidenceBuilder(evidence, self.model, prepare, autocast)
+        return EvidenceBuilder(evidence, self.model, self.normalise, autocast)
 
     def _add_evidence(self, rows: list[dict], todo: list[int], arrays, feats, lengths) -> None:
         """Evidence for the flagged rows among ``todo``; never on the normal path (a batch

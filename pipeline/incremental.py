@@ -16,7 +16,8 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deepaudit.infra.ledger import (
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
+from deepaudit.pipeline.ledger import (
     GAVE_UP,
     NEW,
     PLAN_SCHEMA,
@@ -28,7 +29,6 @@ from deepaudit.infra.ledger import (
     decide,
     ledger_rows,
 )
-from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
-from deepaudit.pipeline.manifest import ManifestError, read_manifest
+from deepaudit.pipeline.manifest import ManifestError, parse_label, read_manifest
 from deepaudit.pipeline.media import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,6 @@ LABELLED_SCHEMA = pa.schema([
     ("media_type", pa.string()),  # image | video
 ])
 
-FAKE_WORDS = {"fake", "1", "true", "yes", "manipulated", "deepfake", "synthetic"}
-REAL_WORDS = {"real", "0", "false", "no", "original", "pristine", "genuine"}
 GROUP_COLUMNS = ("group", "identity", "identity_id", "group_id")
 
 
@@ -83,18 +81,6 @@ class LabelledSet:
         for src, lab in zip(self.table["source"].to_pylist(), self.table["label"].to_pylist()):
             out[src]["fake" if lab else "real"] += 1
         return dict(sorted(out.items()))
-
-
-def parse_label(value: object) -> int | None:
-    """1 for fake, 0 for real, None for anything else (unknown, empty)."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    if text in FAKE_WORDS:
-        return 1
-    if text in REAL_WORDS:
-        return 0
-    return None
 
 
 def media_type_for(path: str) -> str | None:

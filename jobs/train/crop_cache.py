@@ -238,7 +238,8 @@ class _PartWriter:
 
 def _decode_dataset(keys: pa.Table, cfg: CropCacheConfig, actors: int, cpus_each: float):
     """The audit's first stage (DecodeCropStage on an actor pool) over ``keys``."""
-    from deepaudit.pipeline.stages import CropConfig, decode_crop_dataset
+    from deepaudit.pipeline.dataset import decode_crop_dataset
+    from deepaudit.pipeline.stages import CropConfig
 
     return decode_crop_dataset(
         keys, DecodeConfig(frames=cfg.frames, max_side=cfg.max_side), cfg.detector,

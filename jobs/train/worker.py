@@ -25,24 +25,29 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from deepaudit.jobs.crop_cache import load_crops
+from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.metrics import (
     binary_metrics,
     roc_auc,
     threshold_at_fpr,
     threshold_max_youden,
 )
+from deepaudit.jobs.train.crop_cache import load_crops
 from deepaudit.models.augment import AugmentConfig, augment
+from deepaudit.models.checkpoint import ModelHandle
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.losses import BinaryLoss, LossConfig
+from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.models.pretrained import is_trunk_init, load_trunk
-from deepaudit.models.registry import create_model
+from deepaudit.models.registry import ModelConfig, create_model
 from deepaudit.models.sbi import SBIConfig, self_blend
 from deepaudit.pipeline.media import sample_indices
 
@@ -157,30 +162,57 @@ def balanced_draw(labels: np.ndarray, sources: np.ndarray, owners: np.ndarray, n
     return rng.choice(index, size=n, replace=True, p=weight / weight.sum())
 
 
-def _collate(batch):
+def collate(batch):
     crops, labels = zip(*batch)
     return torch.from_numpy(np.stack(crops)), torch.tensor(labels, dtype=torch.float32)
 
 
-@dataclass
-class _Shard:
-    """This worker's items: crops per item, plus the per-item table rows."""
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What the driver hands every training worker (``train_loop_config["inputs"]``)."""
 
-    rows: list[dict]
-    crops: dict[str, np.ndarray]  # item_key -> uint8 [n, S, S, 3]
+    cfg: Any  # TrainConfig
+    model_config: ModelConfig
+    items: pa.Table  # the split table: one row per item, with split, label, item_key
+    cache_dir: str  # the crop cache (see .crop_cache)
+    storage: StorageConfig
+    threads: int  # torch intra-op threads
+    init_handle: ModelHandle | None = None  # fine-tuning from a deepaudit checkpoint
+    queue: Any = None  # ray.util.queue.Queue for progress events, rank 0 only
+
+
+@dataclass
+class LoopState:
+    """The training loop's state, saved with every checkpoint (``--resume`` restores it).
+    Phase 1 trains the CNN and frame head on crops; phase 2 the LSTM on frozen features."""
+
+    p1_epochs: int = 0
+    p1_stopped: bool = False  # early stopping ended phase 1
+    p2_epochs: int = 0
+    p2_stopped: bool = False
+    best1: dict | None = None  # best phase 1 epoch: score, epoch, val metrics, weights
+    best2: dict | None = None
+    bad1: int = 0  # epochs without improvement (early stopping)
+    bad2: int = 0
+    history: list = field(default_factory=list)  # one dict per epoch
+    steps: int = 0
+    optim1: dict | None = None  # optimiser and scheduler state dicts while a phase runs
+    sched1: dict | None = None
+    optim2: dict | None = None
+    sched2: dict | None = None
 
 
 class WorkerLoop:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, inputs: WorkerInputs) -> None:
         import ray.train
         import ray.train.torch
 
-        self.cfg = config["cfg"]
-        self.model_config = config["model_config"]
-        self.queue = config.get("queue")
-        self.cache_dir = config["cache_dir"]
-        self.storage = config["storage"]
-        torch.set_num_threads(max(1, int(config["threads"])))
+        self.cfg = inputs.cfg
+        self.model_config = inputs.model_config
+        self.queue = inputs.queue
+        self.cache_dir = inputs.cache_dir
+        self.storage = inputs.storage
+        torch.set_num_threads(max(1, int(inputs.threads)))
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -188,22 +220,18 @@ class WorkerLoop:
         self.t_last_event = 0.0
 
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every worker
-        init = config.get("init_handle")
+        init = inputs.init_handle
         model = init.load() if init is not None else create_model(
             self.model_config.arch, **self.model_config.arch_kwargs)
         if is_trunk_init(self.cfg.init_from):
             load_trunk(model, self.cfg.init_from, self.model_config.arch)
         model.config = self.model_config
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        cfg_m = self.model_config
-        self.mean = torch.tensor(cfg_m.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg_m.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.normalise = CropNormaliser(self.model_config, self.device)
         self.loss_fn = BinaryLoss(LossConfig(self.cfg.loss, gamma=self.cfg.focal_gamma,
                                              label_smoothing=self.cfg.label_smoothing))
 
-        self.state = {"p1_epochs": 0, "p1_stopped": False, "p2_epochs": 0, "p2_stopped": False,
-                      "best1": None, "best2": None, "bad1": 0, "bad2": 0, "history": [],
-                      "steps": 0, "optim1": None, "sched1": None, "optim2": None, "sched2": None}
+        self.state = LoopState()
         self.resumed_from = None
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
@@ -214,17 +242,17 @@ class WorkerLoop:
                 raise ValueError("the checkpoint in this output folder was trained with another "
                                  "model configuration: use a new --output to start afresh")
             self.model.load_state_dict(saved["model"])
-            self.state = saved["state"]
-            self.resumed_from = {"phase1_epochs": self.state["p1_epochs"],
-                                 "phase2_epochs": self.state["p2_epochs"],
-                                 "steps": self.state["steps"]}
+            self.state = LoopState(**saved["state"])
+            self.resumed_from = {"phase1_epochs": self.state.p1_epochs,
+                                 "phase2_epochs": self.state.p2_epochs,
+                                 "steps": self.state.steps}
             self._event(type="info", message=f"resumed after phase 1 epoch "
-                        f"{self.state['p1_epochs']}, phase 2 epoch {self.state['p2_epochs']}")
-        best1 = self.state["best1"]
+                        f"{self.state.p1_epochs}, phase 2 epoch {self.state.p2_epochs}")
+        best1 = self.state.best1
         # The best phase-1 weights live in memory while they are the current ones.
         self._best1_weights = self._cpu_state() if best1 and best1["model"] is None else None
 
-        items = config["items"].to_pylist()
+        items = inputs.items.to_pylist()
         self.train_rows = [r for r in items if r["split"] == "train" and self._mine(r)]
         self.val_rows = [r for r in items if r["split"] == "val" and self._mine(r)]
         keys = [r["item_key"] for r in self.train_rows + self.val_rows]
@@ -266,11 +294,6 @@ class WorkerLoop:
         dist.all_gather_object(out, obj)
         return [x for part in out for x in part]
 
-    def _normalise(self, x: Tensor) -> Tensor:
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = x.sub_(self.mean).div_(self.std)
-        return x.contiguous(memory_format=torch.channels_last)
-
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
@@ -283,7 +306,7 @@ class WorkerLoop:
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save({"arch": self.model_config.to_dict(), "model": self.model.state_dict(),
-                        "state": self.state}, os.path.join(d, STATE_FILE))
+                        "state": asdict(self.state)}, os.path.join(d, STATE_FILE))
             if final is not None:
                 torch.save(final, os.path.join(d, FINAL_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -295,8 +318,18 @@ class WorkerLoop:
         loss.backward()
         optim.step()
         sched.step()
-        st["steps"] += 1
+        st.steps += 1
         return float(loss.detach())
+
+    def _epoch_row(self, phase: int, epoch: int, train_loss: float, val_loss: float,
+                   val_auc: float | None, sched, t0: float, c0: float, improved: bool) -> dict:
+        """One epoch's history row (also the epoch event and the reported metrics)."""
+        row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss,
+               "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
+               "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+               "best": improved, "steps": self.state.steps}
+        self.state.history.append(row)
+        return row
 
     def _improved(self, best: dict | None, loss: float, auc: float | None) -> tuple[bool, float]:
         mode = self.cfg.early_stop
@@ -325,7 +358,7 @@ class WorkerLoop:
         import ray.train.torch
 
         cfg, st = self.cfg, self.state
-        if st["p1_stopped"] or st["p1_epochs"] >= cfg.epochs:
+        if st.p1_stopped or st.p1_epochs >= cfg.epochs:
             return
         frozen = self._freeze_stages()
         train_crops, train_labels, train_owners = self._flatten(self.train_rows)
@@ -348,14 +381,14 @@ class WorkerLoop:
         warmup = int(round(cfg.warmup_epochs * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lr_lambda(cfg.schedule, cfg.epochs * steps, warmup))
-        if st["optim1"] is not None:
-            optim.load_state_dict(st["optim1"])
-            sched.load_state_dict(st["sched1"])
+        if st.optim1 is not None:
+            optim.load_state_dict(st.optim1)
+            sched.load_state_dict(st.sched1)
         # Any change to the trunk invalidates the sequence phase.
         st.update(p2_epochs=0, p2_stopped=False, best2=None, bad2=0, optim2=None, sched2=None)
         workers = cfg.loader_workers if cfg.loader_workers is not None else (
             0 if self.device.type == "cpu" else 4)
-        for epoch in range(st["p1_epochs"], cfg.epochs):
+        for epoch in range(st.p1_epochs, cfg.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             data.epoch = epoch
             rng = np.random.default_rng([cfg.seed, 1, epoch, self.rank])
@@ -371,7 +404,7 @@ class WorkerLoop:
                 p.requires_grad_(not head_only)
             loader = torch.utils.data.DataLoader(
                 data, batch_size=batch, sampler=order[: steps * batch].tolist(),
-                num_workers=workers, collate_fn=_collate, drop_last=True,
+                num_workers=workers, collate_fn=collate, drop_last=True,
                 pin_memory=self.device.type == "cuda")
             self.model.train()
             for m in [self.model.backbone] if head_only else frozen:
@@ -380,35 +413,32 @@ class WorkerLoop:
             total = 0.0
             for step, (x, y) in enumerate(loader):
                 with self._autocast():
-                    logits = net(self._normalise(x)).float()
+                    logits = net(self.normalise(x)).float()
                 loss = self.loss_fn(logits, y.to(self.device))
                 total += self._optimise(loss, optim, sched, st)
                 self._event(force=step + 1 == steps, type="step", phase=1, epoch=epoch + 1,
                             step=step + 1, steps=steps, loss=total / (step + 1))
             val_loss, val_auc = self._validate_frames(val_crops, val_labels, val_owners, batch)
-            st["p1_epochs"] = epoch + 1
-            improved, score = self._improved(st["best1"], val_loss, val_auc)
+            st.p1_epochs = epoch + 1
+            improved, score = self._improved(st.best1, val_loss, val_auc)
             if improved:
-                st["best1"] = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
-                               "val_auc": val_auc, "model": None}
-                st["bad1"] = 0
+                st.best1 = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
+                            "val_auc": val_auc, "model": None}
+                st.bad1 = 0
                 self._best1_weights = self._cpu_state()
             else:
-                st["bad1"] += 1
-                if st["best1"]["model"] is None:  # the model moves on: keep the best copy
-                    st["best1"]["model"] = self._best1_weights
-            row = {"phase": 1, "epoch": epoch + 1, "train_loss": total / max(1, steps),
-                   "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0,
-                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
-            st["history"].append(row)
-            st["p1_stopped"] = cfg.early_stop != "none" and st["bad1"] >= cfg.patience
-            st["optim1"], st["sched1"] = optim.state_dict(), sched.state_dict()
-            if st["p1_stopped"] or epoch + 1 >= cfg.epochs:
+                st.bad1 += 1
+                if st.best1["model"] is None:  # the model moves on: keep the best copy
+                    st.best1["model"] = self._best1_weights
+            row = self._epoch_row(1, epoch, total / max(1, steps), val_loss, val_auc,
+                                  sched, t0, c0, improved)
+            st.p1_stopped = cfg.early_stop != "none" and st.bad1 >= cfg.patience
+            st.optim1, st.sched1 = optim.state_dict(), sched.state_dict()
+            if st.p1_stopped or epoch + 1 >= cfg.epochs:
                 self._restore_best1()
             self._event(type="epoch", **row)
             self._save(row)
-            if st["p1_stopped"]:
+            if st.p1_stopped:
                 self._event(type="info", message=f"early stop after phase 1 epoch {epoch + 1}")
                 break
         for p in self.model.parameters():
@@ -416,7 +446,7 @@ class WorkerLoop:
 
     def _restore_best1(self) -> None:
         """End of phase 1: the model takes the best epoch's weights."""
-        best = self.state["best1"]
+        best = self.state.best1
         if best is not None and best["model"] is not None:
             self.model.load_state_dict(best["model"])
             self._best1_weights, best["model"] = best["model"], None
@@ -444,7 +474,7 @@ class WorkerLoop:
         for i in range(0, len(crops), batch * 2):
             x = torch.from_numpy(crops[i:i + batch * 2])
             with self._autocast():
-                feats = self.model.backbone(self._normalise(x))
+                feats = self.model.backbone(self.normalise(x))
             logits.append(self.model.frame_logits(feats.float()).float().cpu())
         local = []
         if logits:
@@ -495,7 +525,7 @@ class WorkerLoop:
             out = []
             for i in range(0, len(x), batch):
                 with self._autocast():
-                    out.append(self.model.backbone(self._normalise(x[i:i + batch])).float().cpu())
+                    out.append(self.model.backbone(self.normalise(x[i:i + batch])).float().cpu())
             feats = torch.cat(out).split([len(c) for c, _ in pending])
             for (_, callback), f in zip(pending, feats):
                 callback(f)
@@ -560,7 +590,7 @@ class WorkerLoop:
         import ray.train.torch
 
         cfg, st = self.cfg, self.state
-        if st["p2_stopped"] or st["p2_epochs"] >= cfg.seq_epochs:
+        if st.p2_stopped or st.p2_epochs >= cfg.seq_epochs:
             return
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -578,11 +608,11 @@ class WorkerLoop:
         optim = torch.optim.AdamW(params, lr=cfg.seq_lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lr_lambda(cfg.schedule, cfg.seq_epochs * steps, 0))
-        if st["optim2"] is not None:
-            optim.load_state_dict(st["optim2"])
-            sched.load_state_dict(st["sched2"])
+        if st.optim2 is not None:
+            optim.load_state_dict(st.optim2)
+            sched.load_state_dict(st.sched2)
         max_len = self.model_config.frames
-        for epoch in range(st["p2_epochs"], cfg.seq_epochs):
+        for epoch in range(st.p2_epochs, cfg.seq_epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             rng = np.random.default_rng([cfg.seed, 2, epoch, self.rank])
             order = rng.permutation(len(train))[: steps * batch]
@@ -609,25 +639,22 @@ class WorkerLoop:
                             step=step + 1, steps=steps, loss=total / (step + 1))
             preds = self._predict_items(val)
             val_loss, val_auc = self._item_loss_auc(preds)
-            st["p2_epochs"] = epoch + 1
-            improved, score = self._improved(st["best2"], val_loss, val_auc)
+            st.p2_epochs = epoch + 1
+            improved, score = self._improved(st.best2, val_loss, val_auc)
             if improved:
-                st["best2"] = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
-                               "val_auc": val_auc, "predictions": preds,
-                               "weights": self._sequence_weights()}
-                st["bad2"] = 0
+                st.best2 = {"epoch": epoch + 1, "score": score, "val_loss": val_loss,
+                            "val_auc": val_auc, "predictions": preds,
+                            "weights": self._sequence_weights()}
+                st.bad2 = 0
             else:
-                st["bad2"] += 1
-            row = {"phase": 2, "epoch": epoch + 1, "train_loss": total / max(1, steps),
-                   "val_loss": val_loss, "val_auc": val_auc, "lr": sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0,
-                   "cpu_seconds": time.process_time() - c0, "best": improved, "steps": st["steps"]}
-            st["history"].append(row)
-            st["p2_stopped"] = cfg.early_stop != "none" and st["bad2"] >= cfg.patience
-            st["optim2"], st["sched2"] = optim.state_dict(), sched.state_dict()
+                st.bad2 += 1
+            row = self._epoch_row(2, epoch, total / max(1, steps), val_loss, val_auc,
+                                  sched, t0, c0, improved)
+            st.p2_stopped = cfg.early_stop != "none" and st.bad2 >= cfg.patience
+            st.optim2, st.sched2 = optim.state_dict(), sched.state_dict()
             self._event(type="epoch", **row)
             self._save(row)
-            if st["p2_stopped"]:
+            if st.p2_stopped:
                 self._event(type="info", message=f"early stop after phase 2 epoch {epoch + 1}")
                 break
 
@@ -668,7 +695,7 @@ class WorkerLoop:
         st = self.state
         self.phase1()
         self.phase2()
-        best = st["best2"]
+        best = st.best2
         if best is None:
             raise RuntimeError("phase 2 produced no model: set --seq-epochs >= 1")
         weights = dict(self.model.state_dict())
@@ -680,14 +707,14 @@ class WorkerLoop:
             "predictions": best["predictions"],
             "threshold": threshold,
             "metrics": self.final_metrics(best["predictions"], threshold["value"]),
-            "history": st["history"],
-            "best_epochs": {"phase1": (st["best1"] or {}).get("epoch"), "phase2": best["epoch"]},
+            "history": st.history,
+            "best_epochs": {"phase1": (st.best1 or {}).get("epoch"), "phase2": best["epoch"]},
             "resumed_from": self.resumed_from,
-            "val_frames": {k: (st["best1"] or {}).get(k) for k in ("val_loss", "val_auc")},
-            "steps": st["steps"],
+            "val_frames": {k: (st.best1 or {}).get(k) for k in ("val_loss", "val_auc")},
+            "steps": st.steps,
         }
         self._event(type="info", message="training done")
-        self._save({"phase": 3, "done": True, "steps": st["steps"]}, final=final)
+        self._save({"phase": 3, "done": True, "steps": st.steps}, final=final)
 
     def choose_threshold(self, preds: list[dict]) -> dict:
         """The card's threshold: ``--threshold`` if given, else the one that maximises
@@ -727,5 +754,5 @@ class WorkerLoop:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point for ``TorchTrainer``: see the module docstring."""
-    WorkerLoop(config).run()
+    """Entry point for ``TorchTrainer`` (``config = {"inputs": WorkerInputs}``)."""
+    WorkerLoop(config["inputs"]).run()
