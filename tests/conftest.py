@@ -37,6 +37,23 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def ray_data_context_reset():
+    """``configure_ray_data`` changes Ray Data's process-wide DataContext; put Ray's defaults
+    back after each test, so no test depends on what an earlier one ran."""
+    yield
+    import sys
+
+    if "ray.data" in sys.modules:
+        import ray.data
+
+        from deepaudit.infra.ray_runtime import DATA_CONTEXT_SETTINGS
+
+        defaults, ctx = ray.data.DataContext(), ray.data.DataContext.get_current()
+        for name in DATA_CONTEXT_SETTINGS:
+            setattr(ctx, name, getattr(defaults, name))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs on loopback, shared by the session, shut down at the end."""

@@ -68,13 +68,13 @@ def test_youden_threshold_by_hand():
 def test_calibrate_refuses_registered_names_and_unlabelled_manifests(tmp_path):
     m = _manifest(tmp_path / "m.csv", [{"uri": "/a.jpg", "label": "real", "group": "g"}])
     with pytest.raises(ValueError, match="card"):
-        run_evaluate(EvalConfig(str(m), str(tmp_path / "o"), model="resnext_lstm_tiny",
+        run_evaluate(EvalConfig.build(str(m), str(tmp_path / "o"), model="resnext_lstm_tiny",
                                 calibrate=True))
     result = runner.invoke(app, ["evaluate", str(m), "-o", str(tmp_path / "o"), "--calibrate"])
     assert result.exit_code == 2 and "card" in result.output
     (tmp_path / "n.csv").write_text("uri\n/a.jpg\n")
     with pytest.raises(ValueError, match="label"):
-        run_evaluate(EvalConfig(str(tmp_path / "n.csv"), str(tmp_path / "o")))
+        run_evaluate(EvalConfig.build(str(tmp_path / "n.csv"), str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # refused before any audit
 
 
@@ -94,8 +94,8 @@ def test_evaluate_runs_the_audit_and_calibrates_the_card(ray_local, tiny_card, m
     ]
     manifest = _manifest(tmp_path / "val.csv", rows)
     out = tmp_path / "eval"
-    result = run_evaluate(EvalConfig(str(manifest), str(out), model=str(card), calibrate=True,
-                                     target_fpr=0.0, frames=4))
+    result = run_evaluate(EvalConfig.build(str(manifest), str(out), model=str(card),
+                                           calibrate=True, target_fpr=0.0, frames=4))
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["overall"] == result["overall"] and on_disk["model"].startswith("resnext_lstm")
@@ -105,7 +105,7 @@ def test_evaluate_runs_the_audit_and_calibrates_the_card(ray_local, tiny_card, m
     assert c["by_label"]["real"] == {"ok": 3, "no_face": 1}
 
     # The figures are jobs.metrics' on the audit's own verdict rows.
-    from deepaudit.jobs.audit import read_verdicts
+    from deepaudit.pipeline.writer import read_verdicts
 
     verdicts = read_verdicts(result["audit_run"]).to_pylist()
     scored = [v for v in verdicts if v["status"] == "ok" and v["label"] in ("real", "fake")]

@@ -11,8 +11,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from deepaudit.infra.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.ledger import LEDGER_SCHEMA, Ledger
 
 
 def _plain_reads(folder) -> tuple[pa.Table, int]:

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import AuditConfig, VerdictWriter, read_verdicts, run_audit
+from deepaudit.jobs.audit import AuditConfig, run_audit
 from deepaudit.pipeline.manifest import read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA, VERDICT_SCHEMA
+from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
 
-from .conftest import EXPECTED
+from ..conftest import EXPECTED
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -146,7 +147,7 @@ def test_an_input_that_kills_its_worker_every_time_becomes_a_lost_row(tiny_model
     import subprocess
     import sys
 
-    from deepaudit.pipeline.stages import ISOLATED_RETRIES, TASK_RETRIES
+    from deepaudit.pipeline.dataset import ISOLATED_RETRIES, TASK_RETRIES
 
     (tmp_path / "crashhook.py").write_text(CRASH_HOOK)
     (tmp_path / "driver.py").write_text(CRASH_DRIVER)
@@ -207,9 +208,9 @@ def test_writer_fills_rows_the_pipeline_lost(tmp_path):
 def test_writer_groups_small_batches_into_few_row_groups(tmp_path, monkeypatch):
     """The pipeline hands over one or two rows at a time; files must not be made of
     thousands of one-row groups."""
-    import deepaudit.jobs.audit as audit
+    import deepaudit.pipeline.writer as writer
 
-    monkeypatch.setattr(audit, "ROW_GROUP_ROWS", 8)
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 8)
     n = 45
     p = tmp_path / "m.csv"
     p.write_text("uri,media_id\n" + "".join(f"/{i}.mp4,m{i}\n" for i in range(n)))
@@ -242,7 +243,8 @@ def test_audit_on_s3_manifest_and_output(ray_local, tiny_model, media, s3_server
         f"s3://audit/archive/{media[n].name},{n},\n" for n in names) + "s3://audit/archive/gone.mp4,gone,\n"
     s3fs_client.pipe("audit/manifest.csv", body.encode())
     summary = run_audit(AuditConfig(manifest="s3://audit/manifest.csv", output="s3://audit/results",
-                                    model=str(tiny_model), frames=4, s3_endpoint=s3_server))
+                                    model=str(tiny_model), frames=4,
+                                    storage=StorageConfig(endpoint_url=s3_server)))
     assert summary["output"].startswith("s3://audit/results/runs/")
     table = read_verdicts(summary["output"], StorageConfig(endpoint_url=s3_server))
     by_id = {r["media_id"]: r for r in table.to_pylist()}
@@ -308,7 +310,8 @@ def test_audit_all_shared_media_on_s3(ray_local, tiny_model, shared_data, s3_ser
     s3fs_client.pipe("audit/shared.csv", body.encode())
     summary = run_audit(AuditConfig(manifest="s3://audit/shared.csv",
                                     output="s3://audit/shared-results", model=str(tiny_model),
-                                    frames=4, s3_endpoint=s3_server, evidence=False))
+                                    frames=4, storage=StorageConfig(endpoint_url=s3_server),
+                                    evidence=False))
     table = read_verdicts(summary["output"], StorageConfig(endpoint_url=s3_server))
     assert table.num_rows == len(rows) == summary["rows_out"] and summary["lost_rows"] == 0
     assert table.schema.names[: len(VERDICT_SCHEMA)] == VERDICT_SCHEMA.names

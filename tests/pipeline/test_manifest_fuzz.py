@@ -33,9 +33,8 @@ from typer.testing import CliRunner
 
 from deepaudit.infra.listing import ListingConfig
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import read_input
 from deepaudit.jobs.cli import app
-from deepaudit.pipeline.manifest import ManifestError, read_manifest
+from deepaudit.pipeline.manifest import ManifestError, read_input, read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"})

@@ -14,16 +14,16 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from deepaudit.infra.ledger import Ledger, ledger_rows
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import VerdictWriter
 from deepaudit.jobs.cli import app
 from deepaudit.jobs.query import QueryError, run_query
+from deepaudit.pipeline.ledger import Ledger, ledger_rows
 from deepaudit.pipeline.manifest import validate_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+from deepaudit.pipeline.writer import VerdictWriter
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"})
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # (source folder, name, status, error, p_fake) for two runs; run 2 re-audits "cam1/b".
 RUN1 = [("cam1", "a", "ok", None, 0.9), ("cam1", "b", "ok", None, 0.2),

@@ -24,7 +24,7 @@ from typer.main import get_command
 
 from deepaudit.jobs.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 IMAGE_TAG = re.compile(r"^[\w.\-/]+:[\w.\-]+$")
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepaudit.jobs.train import TrainConfig, read_recipe, train_config
-from deepaudit.jobs.train_worker import CropDataset, balanced_draw
+from deepaudit.jobs.train.config import TrainConfig, read_recipe, train_config
+from deepaudit.jobs.train.worker import CropDataset, balanced_draw
 from deepaudit.models.efficientnet_lite import EfficientNetLite, round_channels
 from deepaudit.models.pretrained import imagenet_file, is_trunk_init, load_trunk, trunk_state
 from deepaudit.models.registry import create_model, get_config
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_packaged_imagenet_weights_load_strictly_and_classify_a_cat():
@@ -156,7 +156,7 @@ def test_summary_table_and_report_show_the_caveat():
 def test_train_command_line_options_beat_the_recipe(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import deepaudit.jobs.train as train
+    import deepaudit.jobs.train.command as train
     from deepaudit.jobs.cli import app
 
     seen = []

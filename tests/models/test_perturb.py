@@ -93,7 +93,7 @@ def test_evaluate_perturb_end_to_end(ray_local, tiny_card, media, tmp_path):
     assert "robustness" in res.output and "jpeg:20" in res.output
     rob = json.loads((out / "metrics.json").read_text())["robustness"]
     assert rob["items"] == 4 and set(rob["by_perturbation"]) == {"none", "jpeg:20", "blur:2"}
-    from deepaudit.jobs.audit import read_verdicts
+    from deepaudit.pipeline.writer import read_verdicts
 
     runs = rob["runs"]
     assert runs["jpeg:20"].startswith(str(out / "audit-jpeg-20"))

@@ -14,13 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import (
-    AuditConfig,
-    _with_threshold,
-    evidence_config,
-    read_verdicts,
-    run_audit,
-)
+from deepaudit.jobs.audit import AuditConfig, evidence_config, run_audit
 from deepaudit.models.checkpoint import resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
 from deepaudit.pipeline.evidence import (
@@ -37,6 +31,7 @@ from deepaudit.pipeline.evidence import (
 from deepaudit.pipeline.media import DecodeConfig
 from deepaudit.pipeline.plan import StagePlan
 from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage, CropConfig, DecodeCropStage
+from deepaudit.pipeline.writer import read_verdicts
 
 HOSTILE = [
     "../../x", "..", ".", "/abs/path", "/", "a/b\\c", "a/b", "a_b", "a\\b", "x" * 1000,
@@ -161,7 +156,7 @@ def crop_table(media, tiny_model):
 
 
 def _classify(tiny_model, table, threshold, evidence=None):
-    handle = _with_threshold(resolve_model(str(tiny_model)), threshold)
+    handle = resolve_model(str(tiny_model)).with_threshold(threshold)
     return ClassifyStage(handle, ClassifyConfig(device="cpu"), evidence)(table).to_pylist()
 
 
@@ -228,7 +223,7 @@ def test_stage_calls_in_threads_match_sequential_calls_and_share_the_cap(tiny_mo
     not depend on it, and the evidence cap holds across the threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    handle = _with_threshold(resolve_model(str(tiny_model)), 0.01)
+    handle = resolve_model(str(tiny_model)).with_threshold(0.01)
     ev = EvidenceConfig(root=str(tmp_path / "ev"), run_id="r", max_items=2, top_k=1)
     stage = ClassifyStage(handle, ClassifyConfig(device="cpu", threads=1, crop_batch=4), ev)
     slices = [crop_table.slice(i, 1) for i in range(crop_table.num_rows)] * 3

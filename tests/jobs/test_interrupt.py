@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deepaudit.infra.ledger import Ledger
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import VerdictWriter, read_verdicts
 from deepaudit.pipeline.evidence import drop_staging, promote, staging_root
+from deepaudit.pipeline.ledger import Ledger
 from deepaudit.pipeline.manifest import read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
 
 N_ITEMS = 40
 

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deepaudit.infra.ledger import (
+from deepaudit.infra.storage import StorageConfig
+from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.ledger import (
     LEDGER_SCHEMA,
     Ledger,
     LedgerPolicy,
@@ -24,10 +26,9 @@ from deepaudit.infra.ledger import (
     decide,
     latest_entries,
 )
-from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import AuditConfig, VerdictWriter, read_verdicts, run_audit
 from deepaudit.pipeline.manifest import read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -215,7 +216,7 @@ def test_growing_archive_on_s3(ray_local, tiny_model, media, s3_server, s3fs_cli
     s3fs_client.pipe("audit/growing/readme.txt", b"not media")
     prefix, out, led = "s3://audit/growing/", "s3://audit/grow-out", "s3://audit/grow-ledger"
     storage = StorageConfig(endpoint_url=s3_server)
-    kw = {"s3_endpoint": s3_server}
+    kw = {"storage": StorageConfig(endpoint_url=s3_server)}
 
     r1 = _audit(prefix, out, led, tiny_model, **kw)
     assert r1["items"]["new"] == r1["items"]["audited"] == r1["rows_out"] == 3

@@ -18,7 +18,7 @@ from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.cli import app
 from deepaudit.pipeline.media import DecodeConfig, decode_frames, open_source, probe
 
-from .s3proxy import FaultProxy
+from ..s3proxy import FaultProxy
 
 pytestmark = [pytest.mark.s3]
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})

@@ -15,11 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.train import TrainConfig, run_train
-from deepaudit.jobs.train_worker import CropDataset, FrameNet, SequenceNet, lr_lambda
+from deepaudit.jobs.train.command import run_train
+from deepaudit.jobs.train.config import TrainConfig
+from deepaudit.jobs.train.worker import CropDataset, FrameNet, SequenceNet, lr_lambda
 from deepaudit.models.registry import create_model
 
-from .toy_data import build_toy_set
+from ..toy_data import build_toy_set
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 
@@ -47,16 +48,16 @@ def test_train_config_refuses_impossible_values(tmp_path):
 def test_real_only_training_split_needs_self_blended_fakes():
     import pyarrow as pa
 
-    from deepaudit.jobs.datasets import DatasetError
-    from deepaudit.jobs.train import _check_usable
+    from deepaudit.jobs.train.command import check_usable
+    from deepaudit.jobs.train.datasets import DatasetError
 
     items = pa.table({"split": ["train", "train", "val", "val"], "label": [0, 0, 0, 1]})
     with pytest.raises(DatasetError, match="both real and fake items"):
-        _check_usable(items)
-    _check_usable(items, sbi=0.5)  # reals plus self-blended fakes: the SBI protocol
+        check_usable(items)
+    check_usable(items, sbi=0.5)  # reals plus self-blended fakes: the SBI protocol
     fakes_only = pa.table({"split": ["train", "val"], "label": [1, 0]})
     with pytest.raises(DatasetError):
-        _check_usable(fakes_only, sbi=0.5)
+        check_usable(fakes_only, sbi=0.5)
 
 
 def test_lr_schedule_shapes():
@@ -103,13 +104,31 @@ def test_phase_views_share_the_models_parameters():
         torch.testing.assert_close(seq_net(feats, torch.tensor([3, 3])), video)
 
 
-def test_train_help_lists_the_options():
+def test_train_help_is_short_and_every_recipe_key_is_documented():
+    from dataclasses import fields
+
+    from typer.main import get_command
+
+    from deepaudit.jobs.train.config import TrainConfig
+
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0
-    for option in ("--output", "--input-size", "--epochs", "--seq-epochs", "--resume", "--sbi",
-                   "--loss", "--freeze", "--label-smoothing", "--early-stop", "--folds",
-                   "--val-fraction", "--workers", "--address", "--cache", "--schedule"):
+    for option in ("--output", "--config", "--epochs", "--seq-epochs", "--resume", "--sbi",
+                   "--workers", "--address", "--cache", "--init-from"):
         assert option in result.output
+    params = get_command(app).commands["train"].params
+    shown = [p for p in params if p.param_type_name == "option" and not p.hidden]
+    assert len(shown) <= 16, [p.name for p in shown]
+    # Every hidden option is a recipe key the help text and docs/training.md name.
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    help_text = " ".join(result.output.split())
+    names = {f.name for f in fields(TrainConfig)}
+    for p in params:
+        if getattr(p, "hidden", False):
+            flag = max(p.opts, key=len)
+            assert f"`{flag}`" in docs, flag
+            assert flag[2:] in help_text, flag
+            assert (p.name if p.name != "gpu" else "use_gpu") in names, p.name
 
 
 def test_train_cli_reports_bad_inputs(tmp_path):
@@ -127,8 +146,8 @@ def test_train_cli_reports_bad_inputs(tmp_path):
 def test_crop_cache_reuses_crops_and_records_failures(ray_local, toy, media, tmp_path):
     import pyarrow as pa
 
-    from deepaudit.jobs.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.datasets import LABELLED_SCHEMA
+    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.jobs.train.datasets import LABELLED_SCHEMA
 
     picks = [toy / "real/astronaut-00.jpg", toy / "fake/astronaut-00.jpg",
              toy / "real/astronaut-clip.mp4", media["no_face_image"], media["not_media"]]
@@ -268,7 +287,7 @@ def test_two_ddp_workers_with_data_cache_and_checkpoints_on_s3(ray_local, s3_ser
 def test_tiny_recipe_end_to_end_through_the_cli(ray_local, toy, tmp_path):
     """`train --config recipes/tiny.toml`: the shipped recipe's shape (head epoch, balanced
     draws with self-blended fakes, threshold at a validation FPR) on the tiny model."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny.toml"
     out = tmp_path / "run"
     result = runner.invoke(app, [
         "train", "--config", str(recipe), str(toy / "labels.csv"), "-o", str(out),

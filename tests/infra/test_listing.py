@@ -27,7 +27,7 @@ from deepaudit.jobs.cli import app
 from deepaudit.pipeline.manifest import read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
-from .s3proxy import FaultProxy
+from ..s3proxy import FaultProxy
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 

@@ -203,11 +203,11 @@ def test_ffpp_033_row_has_four_faces_and_says_how(shared_data, tmp_path):
     """``audit --frames 4`` on 033 gave 1 face in 4 frames (3 garbage, nothing said).
     Now: 4 frames with faces, or the row names the frames dropped and why; and the
     decode columns reach the verdict Parquet."""
-    from deepaudit.jobs.audit import VerdictWriter, read_verdicts
     from deepaudit.models.face_detector import FaceDetectorConfig
     from deepaudit.pipeline.manifest import read_manifest
     from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA, table_from_rows
     from deepaudit.pipeline.stages import CropConfig, DecodeCropStage
+    from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
 
     path = shared_data / FFPP_033
     if not path.is_file():

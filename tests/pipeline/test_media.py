@@ -11,7 +11,7 @@ from deepaudit.pipeline.crop import align_crop, eye_angle_deg, select_face
 from deepaudit.pipeline.media import DecodeConfig, decode_frames, open_source, probe, sample_indices
 from deepaudit.pipeline.stages import CropConfig, DecodeCropStage
 
-from .conftest import EXPECTED
+from ..conftest import EXPECTED
 
 
 def test_sample_indices_are_even_and_unique():

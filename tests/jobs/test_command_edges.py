@@ -17,12 +17,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import VerdictWriter
 from deepaudit.jobs.cli import app, print_summary
 from deepaudit.jobs.evaluate import validate_eval_manifest
 from deepaudit.jobs.query import run_query
 from deepaudit.pipeline.manifest import ManifestError, read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+from deepaudit.pipeline.writer import VerdictWriter
 
 runner = CliRunner()
 FFMPEG_ERROR = "not_media: [mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0] moov atom not found"

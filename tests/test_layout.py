@@ -1,0 +1,65 @@
+"""The package's layering (docs/design.md, "Where code lives"), read from the source:
+nothing in pipeline/, models/ or infra/ imports jobs/; the stages import no Ray; no
+module imports another module's private name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = ("pipeline", "models", "jobs", "infra")
+
+
+def _modules() -> list[tuple[str, Path, ast.Module]]:
+    out = []
+    for folder in FOLDERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            out.append((folder, path, ast.parse(path.read_text(), str(path))))
+    return out
+
+
+def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import, at any depth (local imports included)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, []) for a in node.names)
+    return found
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("folder", ["pipeline", "models", "infra"])
+def test_library_folders_never_import_jobs(folder):
+    bad = [f"{path.relative_to(REPO)}: {module}"
+           for f, path, tree in MODULES if f == folder
+           for module, _ in _imports(tree) if module.startswith("deepaudit.jobs")]
+    assert bad == []
+
+
+def test_the_stages_import_no_ray():
+    (tree,) = [t for _, p, t in MODULES if p == REPO / "pipeline" / "stages.py"]
+    assert [m for m, _ in _imports(tree) if m == "ray" or m.startswith("ray.")] == []
+
+
+def test_no_module_imports_another_modules_private_name():
+    bad = [f"{path.relative_to(REPO)}: {module}.{name}"
+           for _, path, tree in MODULES
+           for module, names in _imports(tree) if module.startswith("deepaudit.")
+           for name in names if name.startswith("_")]
+    assert bad == []
+
+
+def test_ray_data_calls_live_in_pipeline_dataset():
+    """Every map_batches / from_blocks call of the audit is wired in one module."""
+    calls = sorted({str(path.relative_to(REPO)) for _, path, tree in MODULES
+                    for node in ast.walk(tree)
+                    if isinstance(node, ast.Attribute)
+                    and node.attr in ("map_batches", "from_blocks", "ActorPoolStrategy")})
+    assert calls == ["pipeline/dataset.py"]
