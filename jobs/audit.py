@@ -127,17 +127,22 @@ class AuditConfig:
             check_run_id(self.run_id)
         ClassifyConfig(device=self.device, perturb=self.perturb)  # validates both
 
-    def stage_configs(self, handle: ModelHandle, plan: StagePlan,
-                      evidence: EvidenceConfig | None) -> StageConfigs:
-        """The two stages' own configs for this run."""
+    def resolve_model(self) -> ModelHandle:
+        """The model this audit scores with: the card's, with ``threshold`` if given."""
+        return resolve_model(self.model).with_threshold(self.threshold)
+
+    def stage_configs(self, handle: ModelHandle, evidence: EvidenceConfig | None,
+                      crop_batch: int | None = None, threads: int = 0) -> StageConfigs:
+        """The two stages' own configs (``audit`` and ``check`` build their stages from
+        these). ``crop_batch`` and ``threads`` come from the actor plan when there is one."""
         return StageConfigs(
             decode=DecodeConfig(frames=self.frames or handle.config.frames,
                                 max_side=self.max_side),
             detector=self.detector,
             crop=CropConfig(size=handle.config.input_size),
             classify=ClassifyConfig(device=self.device,
-                                    crop_batch=self.crop_batch or plan.crop_batch,
-                                    threads=plan.torch_threads, perturb=self.perturb),
+                                    crop_batch=self.crop_batch or crop_batch or 64,
+                                    threads=threads, perturb=self.perturb),
             handle=handle, storage=self.storage, evidence=evidence)
 
 
@@ -166,7 +171,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     t0 = time.perf_counter()
     storage = cfg.storage
     manifest = read_input(cfg.manifest, storage, cfg.listing)
-    handle = resolve_model(cfg.model).with_threshold(cfg.threshold)
+    handle = cfg.resolve_model()
     check_writable(cfg.output, storage, what="--output")
     if cfg.ledger:
         check_writable(cfg.ledger, storage, what="--ledger")
@@ -337,8 +342,8 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
     configure_ray_data()
     total = manifest.num_rows if total is None else total
     try:
-        ds = audit_dataset(manifest, plan, cfg.stage_configs(handle, plan, evidence),
-                           isolate=isolate)
+        stages = cfg.stage_configs(handle, evidence, plan.crop_batch, plan.torch_threads)
+        ds = audit_dataset(manifest, plan, stages, isolate=isolate)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             with signals.deferred() if signals else contextlib.nullcontext():
                 writer.write(batch)

@@ -43,8 +43,6 @@ class CheckConfig:
     def __post_init__(self) -> None:
         if not self.files:
             raise ValueError("give at least one file to check")
-        if self.frames is not None and self.frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {self.frames}")
         if self.evidence_frames < 1:
             raise ValueError(f"--evidence-frames must be >= 1, got {self.evidence_frames}")
         for f in self.files:
@@ -66,35 +64,31 @@ class Checker:
                  frames: int | None = None, device: str = "auto",
                  evidence_dir: str | None = DEFAULT_EVIDENCE_DIR, evidence_frames: int = 3,
                  run_id: str | None = None) -> None:
-        from deepaudit.infra.storage import StorageConfig
-        from deepaudit.models.checkpoint import resolve_model
+        from deepaudit.jobs.audit import AuditConfig
         from deepaudit.models.face_detector import FaceDetectorConfig
         from deepaudit.pipeline.evidence import EvidenceConfig
-        from deepaudit.pipeline.media import DecodeConfig
-        from deepaudit.pipeline.stages import (
-            ClassifyConfig,
-            ClassifyStage,
-            CropConfig,
-            DecodeCropStage,
-        )
+        from deepaudit.pipeline.stages import ClassifyStage, DecodeCropStage
         from deepaudit.pipeline.writer import new_run_id
 
-        self.handle = resolve_model(model).with_threshold(threshold)
+        # The audit's own configuration, composed, so a file is checked exactly as it is
+        # audited; only the detector may use a few threads in this one process.
+        threads = max(1, min(4, os.cpu_count() or 1))
+        audit = AuditConfig(manifest="-", output=".", model=model, threshold=threshold,
+                            frames=frames, device=device,
+                            detector=FaceDetectorConfig(threads=threads))
+        self.handle = audit.resolve_model()
         self.run_id = run_id or "check-" + new_run_id()
         self.evidence_root = (str(Path(evidence_dir).expanduser().absolute())
                               if evidence_dir else None)
-        storage = StorageConfig()
-        self.decode = DecodeCropStage(
-            decode=DecodeConfig(frames=frames or self.handle.config.frames),
-            detector=FaceDetectorConfig(threads=max(1, min(4, os.cpu_count() or 1))),
-            crop=CropConfig(size=self.handle.config.input_size),
-            storage=storage,
-        )
         # The evidence cap counts over the checker's life: effectively none.
-        evidence = (EvidenceConfig(root=self.evidence_root, run_id=self.run_id, storage=storage,
-                                   max_items=2**62, top_k=evidence_frames)
+        evidence = (EvidenceConfig(root=self.evidence_root, run_id=self.run_id,
+                                   storage=audit.storage, max_items=2**62,
+                                   top_k=evidence_frames)
                     if self.evidence_root else None)
-        self.classify = ClassifyStage(self.handle, ClassifyConfig(device=device), evidence)
+        stages = audit.stage_configs(self.handle, evidence)
+        self.decode = DecodeCropStage(stages.decode, stages.detector, stages.crop,
+                                      stages.storage)
+        self.classify = ClassifyStage(stages.handle, stages.classify, stages.evidence)
 
     def check(self, files: list[str] | tuple[str, ...],
               media_ids: list[str] | None = None) -> dict:
