@@ -48,6 +48,7 @@ from starlette.routing import Route
 
 from deepaudit.jobs.serve.data import (
     LIST_SHOWN,
+    LRU,
     STATUSES,
     VERDICTS,
     Archive,
@@ -204,6 +205,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     os.makedirs(upload_root, mode=0o700, exist_ok=True)
     os.chmod(upload_root, 0o700)
     figures: dict = {}
+    page_cache = LRU(512)
 
     def render(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         ctx.setdefault("models_quality", [])
@@ -256,7 +258,15 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         return png(figures[key])
 
     def items_page(request: Request):
+        # The snapshot never changes while the server runs: a page already rendered for the
+        # same parameters is served again (reviewers share links, go back and forth).
         q = ItemQuery.parse(request.query_params)
+        key = tuple(sorted((k, v) for k, v in request.query_params.multi_items()
+                           if k != "token"))
+        html = page_cache.get(key, lambda: items_html(request, q))
+        return HTMLResponse(html)
+
+    def items_html(request: Request, q: ItemQuery) -> str:
         page = archive.page(q)
         filters = q.filters()
 
@@ -286,7 +296,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         return render(request, "items.html", q=q, page=page, columns=LIST_SHOWN, nav=nav,
                       sort_link=sort_link, export=export, verdicts=VERDICTS, statuses=STATUSES,
                       models=archive.models, runs=list(archive.runs), link=link,
-                      error_codes=archive.error_codes, models_quality=quality_for(models))
+                      error_codes=archive.error_codes,
+                      models_quality=quality_for(models)).body.decode()
 
     def items_export(request: Request):
         fmt = request.path_params["fmt"]

@@ -251,7 +251,9 @@ class RunInfo:
     summary: dict = field(default_factory=dict)
 
 
-class _LRU:
+class LRU:
+    """A small thread-safe least-recently-used cache."""
+
     def __init__(self, size: int = 256) -> None:
         self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
 
@@ -277,7 +279,10 @@ class Archive:
         con = connect(target, self.storage)  # QueryError when it is not one
         self.con = con
         self.local = threading.local()
-        self.cache = _LRU()
+        # Queries at once: one per core, the rest wait their turn (first come, first
+        # served) instead of all sharing the cores, which makes every one slow.
+        self.slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
+        self.cache = LRU()
         cols = {r[0]: r[1] for r in con.execute("DESCRIBE verdicts").fetchall()}
         self.columns = cols
         keep = [c for c in cols if c not in LIST_COLUMNS]
@@ -286,7 +291,7 @@ class Archive:
             select += ", NULL::VARCHAR AS label"
         if "manifest_row" not in cols:
             raise QueryError(f"{target}: its verdict rows have no manifest_row column")
-        con.execute("SET threads = 2")
+        con.execute("SET threads = 1")  # per query: queries run side by side (self.slots)
         con.execute(
             f"CREATE TABLE _base AS SELECT {select}, CASE WHEN error IS NULL THEN NULL "
             "ELSE split_part(error, ':', 1) END AS error_code, "
@@ -329,12 +334,14 @@ class Archive:
 
     def rows(self, sql: str, args: list | None = None) -> list[dict]:
         cur = self.cursor()
-        cur.execute(sql, args or [])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        with self.slots:
+            cur.execute(sql, args or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def scalar(self, sql: str, args: list | None = None):
-        return self.cursor().execute(sql, args or []).fetchone()[0]
+        with self.slots:
+            return self.cursor().execute(sql, args or []).fetchone()[0]
 
     def _run_infos(self) -> dict[str, RunInfo]:
         runs: dict[str, RunInfo] = {}
