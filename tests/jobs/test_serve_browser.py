@@ -19,7 +19,6 @@ from deepaudit.jobs.serve.data import open_archive
 from tests.jobs.serve_helpers import IMG_ID, SCRIPT_ID, chrome, running
 
 
-
 @pytest.fixture(scope="module")
 def audited(ray_local, tiny_model, media, tmp_path_factory) -> tuple[Path, dict]:
     d = tmp_path_factory.mktemp("serve-audit")
@@ -62,7 +61,8 @@ def test_serve_in_chromium(audited, tiny_model, media, tmp_path):
         try:
             driver.get(f"{url}/runs")
             (row,) = find(f'tr[data-run="{summary["run_id"]}"]')
-            assert "ROC AUC" in find(".quality")[0].text or "not measured" in find(".quality")[0].text
+            quality = find(".quality")[0].text
+            assert "ROC AUC" in quality or "not measured" in quality
             _shot(driver, "runs")
             row.find_element("css selector", "a").click()
             assert summary["run_id"] in driver.title
