@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
@@ -283,6 +284,8 @@ class Archive:
         # served) instead of all sharing the cores, which makes every one slow.
         self.slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self.cache = LRU()
+        self.orders = LRU(12)  # whole-table sort orders (see _order)
+        self.order_lock = threading.Lock()
         cols = {r[0]: r[1] for r in con.execute("DESCRIBE verdicts").fetchall()}
         self.columns = cols
         keep = [c for c in cols if c not in LIST_COLUMNS]
@@ -434,11 +437,16 @@ class Archive:
         if cursor:
             cond, cargs = keyset_sql(query.sort, desc, reverse, cursor)
             where, args = f"{where} AND {cond}", args + cargs
-        e = sort_expr(query.sort)
-        keys = self.rows(f"SELECT _id, {e} AS _key FROM items WHERE {where} "
-                         f"ORDER BY {order_sql(query.sort, desc, reverse)} "
-                         f"LIMIT {query.limit + 1}", args)
-        more = len(keys) > query.limit
+        if cursor and not 1 <= cursor[2] <= self.n_items:
+            raise BadRequest("the page cursor names no row: start again from the first page")
+        if not query.filters():  # the whole table: a slice of its sorted order
+            keys, more = self._slice(query.sort, desc, reverse, cursor, query.limit)
+        else:
+            e = sort_expr(query.sort)
+            keys = self.rows(f"SELECT _id, {e} AS _key FROM items WHERE {where} "
+                             f"ORDER BY {order_sql(query.sort, desc, reverse)} "
+                             f"LIMIT {query.limit + 1}", args)
+            more = len(keys) > query.limit
         keys = keys[: query.limit]
         if reverse:
             keys.reverse()
@@ -462,6 +470,36 @@ class Archive:
             first = query.start + 1
         return Page(rows=rows, total=total, next_cursor=next_c, prev_cursor=prev_c,
                     first_row=max(1, first), last_page=next_c is None)
+
+    def _order(self, sort: str, desc: bool):
+        """``(ids, keys, position)`` of the whole table in page order: row ids and sort
+        keys in that order, and each row id's place in it. Built on first use of a sort
+        (a DuckDB sort of the table, about 0.2-0.5 s at a million rows), then kept."""
+        def make():
+            t = self.con.cursor().sql(f"SELECT _id, {sort_expr(sort)} AS k FROM items ORDER BY "
+                                      f"{order_sql(sort, desc)}").to_arrow_table()
+            ids = t["_id"].to_numpy()
+            position = np.empty(len(ids) + 1, np.int64)
+            position[ids] = np.arange(len(ids))
+            return ids, t["k"].combine_chunks(), position
+
+        with self.order_lock:
+            return self.orders.get((sort, desc), make)
+
+    def _slice(self, sort: str, desc: bool, reverse: bool, cursor, limit: int):
+        ids, keys, position = self._order(sort, desc)
+        n = len(ids)
+        if reverse:
+            end = n if not cursor else int(position[cursor[2]])
+            start = max(0, end - limit)
+            more = start > 0
+        else:
+            start = 0 if not cursor else int(position[cursor[2]]) + 1
+            end = min(n, start + limit)
+            more = end < n
+        values = keys.slice(start, end - start).to_pylist()
+        found = [{"_id": int(i), "_key": v} for i, v in zip(ids[start:end], values)]
+        return (found[::-1] if reverse else found), more  # as the reversed SQL scan returns
 
     def export(self, query: ItemQuery, batch_rows: int = 50_000):
         """A record batch reader over the scalar columns of every row the filter selects,
