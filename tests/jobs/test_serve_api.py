@@ -335,3 +335,42 @@ def test_a_cursor_naming_no_row_is_400(server):
         r = _get(f"{server}/items", params={"after": encode_cursor("p_fake", "desc", False,
                                                                    0.5, row_id)})
         assert r.status_code == 400 and "no row" in r.text
+
+
+def test_upload_guards(out, media, tmp_path):
+    """Check a file: CSRF token, size cap, type sniffed by content, per-client rate limit,
+    and nothing left in the private upload folder."""
+    from deepaudit.jobs.check import Checker
+
+    root = tmp_path / "uploads"
+    checker = Checker(model="resnext_lstm_tiny", evidence_dir=str(root / "evidence"))
+    app = create_app(open_archive(str(out)), checker=checker, max_upload_mb=1,
+                     uploads_per_minute=3, upload_root=str(root))
+    photo = media["face_image"].read_bytes()
+    with running(app) as url, requests.Session() as s:
+        form = s.get(f"{url}/check", timeout=30)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]
+
+        def post(data: bytes, token: str | None = csrf, name: str = "x.jpg", **kw):
+            fields = {"csrf": token} if token else {}
+            return s.post(f"{url}/check", data=fields, files={"file": (name, data)},
+                          timeout=120, **kw)
+
+        assert post(photo, token=None).status_code == 403  # no CSRF field
+        assert post(photo, token="forged-token-value").status_code == 403
+        assert post(photo, headers={"Origin": "http://evil.example"}).status_code == 403
+        assert requests.post(f"{url}/check", data={"csrf": csrf}, files={"file": ("x", photo)},
+                             timeout=30).status_code == 403  # the form field without the cookie
+        too_big = post(b"\xff\xd8\xff" + b"\0" * (2 * 2**20))
+        assert too_big.status_code == 413
+        fake_jpg = post(b"<html><script>alert(1)</script></html>" * 10, name="evil.jpg")
+        assert fake_jpg.status_code == 415 and "by its content" in fake_jpg.text
+        ok = post(photo, name='<img src=x onerror="alert(1)">.jpg')
+        assert ok.status_code == 200 and 'id="result-verdict"' in ok.text
+        assert "withheld" in ok.text and "Untrained model" in ok.text  # caveat shown
+        assert '<img src=x onerror' not in ok.text
+        js = post(photo, headers={"Accept": "application/json"})
+        assert js.json()["files"][0]["status"] == "ok"
+        limited = post(photo)  # the 4th upload past the CSRF check in a minute (3 allowed)
+        assert limited.status_code == 429 and "too many uploads" in limited.text
+    assert not [p for p in root.rglob("*") if p.is_file()]
