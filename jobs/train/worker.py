@@ -201,6 +201,11 @@ class LoopState:
     optim2: dict | None = None
     sched2: dict | None = None
 
+    def reset_phase2(self) -> None:
+        """Any change to the trunk invalidates the sequence phase."""
+        self.p2_epochs, self.p2_stopped, self.best2, self.bad2 = 0, False, None, 0
+        self.optim2 = self.sched2 = None
+
 
 class WorkerLoop:
     def __init__(self, inputs: WorkerInputs) -> None:
@@ -385,7 +390,7 @@ class WorkerLoop:
             optim.load_state_dict(st.optim1)
             sched.load_state_dict(st.sched1)
         # Any change to the trunk invalidates the sequence phase.
-        st.update(p2_epochs=0, p2_stopped=False, best2=None, bad2=0, optim2=None, sched2=None)
+        st.reset_phase2()
         workers = cfg.loader_workers if cfg.loader_workers is not None else (
             0 if self.device.type == "cpu" else 4)
         for epoch in range(st.p1_epochs, cfg.epochs):
