@@ -7,8 +7,9 @@ range, status and error code, text search, model and run); deep pages (keyset cu
 10 % ... 99 % of the table, and the last pages): a fixed set of pages that many clients
 ask for again, so after the first request of each the server's page cache answers. And
 two cold scenarios in which every request is distinct (random deep cursors; random score
-ranges), so each runs DuckDB and the template. Prints one JSON line with p50/p95 latency
-per scenario and appends it to bench/results/serve_load.jsonl (bench/record.py).
+ranges), so each finds its page (a new mask or cursor) and renders the template. Prints
+one JSON line with p50/p95 latency per scenario and appends it to
+bench/results/serve_load.jsonl (bench/record.py).
 
     .venv/bin/python bench/serve_load.py [--rows 1000000] [--clients 16] [--requests 480]
 """
@@ -130,7 +131,7 @@ SORTS = ["p_fake", "media_id", "audited_at", "confidence", "status", "uri", "mod
 def scenarios(fixed, random_cursors, n: int, seed: int = 2) -> dict[str, list[str]]:
     """Paths per scenario. items, filtered and deep repeat a set of pages (many reviewers,
     the same views: after the first request of each, the page cache answers); the cold_*
-    scenarios send only distinct requests (every one a miss: DuckDB and the template)."""
+    scenarios send only distinct requests (every one a page-cache miss)."""
     rng = np.random.default_rng(seed)
     lo = rng.uniform(0, 0.9, n)
     return {

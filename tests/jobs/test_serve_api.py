@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.cli import app as cli
 from deepaudit.jobs.serve.app import create_app, sniff
-from deepaudit.jobs.serve.data import open_archive
+from deepaudit.jobs.serve.data import ItemQuery, open_archive
 from deepaudit.pipeline.evidence import evidence_dirname, safe_filename
 from tests.jobs.serve_helpers import (
     IMG_ID,
@@ -307,8 +307,8 @@ def test_serve_an_s3_output(s3_server, s3fs_client, tmp_path):
                                     "p_max=0.6&sort=confidence&order=asc",
                                     "model=m%40abc&sort=error_code&order=asc"])
 def test_keyset_pages_with_filters(server, params):
-    """Filtered pages come from DuckDB's keyset query (unfiltered ones from the sorted
-    table): the same walk, the same rows as the export, in the same order."""
+    """Filtered pages come from masks over the order (the export from DuckDB's WHERE):
+    over HTTP, the same walk, the same rows as the export, in the same order."""
     want = [f"{r['manifest_row']}@{r['run_id']}"
             for r in _rows(server, **dict(p.split("=") for p in
                                           params.replace("%40", "@").split("&")))]
@@ -326,6 +326,47 @@ def test_keyset_pages_with_filters(server, params):
     rows = re.findall(r'href="/runs/([^/]+)/items/(\d+)"',
                       _get(f"{server}/items{prev}").text.split('id="items"')[1])
     assert [f"{m}@{r}" for r, m in rows] == want[-46:-23]
+
+
+@pytest.mark.parametrize("sort_below", [0.0, 1.0])  # walk the order; sort the places
+def test_filter_masks_page_like_the_export(out, sort_below):
+    """Pages come from masks over the in-memory columns; the export from DuckDB's WHERE.
+    Walked forward from the first page and back from the last, both ways of finding a
+    filtered page give the export's rows in its order, and the same count."""
+    archive = open_archive(str(out))
+    archive.SORT_BELOW = sort_below
+    cases = [{"verdict": "none"}, {"verdict": "fake", "p_min": "0.6", "p_max": "0.95"},
+             {"p_min": "0.9"}, {"p_max": "0.9", "sort": "media_id", "order": "desc"},
+             {"status": "error", "error_code": "not_media"}, {"q": "CAM1/"},
+             {"model": "m@def", "run": "run-2", "sort": "audited_at", "order": "asc"},
+             {"error_code": "nope"}, {"verdict": "real", "sort": "label"},
+             {"status": "ok", "q": "clip-000", "sort": "uri", "order": "desc"}]
+    for params in cases:
+        want = [(r["run_id"], r["manifest_row"]) for r in
+                archive.export(ItemQuery.parse(params)).read_all().to_pylist()]
+        for limit in ("7", "500"):
+            forward, after = [], None
+            while True:
+                page = archive.page(ItemQuery.parse({**params, "limit": limit,
+                                                     **({"after": after} if after else {})}))
+                assert page.total == len(want), params
+                forward += [(r["run_id"], r["manifest_row"]) for r in page.rows]
+                if not (after := page.next_cursor):
+                    break
+            backward, before = [], "end"
+            while True:
+                page = archive.page(ItemQuery.parse({**params, "limit": limit,
+                                                     "before": before}))
+                backward = [(r["run_id"], r["manifest_row"]) for r in page.rows] + backward
+                if not (before := page.prev_cursor):
+                    break
+            assert forward == want and backward == want, params
+    # Rows 2 and 3 score 0.9 as float32 (0.89999998): below p_min=0.9, within p_max=0.9.
+    def ids(params):
+        page = archive.page(ItemQuery.parse({**params, "limit": "500"}))
+        return {(r["run_id"], r["manifest_row"]) for r in page.rows}
+    assert not {("run-1", 2), ("run-1", 3)} & ids({"p_min": "0.9"})
+    assert {("run-1", 2), ("run-1", 3)} <= ids({"p_max": "0.9"})
 
 
 def test_a_cursor_naming_no_row_is_400(server):
