@@ -250,11 +250,7 @@ def test_one_deadline_covers_every_ffmpeg_run_of_an_item(media):
 def test_a_real_audit_gives_one_too_large_row_each(ray_local, tiny_model, media, hostile,
                                                    tmp_path):
     from deepaudit.jobs.audit import AuditConfig, run_audit
-
-    try:
-        from deepaudit.pipeline.writer import read_verdicts
-    except ImportError:  # before the writer moved out of jobs/audit.py
-        from deepaudit.jobs.audit import read_verdicts
+    from deepaudit.pipeline.writer import read_verdicts
 
     rows = [{"uri": str(p), "media_id": name} for name, p in sorted(hostile.items())]
     rows.append({"uri": str(media["face_image"]), "media_id": "good"})
