@@ -29,6 +29,7 @@ import logging
 import math
 import posixpath
 import re
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -369,8 +370,17 @@ def promote(root: str, staging: str, uris: list[str], storage: StorageConfig | N
 def drop_staging(staging: str, storage: StorageConfig | None = None) -> None:
     """Delete what is left in a run's staging folder: evidence of rows never written."""
     fs, path = filesystem_for(staging, storage)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    for attempt in range(3):
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            break
+        except OSError as exc:  # a killed run's dying worker may still be writing here
+            if attempt == 2:
+                log.warning("left evidence staging %s in place (%s); nothing published "
+                            "points into it", staging, exc)
+                return
+            time.sleep(1.0)
     parent = path.rstrip("/").rsplit("/", 1)[0]
     try:  # the shared _staging folder, once no run uses it (locally; S3 has no folders)
         if fs.exists(parent) and not fs.ls(parent, detail=False):
