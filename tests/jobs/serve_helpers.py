@@ -101,28 +101,8 @@ def running(app):
         thread.join(timeout=10)
 
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
 def chrome():
-    """Debian's headless chromium through chromedriver (as the report test drives it);
-    fails loudly when they are missing."""
-    import os
+    """Headless Chromium for the serve pages (tests/browser.py)."""
+    from ..browser import chrome as headless_chrome
 
-    import pytest
-
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: the serve test needs Debian's chromium "
-                    "and chromium-driver (make test installs them)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--hide-scrollbars", "--window-size=1360,1000"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return headless_chrome("the serve test", window="1360,1000")

@@ -18,8 +18,9 @@ from deepaudit.jobs.audit import AuditConfig, run_audit
 from deepaudit.jobs.cli import app
 from deepaudit.jobs.report import label_value, load_run, render_report
 
+from ..browser import chrome
+
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCRIPT_ID = "<script>window.__pwned=1</script>"
 IMG_ID = '"><img src=x onerror="window.__pwned=2">'
 SECTIONS = ["summary", "status-counts", "histogram", "roc", "confusion", "flagged", "errors",
@@ -49,23 +50,7 @@ def audited(ray_local, tiny_model, media, tmp_path_factory) -> tuple[Path, dict]
 
 
 def _chrome():
-    """Debian's chromium through chromedriver; fails loudly when they are missing."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: the report test needs Debian's chromium "
-                    "and chromium-driver (make test installs them: apt-get install -y chromium "
-                    "chromium-driver)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--hide-scrollbars", "--window-size=1280,1000"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return chrome("the report test", window="1280,1000")
 
 
 @pytest.mark.ray
