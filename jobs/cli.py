@@ -1,345 +1,37 @@
-"""The ``deepaudit`` command line."""
+"""The ``deepaudit`` command line: wiring only; each command lives in its own module."""
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from deepaudit.jobs.audit_cmd import audit_command
 from deepaudit.jobs.check import check_command
+from deepaudit.jobs.demo_cmd import demo_command
 from deepaudit.jobs.evaluate import evaluate_command
-from deepaudit.jobs.logs import setup_logging
-from deepaudit.jobs.options import check_endpoint
+from deepaudit.jobs.manifest_cmd import manifest_command
+from deepaudit.jobs.models_cmd import models_command
+from deepaudit.jobs.query import query_command
 from deepaudit.jobs.report import report_command
+from deepaudit.jobs.serve import serve_command
+from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command
 from deepaudit.jobs.train.command import train_command
 
 app = typer.Typer(
     name="deepaudit",
     help=(
         "Audit media archives for deepfakes. A Ray Data job: FFmpeg samples frames, "
-        "RetinaFace crops faces on CPU actors, a ResNeXt50-LSTM scores each video on "
-        "GPU actors (CPU when there is none); one verdict row per input lands in Parquet."
+        "RetinaFace crops faces on CPU actors, a CNN-LSTM (EfficientNet-Lite0 by default) "
+        "scores each video on GPU actors (CPU when there is none); one verdict row per "
+        "input lands in Parquet."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
 
-
-def _quality_line(quality: dict | None) -> str:
-    """The model's measured out-of-domain AUC, and its caveat in yellow."""
-    from rich.markup import escape
-
-    if not quality:
-        return "-"
-    auc = quality.get("ood_auc")
-    text = "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"
-    caveat = quality.get("caveat")
-    return text + (f"\n[yellow]{escape(caveat)}[/yellow]" if caveat else "")
-
-
-def print_summary(summary: dict, out: Console | None = None) -> None:
-    """The run summary as a table."""
-    out = out or Console()
-    e = lambda v: escape(str(v))  # noqa: E731 - ids, paths, codes and errors are data
-    t = Table(title=f"deepaudit run {e(summary['run_id'])} ({summary['state']})",
-              show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    trained = "" if summary["model_trained"] else "  [red]UNTRAINED: verdicts withheld[/red]"
-    rows = [
-        ("model", f"{e(summary['model'])}{trained}"),
-        ("model quality", _quality_line(summary.get("model_quality"))),
-        ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
-        *_items_row(summary),
-        ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),
-        ("verdicts", ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())),
-        ("error codes", ", ".join(f"{e(k)} {v}" for k, v in summary["error_codes"].items())
-         or "-"),
-        ("wall time", f"{summary['wall_s']:.1f} s"),
-        ("throughput", f"{summary['throughput_items_per_s']:.3f} items/s"),
-        ("cluster", f"{e(summary['cluster']['where'])}, {summary['cluster']['gpus']:.0f} GPU"),
-        ("evidence", _evidence_line(summary.get("evidence"))),
-        ("output", e(summary["output"])),
-    ]
-    if summary.get("interrupted"):
-        i = summary["interrupted"]
-        rows.append(("interrupted", f"[yellow]{i['signal']}: {i['done']} done, "
-                     f"{i['not_done']} not done[/yellow]"))
-    if summary.get("lost_rows") or summary.get("retried_alone"):
-        at = [k for k, _ in rows].index("error codes") + 1
-        rows.insert(at, ("lost", f"{summary.get('lost_rows', 0)} (after running "
-                         f"{summary.get('retried_alone', 0)} item(s) again, each alone)"))
-    if summary.get("run_error"):
-        rows.append(("run error", f"[red]{e(summary['run_error'])}[/red]"))
-    for k, v in rows:
-        t.add_row(k, str(v))
-    out.print(t)
-
-
-def _evidence_line(ev: dict | None) -> str:
-    if not ev or not ev.get("enabled"):
-        return "off"
-    missing = ev["flagged_without_evidence"]
-    over = f" ({missing} flagged over the cap)" if missing else ""
-    return f"{ev['written']} written to {escape(str(ev['dir']))}{over}"
-
-
-def _items_row(summary: dict) -> list[tuple[str, str]]:
-    """The incremental counts: what the ledger made this run audit or skip."""
-    items = summary.get("items")
-    if not items or not items.get("ledger"):
-        return []
-    keys = ("new", "changed", "new_model", "retry", "skipped", "gave_up", "recovered",
-            "audited", "failed")
-    return [("items", ", ".join(f"{k} {items[k]}" for k in keys if k in items))]
-
-
-def _run_with_progress(cfg, show: bool) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from deepaudit.jobs.audit import run_audit
-
-    if not show:
-        return run_audit(cfg)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("auditing", total=None)
-
-        def on_rows(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        return run_audit(cfg, on_rows=on_rows)
-
-
-# audit --help panels: short lines that fit 80 columns (details in the README).
-_IN, _OUT, _MODEL, _CLUSTER, _ADV = "Input", "Output", "Model", "Cluster", "Advanced"
-
-
-@app.command()
-def audit(
-    manifest: Annotated[
-        str,
-        typer.Argument(metavar="MANIFEST", show_default=False,
-                       help="Manifest (csv/tsv/jsonl/parquet with 'uri' or 'relative_path'; "
-                       "other columns carried over), or a folder / s3:// prefix."),
-    ],
-    *,  # keyword-only: --output (required) can sit in its panel's place
-    ledger: Annotated[
-        Optional[str], typer.Option(metavar="URI", rich_help_panel=_IN,
-                                    help="Audit only new, changed or errored items; record "
-                                    "what was audited.")
-    ] = None,
-    max_attempts: Annotated[
-        int, typer.Option(min=1, metavar="N", rich_help_panel=_IN,
-                          help="With --ledger: retry an errored item up to N times.")
-    ] = 3,
-    retry_errors: Annotated[
-        bool, typer.Option("--retry-errors", rich_help_panel=_IN,
-                           help="With --ledger: retry every errored item.")
-    ] = False,
-    any_model: Annotated[
-        bool, typer.Option("--any-model", rich_help_panel=_IN,
-                           help="With --ledger: an item done by any model is done.")
-    ] = False,
-    include: Annotated[
-        Optional[list[str]], typer.Option(metavar="GLOB", rich_help_panel=_IN,
-                                          help="With a prefix: keep matching keys.")
-    ] = None,
-    exclude: Annotated[
-        Optional[list[str]], typer.Option(metavar="GLOB", rich_help_panel=_IN,
-                                          help="With a prefix: drop matching keys.")
-    ] = None,
-    s3_endpoint: Annotated[
-        Optional[str], typer.Option(metavar="URL", rich_help_panel=_IN, callback=check_endpoint,
-                                    help="S3 endpoint (else AWS_ENDPOINT_URL).")
-    ] = None,
-    output: Annotated[
-        str, typer.Option("--output", "-o", metavar="URI", rich_help_panel=_OUT,
-                          help="Folder or s3:// prefix for runs/<run_id>/.")
-    ],
-    run_id: Annotated[
-        Optional[str], typer.Option(metavar="ID", rich_help_panel=_OUT,
-                                    help="Run id (default: UTC time + suffix).")
-    ] = None,
-    evidence: Annotated[
-        bool, typer.Option(rich_help_panel=_OUT, help="Grad-CAM evidence for flagged items.")
-    ] = True,
-    evidence_max: Annotated[
-        int, typer.Option(min=0, metavar="N", rich_help_panel=_OUT,
-                          help="Items with evidence per run (0: none).")
-    ] = 500,
-    roll_rows: Annotated[
-        int, typer.Option(min=1, metavar="N", rich_help_panel=_OUT,
-                          help="Close a verdict file after N rows.")
-    ] = 1_000,
-    roll_seconds: Annotated[
-        float, typer.Option(min=0.1, metavar="S", rich_help_panel=_OUT,
-                            help="...or S seconds: what a kill loses.")
-    ] = 60.0,
-    json_out: Annotated[
-        bool, typer.Option("--json", rich_help_panel=_OUT, help="Summary as JSON on stdout.")
-    ] = False,
-    progress: Annotated[bool, typer.Option(rich_help_panel=_OUT, help="Progress bar.")] = True,
-    model: Annotated[
-        Optional[str], typer.Option(metavar="NAME|PATH", rich_help_panel=_MODEL,
-                                    help="Model name or checkpoint (default: shipped).")
-    ] = None,
-    frames: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_MODEL,
-                                    help="Frames per video (default: the card's).")
-    ] = None,
-    threshold: Annotated[
-        Optional[float], typer.Option(metavar="P", rich_help_panel=_MODEL,
-                                      help="Fake threshold (default: the card's).")
-    ] = None,
-    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", rich_help_panel=_MODEL,
-                                        help="Classifier device.")] = "auto",
-    address: Annotated[
-        str, typer.Option(metavar="ADDR", rich_help_panel=_CLUSTER,
-                          help="local, auto (this cluster) or ray://HOST:PORT.")
-    ] = "local",
-    num_cpus: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
-                                    help="CPUs of a local Ray (default: all).")
-    ] = None,
-    decode_actors: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
-                                    help="Decode/crop actors (default: planned).")
-    ] = None,
-    classify_actors: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_CLUSTER,
-                                    help="Classifier actors (default: planned).")
-    ] = None,
-    min_cpus: Annotated[
-        int, typer.Option(min=0, metavar="N", rich_help_panel=_CLUSTER,
-                          help="Wait for N CPUs (autoscaling).")
-    ] = 0,
-    min_gpus: Annotated[
-        int, typer.Option(min=0, metavar="N", rich_help_panel=_CLUSTER,
-                          help="Wait for N GPUs (autoscaling).")
-    ] = 0,
-    batch_size: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
-                                    help="Videos per classifier call.")
-    ] = None,
-    torch_threads: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
-                                    help="torch threads per CPU classifier.")
-    ] = None,
-    crop_batch: Annotated[
-        Optional[int], typer.Option(min=1, metavar="N", rich_help_panel=_ADV,
-                                    help="Crops per CNN forward pass.")
-    ] = None,
-    retry_lost: Annotated[
-        bool, typer.Option(rich_help_panel=_ADV,
-                           help="Rerun items whose worker died, each alone.")
-    ] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=_ADV,
-                                          help="Log more.")] = False,
-) -> None:
-    """Audit every item of MANIFEST and write one verdict row per item."""
-    from deepaudit.infra.listing import ListingConfig
-    from deepaudit.infra.storage import StorageConfig, check_writable
-    from deepaudit.jobs.audit import AuditConfig
-    from deepaudit.jobs.interrupt import AuditInterrupted
-    from deepaudit.pipeline.ledger import LedgerPolicy
-    from deepaudit.pipeline.manifest import ManifestError
-
-    setup_logging(verbose)
-    try:
-        storage = StorageConfig(endpoint_url=s3_endpoint)
-        cfg = AuditConfig(
-            manifest=manifest, output=output, model=model, frames=frames, address=address,
-            num_cpus=num_cpus, storage=storage, decode_actors=decode_actors,
-            classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
-            crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
-            progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
-            roll_rows=roll_rows, roll_seconds=roll_seconds, min_cpus=min_cpus, min_gpus=min_gpus,
-            retry_lost=retry_lost,
-            ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
-                                       any_model=any_model),
-            listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
-        )
-        check_writable(output, storage, what="--output")  # before any work or progress bar
-        if ledger:
-            check_writable(ledger, storage, what="--ledger")
-        summary = _run_with_progress(cfg, progress and not json_out)
-    except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except AuditInterrupted as exc:
-        s = exc.summary or {}
-        done = s.get("interrupted", {})
-        if json_out and s:
-            sys.stdout.write(json.dumps(s, default=str) + "\n")
-        console.print(f"[yellow]{escape(str(exc))}[/yellow]: {done.get('done', 0)} item(s) "
-                      f"written to {escape(str(s.get('output', '?')))}, "
-                      f"{done.get('not_done', '?')} not done. Rerun with the same --ledger to "
-                      "audit only what is left.")
-        raise typer.Exit(exc.exit_code) from None
-    if json_out:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
-    else:
-        print_summary(summary)
-    if not summary["model_trained"]:
-        console.print(
-            "[yellow]warning:[/yellow] the model is untrained (no shipped weights were found); "
-            "scores are not evidence and verdicts were withheld. Train weights with "
-            "'deepaudit train' or pass --model PATH."
-        )
-    raise typer.Exit(1 if summary["state"] == "failed" else 0)
-
-
-@app.command()
-def demo(
-    workdir: Annotated[
-        Path, typer.Option(help="Where the demo archive and the audit output go.")
-    ] = Path("demo-out"),
-    seconds: Annotated[float, typer.Option(min=1.0, help="Length of each demo clip.")] = 4.0,
-    model: Annotated[Optional[str], typer.Option(help="Model name or checkpoint path.")] = None,
-) -> None:
-    """Build a small demo archive from photos shipped in installed packages, then audit it."""
-    from deepaudit.jobs.demo import run_demo
-
-    setup_logging(False)
-    summary = run_demo(workdir, seconds=seconds, model=model, console=console)
-    print_summary(summary)
-    raise typer.Exit(1 if summary["state"] == "failed" else 0)
-
-
-@app.command("models")
-def list_models_cmd() -> None:
-    """List registered model architectures and the weights that ship with deepaudit."""
-    from deepaudit.models.checkpoint import resolve_model
-    from deepaudit.models.registry import list_models
-
-    t = Table("name", "input", "frames", "threshold", "weights")
-    for name in list_models():
-        h = resolve_model(name)
-        t.add_row(name, str(h.config.input_size), str(h.config.frames),
-                  f"{h.config.threshold:.3f}", h.model_id if h.trained else "untrained")
-    Console().print(t)
-
-
-from deepaudit.jobs.manifest_cmd import manifest_command  # noqa: E402
-from deepaudit.jobs.query import query_command  # noqa: E402
-from deepaudit.jobs.serve import serve_command  # noqa: E402
-from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command  # noqa: E402
-
+app.command("audit")(audit_command)
+app.command("demo")(demo_command)
+app.command("models")(models_command)
 app.command("manifest")(manifest_command)
 app.command("query")(query_command)
 app.command("serve", short_help="Browse audit results in a web browser.")(serve_command)

@@ -17,7 +17,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.cli import app, print_summary
+from deepaudit.jobs.audit_cmd import print_summary
+from deepaudit.jobs.cli import app
 from deepaudit.jobs.evaluate import validate_eval_manifest
 from deepaudit.jobs.query import run_query
 from deepaudit.pipeline.manifest import ManifestError, read_manifest

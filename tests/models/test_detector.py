@@ -136,7 +136,7 @@ def test_model_quality_caveats():
 def test_summary_table_and_report_show_the_caveat():
     from rich.console import Console
 
-    from deepaudit.jobs.cli import print_summary
+    from deepaudit.jobs.audit_cmd import print_summary
     from deepaudit.jobs.report import _summary_section
     from deepaudit.models.checkpoint import model_quality
 
