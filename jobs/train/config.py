@@ -74,7 +74,7 @@ class TrainConfig:
     recipe_file: str | None = None  # the --config file this run came from
 
     def __post_init__(self) -> None:
-        from deepaudit.models.registry import list_models
+        from deepaudit.models.registry import check_threshold, list_models
 
         def bad(msg: str) -> None:
             raise ValueError(msg)
@@ -87,8 +87,8 @@ class TrainConfig:
             bad(f"--input-size must be >= 32, got {self.input_size}")
         if self.frames is not None and self.frames < 1:
             bad(f"--frames must be >= 1, got {self.frames}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            bad(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
         if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
             bad(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
         if self.train_frames < 1:
