@@ -75,7 +75,7 @@ def build(out: Path, rows: int, files_per_run: int = 5, seed: int = 0) -> None:
                 "verdict": pa.array(np.where(ok, np.where(p >= 0.85, "fake", "real"), None),
                                     pa.string()),
                 "p_fake": pa.array(p, mask=~ok),
-                "confidence": pa.array(np.abs(p - 0.85).astype(np.float32), mask=~ok),
+                "margin": pa.array(np.abs(p - 0.85).astype(np.float32), mask=~ok),
                 "threshold": pa.array(np.full(k, 0.85, np.float32)),
                 "n_frames_sampled": pa.array(np.full(k, frames, np.int32)),
                 "n_frames_with_face": pa.array(np.where(ok, frames, 0).astype(np.int32)),
@@ -125,7 +125,7 @@ def deep_cursors(out: Path, rows: int, n_random: int, seed: int = 1):
     return fixed, [at(int(x)) for x in rng.integers(1, rows - 1, n_random)]
 
 
-SORTS = ["p_fake", "media_id", "audited_at", "confidence", "status", "uri", "model", "run_id"]
+SORTS = ["p_fake", "media_id", "audited_at", "margin", "status", "uri", "model", "run_id"]
 
 
 def scenarios(fixed, random_cursors, n: int, seed: int = 2) -> dict[str, list[str]]:

@@ -109,7 +109,7 @@ class Checker:
                 "status": r["status"],
                 "verdict": r["verdict"],
                 "p_fake": r["p_fake"],
-                "confidence": r["confidence"],
+                "margin": r["margin"],
                 "error": r["error"],
                 "media_type": r["media_type"],
                 "n_faces": len(r["face_boxes"] or []),

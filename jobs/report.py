@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FAKE_LABELS = {"fake", "1", "true", "deepfake", "manipulated", "synthetic"}
 REAL_LABELS = {"real", "0", "false", "original", "pristine", "authentic"}
 COLUMNS = [
-    "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "confidence",
+    "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "margin",
     "threshold", "n_frames_sampled", "n_frames_with_face", "evidence", "decode_ms",
     "detect_ms", "classify_ms", "label",
 ]
@@ -390,7 +390,7 @@ def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
             ("rank", str(rank)),
             ("media id", f'<span class="id">{_e(r["media_id"])}</span>'),
             ("uri", f'<span class="id">{_e(r.get("uri"))}</span>'),
-            ("p_fake", f'<b>{_fmt(r.get("p_fake"))}</b> (confidence {_fmt(r.get("confidence"))})'),
+            ("p_fake", f'<b>{_fmt(r.get("p_fake"))}</b> (margin {_fmt(r.get("margin"))})'),
             ("frames with a face", f'{_e(r.get("n_frames_with_face"))} of '
                                    f'{_e(r.get("n_frames_sampled"))} sampled'),
         ]

@@ -71,7 +71,7 @@ CROP_SCHEMA = pa.schema(MEDIA_FIELDS + CROPS_FIELDS)
 VERDICT_FIELDS = [
     ("verdict", pa.string()),  # "fake" / "real" / null (no score, or untrained model)
     ("p_fake", pa.float32()),
-    ("confidence", pa.float32()),
+    ("margin", pa.float32()),  # distance from the threshold, [0, 1]; not a probability
     ("threshold", pa.float32()),
     ("frame_p_fake", pa.list_(pa.float32())),
     ("model", pa.string()),
@@ -86,7 +86,7 @@ RUN_FIELDS = [
 
 # The verdict table, in column order. The manifest's extra columns follow these.
 _ORDER = [
-    "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "confidence",
+    "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "margin",
     "threshold", "n_frames_sampled", "n_frames_with_face", "n_frames_dropped",
     "frame_indices", "frame_p_fake", "evidence",
     "face_boxes", "model", "model_sha256", "fingerprint", "size_bytes", "width", "height",
@@ -106,8 +106,11 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def confidence(p_fake: float, threshold: float) -> float:
-    """How far the score is from the threshold, scaled to [0, 1] on the verdict's side."""
+def margin(p_fake: float, threshold: float) -> float:
+    """How far the score is from the threshold, scaled to [0, 1] on the verdict's side.
+
+    A margin is not a probability: ``p_fake`` (calibrated on validation data) is the
+    figure to read as "how likely fake"; the margin says how clear-cut the call was."""
     if p_fake >= threshold:
         return (p_fake - threshold) / max(1.0 - threshold, 1e-6)
     return (threshold - p_fake) / max(threshold, 1e-6)

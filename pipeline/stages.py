@@ -46,7 +46,7 @@ from deepaudit.pipeline.schema import (
     STATUS_ERROR,
     STATUS_NO_FACE,
     STATUS_OK,
-    confidence,
+    margin,
     table_from_rows,
 )
 
@@ -282,7 +282,7 @@ class ClassifyStage:
                 row.update(status=STATUS_ERROR, error="classify_failed: non-finite score")
                 continue
             row["p_fake"] = p
-            row["confidence"] = confidence(p, self.threshold)
+            row["margin"] = margin(p, self.threshold)
             if self.handle.trained:
                 row["verdict"] = "fake" if p >= self.threshold else "real"
             else:

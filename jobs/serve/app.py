@@ -280,7 +280,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         def sort_link(col):
             order = "asc" if (q.sort == col and q.order == "desc") else \
                 "desc" if q.sort == col else ("desc" if col in ("p_fake", "audited_at",
-                                                                 "confidence") else "asc")
+                                                                 "margin") else "asc")
             return link(sort=col, order=order)
 
         models = sorted({r["model"] for r in page.rows if r["model"]}) or archive.models

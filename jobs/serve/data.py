@@ -44,7 +44,7 @@ LIST_COLUMNS = ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames")
 VERDICTS = ("fake", "real", "none")
 STATUSES = ("ok", "no_face", "error")
 # Columns of the items table shown in the list, in order; every one can be sorted on.
-LIST_SHOWN = ["media_id", "verdict", "p_fake", "confidence", "status", "error_code",
+LIST_SHOWN = ["media_id", "verdict", "p_fake", "margin", "status", "error_code",
               "media_type", "n_frames_with_face", "model", "run_id", "audited_at", "uri"]
 SORTABLE = set(LIST_SHOWN) | {"label", "size_bytes", "duration_s", "manifest_row",
                               "n_frames_sampled"}
@@ -181,7 +181,7 @@ class ItemQuery:
         return " AND ".join(sql), args
 
 
-NUMERIC = {"p_fake", "confidence", "n_frames_with_face", "n_frames_sampled", "size_bytes",
+NUMERIC = {"p_fake", "margin", "n_frames_with_face", "n_frames_sampled", "size_bytes",
            "duration_s", "manifest_row", "audited_at"}
 
 

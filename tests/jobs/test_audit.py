@@ -33,7 +33,7 @@ def _check_ok_row(r: dict) -> None:
     assert r["error"] is None, r
     assert 0.0 < r["p_fake"] < 1.0 and r["verdict"] in ("fake", "real")
     assert r["verdict"] == ("fake" if r["p_fake"] >= r["threshold"] else "real")
-    assert 0.0 <= r["confidence"] <= 1.0
+    assert 0.0 <= r["margin"] <= 1.0
     assert len(r["frame_p_fake"]) == r["n_frames_with_face"] == len(r["frame_indices"]) >= 1
     assert r["model"].startswith("resnext_lstm_tiny@") and len(r["model_sha256"]) == 64
 

@@ -55,7 +55,7 @@ def _write_run(out: str, run_id: str, rows, prefix: str, when: datetime,
         uri=manifest["uri"].to_pylist(), status=[r[2] for r in rows],
         error=[r[3] for r in rows], p_fake=[r[4] for r in rows],
         verdict=[None if r[4] is None else "fake" if r[4] >= 0.5 else "real" for r in rows],
-        confidence=[None if r[4] is None else abs(r[4] - 0.5) * 2 for r in rows],
+        margin=[None if r[4] is None else abs(r[4] - 0.5) * 2 for r in rows],
         model=["m@1"] * len(rows), frame_indices=[[]] * len(rows),
         face_boxes=[[]] * len(rows), frame_p_fake=[[]] * len(rows))
     import unittest.mock as mock

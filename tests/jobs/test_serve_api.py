@@ -312,7 +312,7 @@ def test_serve_an_s3_output(s3_server, s3fs_client, tmp_path):
 
 @pytest.mark.parametrize("params", ["status=ok&sort=p_fake&order=desc",
                                     "q=cam1&sort=media_id&order=desc",
-                                    "p_max=0.6&sort=confidence&order=asc",
+                                    "p_max=0.6&sort=margin&order=asc",
                                     "model=m%40abc&sort=error_code&order=asc"])
 def test_keyset_pages_with_filters(server, params):
     """Filtered pages come from masks over the order (the export from DuckDB's WHERE):
