@@ -97,12 +97,12 @@ def encode_clip(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: floa
         options["movflags"] = "+faststart"
     cmd = (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
            .output(str(path), **options)
-           .global_args("-loglevel", "error")
+           .global_args("-nostdin", "-loglevel", "error")  # never read keys from a terminal
            .overwrite_output()
            .compile())
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
         try:
             for frame in _same_shape(first, it):
                 proc.stdin.write(np.ascontiguousarray(frame).data)

@@ -230,6 +230,22 @@ def _rotation(stream: dict) -> int:
 _PICTURE_SIZE = re.compile(r"Picture size (\d+)x(\d+) (?:exceeds|is invalid)")
 
 
+def no_stdin(args: list[str]) -> list[str]:
+    """``args`` with ffmpeg's ``-nostdin``: ffmpeg reads its standard input for interactive
+    keys, and a Ray worker in a background process group of a terminal's session that
+    touches the terminal is stopped by SIGTTIN (the run then hangs). ffprobe reads no keys."""
+    if args and os.path.basename(args[0]) == "ffmpeg" and "-nostdin" not in args:
+        return [args[0], "-nostdin", *args[1:]]
+    return list(args)
+
+
+def run_quiet(args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ffmpeg or ffprobe detached from any terminal (``-nostdin``, stdin from
+    /dev/null), capturing both outputs: every ffmpeg the project starts goes through here."""
+    return subprocess.run(no_stdin(args), stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=timeout, check=False)
+
+
 def _ffprobe(source: Source, config: DecodeConfig) -> tuple[dict, str]:
     """ffprobe's streams and format as JSON, and its error output. The decoder gets the
     pixel limit: for some formats (PNG) ffprobe decodes the first frame to learn its pixel
@@ -241,7 +257,7 @@ def _ffprobe(source: Source, config: DecodeConfig) -> tuple[dict, str]:
     def once() -> tuple[dict, str]:
         timeout = time_left(source, config)
         try:
-            proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+            proc = run_quiet(args, timeout)
         except subprocess.TimeoutExpired:
             raise MediaError("timeout", f"ffprobe was stopped after {timeout:.3g} s: the "
                              f"item's {config.timeout_s:g} s limit ran out") from None
@@ -327,7 +343,7 @@ def _run(args: list[str], timeout: float, location: str = "",
     (a truncated input gives its first frames); no output at all is an error."""
     def once() -> tuple[bytes, str]:
         try:
-            proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+            proc = run_quiet(args, timeout)
         except subprocess.TimeoutExpired:
             raise MediaError("timeout", f"ffmpeg was stopped after {timeout:.3g} s: the "
                              f"item's {config.timeout_s:g} s limit ran out") from None
