@@ -16,6 +16,7 @@ writers keep half-written files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.infra.storage import StorageConfig, check_readable, filesystem_for, is_s3
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
@@ -190,7 +191,8 @@ def _micros(when: datetime) -> int:
 def _local_pages(root: str, page_size: int) -> Iterator[list[tuple[str, str, int, None, int]]]:
     """Pages of (relative key, path, size, None, mtime in µs) from a lazy scandir walk."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"no such folder: {root}")
+        raise FileNotFoundError(f"{root} does not exist" if not os.path.exists(root) else
+                                f"{root} is not a folder")
     stack, page = [root], []
     while stack:
         folder = stack.pop()
@@ -220,6 +222,7 @@ def iter_listing(
     """Yield :data:`LISTING_SCHEMA` batches of the media under ``prefix``, one per page."""
     config = config or ListingConfig()
     stats = stats if stats is not None else ListingStats()
+    check_readable(prefix, storage, what="prefix")  # credentials, bucket, endpoint
     fs, path = filesystem_for(prefix, storage)
     pages = _s3_pages(fs, path, config.page_size) if is_s3(prefix) else _local_pages(
         path, config.page_size)
@@ -297,6 +300,7 @@ def write_manifest(
     if not output.lower().endswith((".parquet", ".pq")):
         raise ValueError(f"the manifest is written as Parquet: name it *.parquet, got {output!r}")
     stats = ListingStats()
+    check_readable(prefix, storage, what="prefix")  # before the output is created
     fs, path = filesystem_for(output, storage)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -304,16 +308,22 @@ def write_manifest(
     tmp = path if is_s3(output) else f"{parent}/.{path.rsplit('/', 1)[-1]}.inprogress"
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, LISTING_SCHEMA,
-                                                      compression="zstd") as writer:
-        for batch in iter_listing(prefix, storage, config, stats):
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            if pending_rows >= row_group_rows:
+    try:
+        with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, LISTING_SCHEMA,
+                                                          compression="zstd") as writer:
+            for batch in iter_listing(prefix, storage, config, stats):
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                if pending_rows >= row_group_rows:
+                    writer.write_table(pa.Table.from_batches(pending, schema=LISTING_SCHEMA))
+                    pending, pending_rows = [], 0
+            if pending or stats.kept == 0:
                 writer.write_table(pa.Table.from_batches(pending, schema=LISTING_SCHEMA))
-                pending, pending_rows = [], 0
-        if pending or stats.kept == 0:
-            writer.write_table(pa.Table.from_batches(pending, schema=LISTING_SCHEMA))
+    except BaseException:
+        if tmp != path:  # a failed listing leaves no half-written file behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
     if tmp != path:
         os.replace(tmp, path)
     return stats

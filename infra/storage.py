@@ -104,6 +104,70 @@ def redact(text: str) -> str:
     return _URL_QUERY.sub(r"\1?<redacted>", text)
 
 
+class StorageError(ValueError):
+    """An s3:// location cannot be reached or read: no credentials, credentials refused, a
+    missing bucket or an unreachable endpoint. One line that says what to fix."""
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[-1].split("/", 1)[0]
+
+
+def storage_problem(exc: BaseException, uri: str, what: str, storage: StorageConfig,
+                    verb: str = "read") -> StorageError | None:
+    """The one-line :class:`StorageError` for an S3 failure that the user must fix
+    (credentials, bucket, endpoint), or None when ``exc`` is something else."""
+    name = type(exc).__name__
+    text = redact(str(exc)).strip().splitlines()[0][:200] if str(exc).strip() else name
+    endpoint = storage.resolved_endpoint() or "AWS's default endpoint"
+    if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"):
+        return StorageError(
+            f"{what} {uri} cannot be {verb}: no S3 credentials were found; set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if isinstance(exc, PermissionError) or (name == "ClientError" and "AccessDenied" in text):
+        return StorageError(
+            f"{what} {uri} cannot be {verb} (access denied: {text}); check that the "
+            "credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) are right and may "
+            f"{'read' if verb == 'read' else 'write'} it")
+    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+        return StorageError(f"{what} {uri}: the bucket {_bucket(uri)!r} does not exist at "
+                            f"{endpoint}; check the bucket name and --s3-endpoint")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                "ProxyConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+                "ConnectionRefusedError", "InvalidEndpointError") or isinstance(
+                    exc, (ConnectionError, TimeoutError)):
+        return StorageError(f"{what} {uri} cannot be {verb}: the S3 endpoint {endpoint} "
+                            f"cannot be reached ({name}); check --s3-endpoint or "
+                            "AWS_ENDPOINT_URL and the network")
+    return None
+
+
+def check_readable(uri: str, storage: StorageConfig | None = None, what: str = "input",
+                   is_file: bool = False) -> None:
+    """Fail fast, before any work, when an ``s3://`` input cannot be read because of the
+    credentials, the bucket or the endpoint (:class:`StorageError`): one HEAD request, of
+    the object (``is_file``) or of its bucket. A missing key under a bucket that exists
+    passes: the caller reports it in its own words. Local paths pass."""
+    if not is_s3(uri):
+        return
+    storage = storage or StorageConfig()
+    fs, path = filesystem_for(uri, storage)
+    try:
+        if is_file:
+            fs.info(path)
+        else:
+            fs.call_s3("head_bucket", Bucket=_bucket(uri))
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and OS errors alike
+        if isinstance(exc, FileNotFoundError) and not is_file:
+            exc = FileNotFoundError("the bucket does not exist")
+        problem = storage_problem(exc, uri, what, storage)
+        if problem is not None:
+            raise problem from None
+        if not isinstance(exc, FileNotFoundError):
+            raise StorageError(f"{what} {uri} cannot be read ({type(exc).__name__}: "
+                               f"{redact(str(exc)).strip()[:200]})") from None
+
+
 class OutputError(ValueError):
     """An output location cannot be written; the message says what is wrong and what to do."""
 
@@ -154,6 +218,9 @@ def _check_s3(uri: str, storage: StorageConfig, what: str, probe_name: str,
     try:
         fs.pipe_file(probe, b"")
     except Exception as exc:  # noqa: BLE001 - botocore, s3fs and OS errors alike
+        problem = storage_problem(exc, uri, what, storage, verb="written")
+        if problem is not None and not isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise OutputError(str(problem)) from None  # no credentials, no endpoint
         reason = redact(str(exc)).strip().splitlines()[0][:200] if str(exc) else ""
         kind = type(exc).__name__
         hint = ("check the bucket name" if isinstance(exc, FileNotFoundError) else

@@ -238,11 +238,11 @@ def audit_command(
 ) -> None:
     """Audit every item of MANIFEST and write one verdict row per item."""
     from deepaudit.infra.listing import ListingConfig
-    from deepaudit.infra.storage import StorageConfig, check_writable
+    from deepaudit.infra.storage import StorageConfig, check_readable, check_writable
     from deepaudit.jobs.audit import AuditConfig
     from deepaudit.jobs.interrupt import AuditInterrupted
     from deepaudit.pipeline.ledger import LedgerPolicy
-    from deepaudit.pipeline.manifest import ManifestError
+    from deepaudit.pipeline.manifest import ManifestError, is_manifest_file
 
     setup_logging(verbose)
     try:
@@ -259,7 +259,8 @@ def audit_command(
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
         )
-        check_writable(output, storage, what="--output")  # before any work or progress bar
+        check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))  # before any work or progress bar
+        check_writable(output, storage, what="--output")
         if ledger:
             check_writable(ledger, storage, what="--ledger")
         summary = _run_with_progress(cfg, progress and not json_out)

@@ -30,7 +30,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.infra.storage import (
+    StorageConfig,
+    StorageError,
+    check_readable,
+    filesystem_for,
+    is_s3,
+)
 from deepaudit.pipeline.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.pipeline.schema import VERDICT_SCHEMA
 
@@ -64,6 +70,10 @@ def open_target(target: str, storage: StorageConfig | None = None):
     import duckdb
 
     storage = storage or StorageConfig()
+    try:
+        check_readable(target, storage, what="TARGET")  # credentials, bucket, endpoint
+    except StorageError as exc:
+        raise QueryError(str(exc)) from None
     fs, path = filesystem_for(target, storage)
     if not fs.exists(path):
         raise QueryError(f"{target} does not exist")

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.infra.storage import StorageConfig, check_readable, filesystem_for, is_s3
 
 # Columns the pipeline adds itself; manifest columns with these names are renamed.
 ROW_INDEX = "manifest_row"
@@ -205,11 +205,16 @@ def read_input(uri: str, storage: StorageConfig, listing=None) -> pa.Table:
     ``etag`` and ``mtime`` give the ledger's change keys). Validated like any manifest."""
     from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
-    if is_manifest_file(uri):
+    manifest = is_manifest_file(uri)
+    check_readable(uri, storage, what="manifest" if manifest else "prefix", is_file=manifest)
+    if manifest:
         return read_manifest(uri, RESERVED_COLUMNS, storage)
     from deepaudit.infra.listing import ListingConfig, ListingStats, listing_table
 
     stats = ListingStats()
+    if not is_s3(uri) and not Path(filesystem_for(uri)[1]).exists():
+        raise ManifestError(f"{uri} does not exist: give a manifest (*.csv, *.tsv, *.jsonl, "
+                            "*.parquet) or a folder of media")
     try:
         table = listing_table(uri, storage, listing or ListingConfig(), stats)
     except FileNotFoundError:
