@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from deepaudit.infra.storage import (
     redact,
 )
 from deepaudit.jobs.interrupt import AuditInterrupted, SignalGuard
+from deepaudit.jobs.options import check_device_here
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
 from deepaudit.models.registry import check_threshold
@@ -170,6 +172,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     storage = cfg.storage
+    if cfg.address == "local":
+        check_device_here(cfg.device)  # a cluster's GPUs are checked once it is joined
     manifest = read_input(cfg.manifest, storage, cfg.listing)
     handle = cfg.resolve_model()
     check_writable(cfg.output, storage, what="--output")
@@ -323,6 +327,9 @@ def _start_cluster(cfg: AuditConfig, handle: ModelHandle) -> tuple[str, float, f
 
     where = connect(cfg.address, num_cpus=cfg.num_cpus)
     cpus, gpus = wait_for_resources(cfg.min_cpus, cfg.min_gpus, cfg.wait_timeout_s)
+    if cfg.device == "cuda" and gpus < 1:
+        raise ValueError(f"--device cuda: {where} has no GPU; use --device auto (a GPU when "
+                         "there is one) or --device cpu")
     plan = plan_for_cluster(nodes(), cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
                             cfg.torch_threads, gpu_memory_gb() if gpus >= 1 else None,
                             input_size=handle.config.input_size)
@@ -350,10 +357,32 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                 if on_rows:
                     on_rows(len(writer.seen), total)
     except Exception as exc:  # the pipeline itself broke: still account for every row
-        run_error = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
+        run_error = root_cause(exc)
         log.error("pipeline failed: %s", run_error)
         return run_error
     return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def root_cause(exc: BaseException) -> str:
+    """A run error for the summary: plain text (no terminal colour codes), one line, naming
+    the innermost cause (a Ray task error wraps the worker's exception and traceback)."""
+    seen, e = {id(exc)}, exc
+    while True:
+        inner = getattr(e, "cause", None)
+        inner = inner if isinstance(inner, BaseException) else e.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        e = inner
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    # A remote traceback's last "SomeError: message" line is the cause it carries.
+    named = [ln for ln in lines if _EXC_LINE.match(ln)]
+    text = named[-1] if named else f"{type(e).__name__}: {lines[-1] if lines else ''}"
+    return redact(text)[:500]
 
 
 def _write_json(fs, path: str, payload: dict) -> None:

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from deepaudit.jobs.logs import setup_logging
-from deepaudit.jobs.options import check_endpoint
+from deepaudit.jobs.options import check_device_here, check_endpoint
 
 console = Console(stderr=True)
 
@@ -259,6 +259,8 @@ def audit_command(
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
         )
+        if address == "local":
+            check_device_here(device)
         check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))  # before any work or progress bar
         check_writable(output, storage, what="--output")
         if ledger:

@@ -37,7 +37,7 @@ class CheckConfig:
     frames: int | None = None
     device: str = "auto"
     evidence: bool = True
-    evidence_dir: str = DEFAULT_EVIDENCE_DIR
+    evidence_dir: str | None = None  # None: write no files
     evidence_frames: int = 3
 
     def __post_init__(self) -> None:
@@ -139,11 +139,14 @@ def run_check(cfg: CheckConfig) -> dict:
     """Score ``cfg.files`` in this process; returns the JSON-ready result (with
     ``exit_code``). Raises ValueError/FileNotFoundError for usage errors only."""
     from deepaudit.infra.storage import check_writable
+    from deepaudit.jobs.options import check_device_here
 
-    if cfg.evidence:  # a folder is made only when something is flagged
+    check_device_here(cfg.device)
+    evidence = cfg.evidence and cfg.evidence_dir is not None  # no files unless asked
+    if evidence:  # a folder is made only when something is flagged
         check_writable(cfg.evidence_dir, what="--evidence-dir", create=False)
     checker = Checker(model=cfg.model, threshold=cfg.threshold, frames=cfg.frames,
-                      device=cfg.device, evidence_dir=cfg.evidence_dir if cfg.evidence else None,
+                      device=cfg.device, evidence_dir=cfg.evidence_dir if evidence else None,
                       evidence_frames=cfg.evidence_frames)
     return checker.check(cfg.files)
 
@@ -192,10 +195,10 @@ def check_command(
         min=1, help="Frames sampled per video (default: the model card's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     evidence: Annotated[bool, typer.Option(
-        help="Write Grad-CAM evidence for flagged files.")] = True,
-    evidence_dir: Annotated[Path, typer.Option(
-        help="Where evidence goes: EVIDENCE_DIR/<safe name>/<run>.png and .json.")]
-    = Path(DEFAULT_EVIDENCE_DIR),
+        help="With --evidence-dir: write Grad-CAM evidence for flagged files.")] = True,
+    evidence_dir: Annotated[Optional[Path], typer.Option(
+        help="Write evidence of flagged files to EVIDENCE_DIR/<safe name>/<run>.png and "
+             ".json (default: write no files).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON document on stdout instead of text.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -213,7 +216,8 @@ def check_command(
     err = Console(stderr=True)
     try:
         cfg = CheckConfig(files=tuple(files), model=model, threshold=threshold, frames=frames,
-                          device=device, evidence=evidence, evidence_dir=str(evidence_dir))
+                          device=device, evidence=evidence,
+                          evidence_dir=str(evidence_dir) if evidence_dir else None)
         result = run_check(cfg)
     except (ValueError, FileNotFoundError) as exc:
         from rich.markup import escape

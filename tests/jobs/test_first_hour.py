@@ -87,3 +87,42 @@ def test_s3_input_with_an_unreachable_endpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["audit", "s3://audit/m.csv", "-o", "out", "--s3-endpoint", endpoint])
     one_line(r, 2, "s3://audit/m.csv", "cannot be reached", "check --s3-endpoint")
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(tiny_model, media, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text(f"uri\n{media['face_image']}\n")
+    r = runner.invoke(app, ["audit", "m.csv", "-o", "out", "--device", "cuda",
+                            "--model", str(tiny_model)])
+    one_line(r, 2, "--device cuda: torch sees no CUDA device", "--device cpu")
+    r = runner.invoke(app, ["check", str(media["face_image"]), "--device", "cuda",
+                            "--model", str(tiny_model)])
+    one_line(r, 2, "--device cuda: torch sees no CUDA device", "--device cpu")
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.csv"]  # no work, no files
+
+
+@pytest.mark.ray
+def test_a_run_error_is_plain_text_naming_the_root_cause(ray_local):
+    from deepaudit.jobs.audit import root_cause
+
+    @ray_local.remote
+    def broken():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+
+    with pytest.raises(Exception) as info:
+        ray_local.get(broken.remote())
+    text = root_cause(info.value)
+    assert text == "RuntimeError: device=cuda was asked for but torch sees no CUDA device"
+    assert "\x1b" not in text and "\n" not in text
+
+
+def test_check_writes_no_files_unless_asked(tiny_model, media, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["check", str(media["face_image"]), "--model", str(tiny_model),
+                            "--threshold", "0.01"])
+    assert r.exit_code == 1 and "FAKE" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []  # no ./deepaudit-evidence/
