@@ -37,6 +37,7 @@ from deepaudit.infra.storage import (
     redact,
 )
 from deepaudit.jobs.interrupt import AuditInterrupted, SignalGuard
+from deepaudit.jobs.models_cmd import CARD_METADATA_KEY, card_summary
 from deepaudit.jobs.options import check_device_here
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
@@ -195,7 +196,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         inc.on_file_closed(uri, rows)
 
     writer = VerdictWriter(run_dir, storage, manifest, run_id, cfg.roll_rows,
-                           on_file_closed=file_closed, roll_seconds=cfg.roll_seconds)
+                           on_file_closed=file_closed, roll_seconds=cfg.roll_seconds,
+                           metadata={CARD_METADATA_KEY: json.dumps(card_summary(handle))})
 
     run_error, plan, retried, lost_reason, lost = None, None, 0, LOST_REASON, 0
     where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0

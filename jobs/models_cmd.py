@@ -1,19 +1,76 @@
-"""``deepaudit models``: the registered architectures and the weights that ship."""
+"""``deepaudit models``: the registered architectures, the weights that ship, and what the
+model card measured on sources the model never trained on."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+# The Parquet key-value metadata key of each verdict file's model card summary (JSON).
+CARD_METADATA_KEY = "deepaudit.model_card"
+
+
+def ood_figures(handle) -> dict[str, float]:
+    """The card's out-of-domain ROC AUC figures, as the card holds them: ``overall``
+    (what every verdict surface shows, :attr:`ModelHandle.quality`), then each other
+    top-level ``*auc`` figure of ``metrics.out_of_domain`` (``image``, ``video``, ...)."""
+    quality = handle.quality
+    out = {} if quality.get("ood_auc") is None else {"overall": float(quality["ood_auc"])}
+    ood = ((handle.card or {}).get("metrics") or {}).get("out_of_domain") or {}
+    for key, value in ood.items():
+        if key != "roc_auc" and "auc" in key and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            out[key.removesuffix("_roc_auc").removesuffix("_auc") or key] = float(value)
+    return out
+
+
+def card_summary(handle) -> dict[str, Any]:
+    """The model card in brief, as written into each verdict file's Parquet metadata."""
+    card = handle.card or {}
+    quality = handle.quality
+    return {
+        "model": handle.model_id,
+        "model_sha256": handle.sha256,
+        "trained": handle.trained,
+        "threshold": handle.config.threshold,
+        "frames": handle.config.frames,
+        "created_at": card.get("created_at"),
+        "training_data": card.get("training_data"),
+        "out_of_domain_auc": ood_figures(handle),
+        "out_of_domain_data": quality.get("ood_data"),
+        "quality_bar": quality.get("bar"),
+        "caveat": quality.get("caveat"),
+    }
+
+
+def _figures_text(figures: dict[str, float]) -> str:
+    if not figures:
+        return "not measured"
+    return ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
 
 
 def models_command() -> None:
-    """List registered model architectures and the weights that ship with deepaudit."""
+    """List registered model architectures, the weights that ship with deepaudit, and
+    each one's ROC AUC on media from sources it never trained on (from its model card)."""
     from deepaudit.models.checkpoint import resolve_model
     from deepaudit.models.registry import list_models
 
-    t = Table("name", "input", "frames", "threshold", "weights")
+    t = Table("name", "input", "frames", "threshold", "weights",
+              "ROC AUC on unseen sources")
+    caveats = {}
+    default = resolve_model(None).name
     for name in list_models():
         h = resolve_model(name)
-        t.add_row(name, str(h.config.input_size), str(h.config.frames),
-                  f"{h.config.threshold:.3f}", h.model_id if h.trained else "untrained")
-    Console().print(t)
+        trained = h.trained
+        t.add_row(f"{name} (default)" if name == default else name, str(h.config.input_size), str(h.config.frames),
+                  f"{h.config.threshold:.3f}", h.model_id if trained else "untrained",
+                  _figures_text(ood_figures(h)) if trained else "-")
+        if trained and h.quality.get("caveat"):
+            caveats[name] = h.quality["caveat"]
+    out = Console()
+    out.print(t)
+    for name, caveat in caveats.items():
+        out.print(f"[yellow]{escape(name)}:[/yellow] {escape(caveat)}", soft_wrap=True)

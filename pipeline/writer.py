@@ -66,7 +66,8 @@ class VerdictWriter:
     def __init__(self, out_dir: str, storage: StorageConfig, manifest: pa.Table, run_id: str,
                  roll_rows: int = ROLL_ROWS,
                  on_file_closed: Callable[[str, pa.Table], None] | None = None,
-                 roll_seconds: float | None = None) -> None:
+                 roll_seconds: float | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         if roll_rows < 1 or (roll_seconds is not None and roll_seconds <= 0):
             raise ValueError(f"--roll-rows must be >= 1 and --roll-seconds > 0, got "
                              f"{roll_rows} and {roll_seconds}")
@@ -84,7 +85,8 @@ class VerdictWriter:
         self._opened_at = 0.0
         self._tmp: str | None = None
         extra_fields = [f for f in self.extras.schema if f.name != ROW_INDEX]
-        self.schema = pa.schema(list(VERDICT_SCHEMA) + extra_fields)
+        # ``metadata``: the Parquet key-value metadata of every file (the model card summary).
+        self.schema = pa.schema(list(VERDICT_SCHEMA) + extra_fields, metadata=metadata)
         self.run_id, self.roll_rows = run_id, roll_rows
         self.seen: set[int] = set()
         self.status: Counter[str] = Counter()
