@@ -85,17 +85,16 @@ def raw_bytes(media_id: str | bytes) -> bytes:
 
 
 def evidence_dirname(media_id: str | bytes) -> str:
-    """A folder name for ``media_id``: ``<slug>-<hash>``, or ``<hash>`` when no safe
-    character is left. Only ``[A-Za-z0-9._-]``, never starting with ``.`` or ``-``;
-    the slug keeps the id's end (usually the file name)."""
+    """A folder name for ``media_id``, by one rule: ``<name>-<hash>``. ``name`` is the id's
+    file name (what follows its last ``/`` or ``\\``; the whole id when it has neither),
+    each run of characters outside ``[A-Za-z0-9._-]`` made ``_``, cut to its last
+    SLUG_CHARS characters, without leading or trailing ``.``, ``_`` or ``-``; ``hash`` is
+    the first HASH_CHARS hex of the whole id's sha256 (the folders stay apart). Only
+    ``<hash>`` when no safe character is left."""
     raw = raw_bytes(media_id)
     digest = hashlib.sha256(raw).hexdigest()[:HASH_CHARS]
-    slug = _UNSAFE.sub("_", raw.decode("utf-8", "replace")).strip("._-")
-    if len(slug) > SLUG_CHARS:  # keep the end, from a word boundary when there is one
-        tail = slug[-SLUG_CHARS:]
-        cut = tail.find("_")
-        slug = tail[cut + 1 :] if 0 <= cut < SLUG_CHARS // 2 else tail
-    slug = slug.lstrip("._-")
+    name = re.split(r"[/\\]", raw.decode("utf-8", "replace").rstrip("/\\"))[-1]
+    slug = _UNSAFE.sub("_", name)[-SLUG_CHARS:].strip("._-")
     return f"{slug}-{digest}" if slug else digest
 
 

@@ -56,7 +56,10 @@ def test_hostile_ids_get_distinct_safe_folder_names():
     assert evidence_dirname(b"caf\xe9") != evidence_dirname("café")
     assert evidence_dirname(b"\xff\xfe\x00") != evidence_dirname(b"\xff\xfe")
     # Readable when the id is: the file name survives.
-    assert evidence_dirname("videos/real/clip 01.mp4").startswith("videos_real_clip_01.mp4-")
+    assert evidence_dirname("videos/real/clip 01.mp4").startswith("clip_01.mp4-")
+    # One rule, whatever the id's length: the file name, then the hash.
+    assert evidence_dirname("data/images/real/" + "n" * 60 + ".jpg").startswith(
+        "n" * 44 + ".jpg-")
     assert safe_filename("20260101T000000Z-abc123") == "20260101T000000Z-abc123"
     assert SAFE_NAME.match(safe_filename("../../run"))
 
