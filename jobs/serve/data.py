@@ -5,7 +5,10 @@ At start the ``verdicts`` view (see :mod:`deepaudit.jobs.query`) is copied, with
 list columns, into an in-memory DuckDB table ``items`` with a row id ``_id``: every page
 then reads memory, never the Parquet (or S3) again, and a million rows sort and filter
 in milliseconds. An item's list columns (face boxes, frame scores) are read from the view
-when its page is opened. Nothing is ever written to the target.
+when its page is opened, straight from that row's verdict file (opened afresh, checked
+against the size and time it had at start: :class:`Gone` when it was removed or rewritten).
+The lazy views are dropped once the snapshot is taken, so nothing scans the target's files
+through DuckDB again. Nothing is ever written to the target.
 
 Items pages are paged by keyset, never ``OFFSET``: the order is ``col ASC|DESC NULLS
 LAST, _id``, and the page after a row is the rows that come after it in that order. Pages
@@ -44,11 +47,12 @@ LIST_COLUMNS = ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames")
 VERDICTS = ("fake", "real", "none")
 STATUSES = ("ok", "no_face", "error")
 # Columns of the items table shown in the list, in order; every one can be sorted on.
-LIST_SHOWN = ["media_id", "verdict", "p_fake", "margin", "status", "error_code",
+LIST_SHOWN = ["media_id", "verdict", "label", "p_fake", "margin", "status", "error_code",
               "media_type", "n_frames_with_face", "model", "run_id", "audited_at", "uri"]
 SORTABLE = set(LIST_SHOWN) | {"label", "size_bytes", "duration_s", "manifest_row",
                               "n_frames_sampled"}
-LOW_CARDINALITY = {"verdict", "status", "error_code", "media_type", "model", "run_id"}
+LOW_CARDINALITY = {"verdict", "status", "error_code", "media_type", "model", "run_id", "label"}
+MEDIA_TYPES = ("image", "video")
 MAX_LIMIT = 500
 MAX_TEXT = 300
 
@@ -59,6 +63,10 @@ class BadRequest(ValueError):
 
 class NotFound(LookupError):
     """No such run or item: the server answers 404 with this message."""
+
+
+class Gone(LookupError):
+    """The item's run was removed or rewritten after the server started: 410."""
 
 
 def _text(params, name: str, limit: int = MAX_TEXT) -> str | None:
@@ -104,6 +112,7 @@ class ItemQuery:
 
     verdict: str | None = None
     status: str | None = None
+    media_type: str | None = None
     error_code: str | None = None
     p_min: float | None = None
     p_max: float | None = None
@@ -117,7 +126,8 @@ class ItemQuery:
     before: tuple | None = None  # () for "the last page"
     start: int = 0  # the first row's number, for display only
 
-    FILTERS = ("verdict", "status", "error_code", "p_min", "p_max", "model", "run", "q")
+    FILTERS = ("verdict", "status", "media_type", "error_code", "p_min", "p_max", "model", "run",
+               "q")
 
     @classmethod
     def parse(cls, params) -> ItemQuery:
@@ -132,6 +142,10 @@ class ItemQuery:
             raise BadRequest(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        media_type = _text(params, "media_type")
+        if media_type is not None and media_type not in MEDIA_TYPES:
+            raise BadRequest(f"media_type must be one of {', '.join(MEDIA_TYPES)}, "
+                             f"got {media_type!r}")
         p_min, p_max = _prob(params, "p_min"), _prob(params, "p_max")
         if p_min is not None and p_max is not None and p_min > p_max:
             raise BadRequest(f"p_min ({p_min}) is above p_max ({p_max})")
@@ -145,7 +159,7 @@ class ItemQuery:
         after, before = _text(params, "after", 2000), _text(params, "before", 2000)
         if after and before:
             raise BadRequest("give after or before, not both")
-        return cls(verdict=verdict, status=status, error_code=_text(params, "error_code"),
+        return cls(verdict=verdict, status=status, media_type=media_type, error_code=_text(params, "error_code"),
                    p_min=p_min, p_max=p_max, model=_text(params, "model"),
                    run=_text(params, "run"), q=_text(params, "q"), sort=sort, order=order,
                    limit=_int(params, "limit", 50, 1, MAX_LIMIT),
@@ -164,8 +178,9 @@ class ItemQuery:
         elif self.verdict:
             sql.append("verdict = ?")
             args.append(self.verdict)
-        for col, value in (("status", self.status), ("error_code", self.error_code),
-                           ("model", self.model), ("run_id", self.run)):
+        for col, value in (("status", self.status), ("media_type", self.media_type),
+                           ("error_code", self.error_code), ("model", self.model),
+                           ("run_id", self.run)):
             if value is not None:
                 sql.append(f"{col} = ?")
                 args.append(value)
@@ -203,7 +218,7 @@ def decode_cursor(text: str, sort: str, order: str) -> tuple:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         c_sort, c_order, is_null, value, row_id = json.loads(raw)
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):  # [[[[... nests deep
         raise BadRequest("the page cursor (after/before) is malformed: start again from the "
                          "first page") from None
     if (c_sort, c_order) != (sort, order):
@@ -213,7 +228,8 @@ def decode_cursor(text: str, sort: str, order: str) -> tuple:
     ok = (isinstance(is_null, bool) and isinstance(row_id, int) and not isinstance(row_id, bool)
           and (value is None if is_null else
                (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value)) if numeric else isinstance(value, str)))
+                and abs(value) < 2**63 and math.isfinite(value)) if numeric
+               else isinstance(value, str)))
     if not ok:
         raise BadRequest("the page cursor is malformed: start again from the first page")
     return is_null, value, row_id
@@ -264,6 +280,9 @@ class Archive:
         self.storage = storage or StorageConfig()
         con = connect(target, self.storage)  # QueryError when it is not one
         self.con = con
+        # Each run's verdict files as they are now, before the snapshot reads them: an
+        # item's list columns are read from its file later, only while it is unchanged.
+        self.sources = _sources(con, target, self.storage)
         self.local = threading.local()
         # Queries at once: one per core, the rest wait their turn (first come, first
         # served) instead of all sharing the cores, which makes every one slow.
@@ -290,9 +309,12 @@ class Archive:
         # Stored in row-id order: a page's rows are then fetched by id from few blocks.
         con.execute("CREATE TABLE items AS SELECT * FROM _base ORDER BY _id")
         con.execute("DROP TABLE _base")
+        # The label column is listed when the manifest gave labels.
+        self.has_label = con.execute("SELECT count(label) FROM items").fetchall()[0][0] > 0
+        self.list_shown = [c for c in LIST_SHOWN if c != "label" or self.has_label]
         # The list page's columns, in row-id order, as Arrow: a page's rows are a take() of
         # their ids (DuckDB's "_id IN (...)" scans the table: 100+ ms at a million rows).
-        shown = ", ".join(f'"{c}"' for c in LIST_SHOWN)
+        shown = ", ".join(f'"{c}"' for c in self.list_shown)
         t = con.sql(f"SELECT {shown}, manifest_row FROM items ORDER BY _id").to_arrow_table()
         self.shown = pa.table({
             c: (t[c].combine_chunks().dictionary_encode() if c in LOW_CARDINALITY
@@ -301,7 +323,7 @@ class Archive:
         # columns filtered by equality, and p_fake as float64 (null: NaN, in no range; NaN:
         # +inf, which DuckDB orders above every number). About 13 bytes a row.
         self.codes = {}
-        for col in ("verdict", "status", "error_code", "model", "run_id"):
+        for col in ("verdict", "status", "media_type", "error_code", "model", "run_id"):
             arr = self.shown[col].chunk(0)
             values = arr.dictionary.to_pylist()
             codes = pc.fill_null(arr.indices, -1).to_numpy()
@@ -314,17 +336,27 @@ class Archive:
         con.execute("CREATE TABLE runs_t AS SELECT * FROM runs")
         con.execute("CREATE TABLE ledger_t AS SELECT media_id, run_id, model, audited_at, "
                     "status, error_code, attempts, change_key, verdict_file FROM ledger")
-        self.view_lock = threading.Lock()  # the main connection, for the list columns
         self.is_ledger = con.execute("SELECT count(*) FROM ledger_t").fetchone()[0] > 0
         self.item_columns = [r[0] for r in con.execute("DESCRIBE items").fetchall()
                              if not r[0].startswith("_")]
         self.runs = self._run_infos()
+        self.buckets = {_bucket(u) for u in [target, *(src.uri for files in
+                                                      self.sources.values() for src in files),
+                                             *(str(r.summary.get("manifest") or "")
+                                               for r in self.runs.values())] if is_s3(u)}
         self.n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
         self.models = [r[0] for r in con.execute(
             "SELECT DISTINCT model FROM items WHERE model IS NOT NULL ORDER BY 1").fetchall()]
         self.error_codes = [r[0] for r in con.execute(
             "SELECT error_code, count(*) n FROM items WHERE error_code IS NOT NULL "
             "GROUP BY 1 ORDER BY n DESC LIMIT 50").fetchall()]
+        # The snapshot is complete: drop the lazy views over the target's files, so no
+        # request can scan them through DuckDB (a scan of files deleted under a running
+        # server deadlocked inside pyarrow's scanner while holding the GIL).
+        for view in ("last_run", "latest", "runs", "verdicts", "ledger_latest", "ledger"):
+            con.execute(f"DROP VIEW IF EXISTS {view}")
+        for name in ("_verdicts", "_ledger", "_run_info"):
+            con.unregister(name)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -343,7 +375,8 @@ class Archive:
 
     def scalar(self, sql: str, args: list | None = None):
         with self.slots:
-            return self.cursor().execute(sql, args or []).fetchone()[0]
+            rows = self.cursor().execute(sql, args or []).fetchall()  # completes the result
+            return rows[0][0] if rows else None
 
     def _run_infos(self) -> dict[str, RunInfo]:
         runs: dict[str, RunInfo] = {}
@@ -488,8 +521,9 @@ class Archive:
             if query.verdict is not None:  # "none": no verdict (null)
                 mask &= self._equals("verdict", None if query.verdict == "none"
                                      else query.verdict)
-            for col, value in (("status", query.status), ("error_code", query.error_code),
-                               ("model", query.model), ("run_id", query.run)):
+            for col, value in (("status", query.status), ("media_type", query.media_type),
+                               ("error_code", query.error_code), ("model", query.model),
+                               ("run_id", query.run)):
                 if value is not None:
                     mask &= self._equals(col, value)
             if query.p_min is not None:
@@ -555,20 +589,20 @@ class Archive:
         if not found:
             raise NotFound(f"no item {row} in run {run_id!r}")
         item = found[0]
-        lists = [c for c in LIST_COLUMNS if c in self.columns]
-        if lists:
-            cols = ", ".join(f'"{c}"' for c in lists)
-            def lists_of():
-                with self.view_lock:
-                    cur = self.con.execute(f"SELECT {cols} FROM verdicts WHERE run_id = ? AND "
-                                           "manifest_row = ?", [run_id, row])
-                    names = [d[0] for d in cur.description]
-                    return [dict(zip(names, r)) for r in cur.fetchall()]
-
-            extra = self.cache.get(("lists", run_id, row), lists_of)
-            if extra:
-                item.update(extra[0])
+        if any(c in self.columns for c in LIST_COLUMNS):
+            extra = self.cache.get(("lists", run_id, row), lambda: self._lists(run_id, row))
+            item.update(extra)
         return item
+
+    def _lists(self, run_id: str, row: int) -> dict:
+        """The item's list columns, read from its run's verdict file (the row groups whose
+        manifest_row range holds ``row``); :class:`Gone` when the file was removed or
+        rewritten since the start."""
+        for src in self.sources.get(run_id, ()):
+            found = src.read_row(run_id, row)
+            if found is not None:
+                return found
+        return {}
 
     def history(self, media_id: str) -> list[dict]:
         return self.rows("SELECT run_id, manifest_row, model, audited_at, status, error_code, "
@@ -583,6 +617,30 @@ class Archive:
                          [media_id])
 
     # ------------------------------------------------------------------ files
+
+    def media_source(self, uri: str | None) -> tuple[Any, str] | None:
+        """``(fs, path)`` to draw an item's source media from, or None: a local path, or
+        an ``s3://`` key in a bucket this output names (its own, its verdict files', its
+        runs' manifests'): a row cannot send the server to any bucket it likes."""
+        if not uri or not isinstance(uri, str) or "\x00" in uri:
+            return None
+        if is_s3(uri) and _bucket(uri) not in self.buckets:
+            return None
+        try:
+            return filesystem_for(uri, self.storage)
+        except storage_errors():
+            return None
+
+    def media_reachable(self, uri: str | None) -> bool:
+        found = self.media_source(uri)
+        if found is None:
+            return False
+        fs, path = found
+        try:
+            return bool(fs.isfile(path))
+        except storage_errors() as exc:  # no credentials, an unreachable endpoint
+            log.info("serve: media %s not reachable: %s", uri, exc)
+            return False
 
     def evidence(self, item: dict, suffix: str) -> tuple[Any, str] | None:
         """``(fs, path)`` of the item's evidence strip (``.png``) or its JSON, only when
@@ -652,6 +710,114 @@ def _under(uri: str, root: str, storage: StorageConfig) -> tuple[Any, str] | Non
     if os.path.commonpath([real, real_base]) != real_base or real == real_base:
         return None
     return fs, real
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What reading a file may raise: OS and Arrow errors, and botocore's own (missing
+    credentials, an unreachable endpoint) for s3://."""
+    errors: tuple = (OSError, ValueError, pa.ArrowException)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += (BotoCoreError, ClientError)
+    except ImportError:
+        pass
+    return errors
+
+
+def _stamp(info: dict) -> tuple:
+    """What tells a rewritten file from the one read at start: size and modification time
+    (local; plus the inode), or size, ETag and LastModified (S3)."""
+    return (info.get("size"), info.get("mtime"), info.get("ino"), info.get("ETag"),
+            str(info.get("LastModified") or ""))
+
+
+@dataclass
+class Source:
+    """One verdict file as it was when the snapshot was taken."""
+
+    run_id: str
+    uri: str
+    fs: Any
+    path: str
+    stamp: tuple
+    groups: list[tuple[int, int | None, int | None]]  # (row group, min, max manifest_row)
+
+    def read_row(self, run_id: str, row: int) -> dict | None:
+        """The list columns of the verdict row (run_id, row) in this file, None when it is
+        not here; :class:`Gone` when the file is gone, changed or unreadable."""
+        groups = [g for g, lo, hi in self.groups
+                  if lo is None or hi is None or lo <= row <= hi]
+        if not groups:
+            return None
+        gone = (f"run {run_id!r} was removed or rewritten after this server started "
+                f"({self.uri}): restart deepaudit serve to see the runs as they are now")
+        try:
+            if _stamp(self.fs.info(self.path)) != self.stamp:
+                raise Gone(gone)
+            import pyarrow.parquet as pq
+
+            # A plain, synchronous read of the file opened now (never the start's dataset).
+            with self.fs.open(self.path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+                cols = [c for c in LIST_COLUMNS if c in names]
+                for g in groups:
+                    t = pf.read_row_group(g, columns=["run_id", "manifest_row", *cols],
+                                          use_threads=False)
+                    hit = pc.and_(pc.equal(t["manifest_row"], row),
+                                  pc.equal(t["run_id"], run_id))
+                    found = t.filter(pc.fill_null(hit, False))
+                    if found.num_rows:
+                        return {c: found[c][0].as_py() for c in cols}
+        except Gone:
+            raise
+        except FileNotFoundError:
+            raise Gone(gone) from None
+        except storage_errors() as exc:
+            log.warning("serve: reading %s failed: %s", self.uri, exc)
+            raise Gone(f"{gone} ({type(exc).__name__})") from None
+        return None
+
+
+def _sources(con, target: str, storage: StorageConfig) -> dict[str, list[Source]]:
+    """Every run's verdict files, with their stamps and manifest_row ranges per row group
+    (from the Parquet footers): under OUT/runs/<run_id>/, or those the ledger names."""
+    import pyarrow.parquet as pq
+
+    ledger = con.execute("SELECT DISTINCT run_id, verdict_file FROM ledger "
+                         "WHERE verdict_file IS NOT NULL").fetchall()
+    if ledger:
+        files = sorted(ledger, key=lambda r: (str(r[0]), r[1]))
+    else:
+        fs, path = filesystem_for(target, storage)
+        files = []
+        for f in sorted(fs.glob(f"{path}/runs/*/verdicts-*.parquet")):
+            uri = f"s3://{f}" if is_s3(target) else f
+            files.append((f.rstrip("/").rsplit("/", 2)[-2], uri))
+    found: dict[str, list[Source]] = {}
+    for run_id, uri in files:
+        fs, path = filesystem_for(uri, storage)
+        try:
+            stamp = _stamp(fs.info(path))
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        except storage_errors() as exc:  # the snapshot will say what is wrong
+            log.warning("serve: cannot read %s: %s", uri, exc)
+            continue
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        j = names.index("manifest_row") if "manifest_row" in names else None
+        groups = []
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(j).statistics if j is not None else None
+            ok = st is not None and st.has_min_max
+            groups.append((g, st.min if ok else None, st.max if ok else None))
+        found.setdefault(run_id, []).append(Source(run_id, uri, fs, path, stamp, groups))
+    return found
 
 
 def open_archive(target: str, storage: StorageConfig | None = None) -> Archive:

@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
+from deepaudit.infra.storage import is_s3
 
 MAX_MEDIA_BYTES = 512 * 1024 * 1024  # do not copy bigger media from S3 to draw its boxes
 MAX_FRAMES = 8
@@ -62,20 +62,19 @@ def _read_frames(path: str, indices: list[int], media_type: str | None) -> dict[
     return frames
 
 
-def faces_jpeg(item: dict, storage: StorageConfig) -> bytes | None:
+def faces_jpeg(item: dict, fs, path: str) -> bytes | None:
     """The item's sampled frames (at most 8) with every detected face box (green: the face
-    that was scored), tiled; None when the media cannot be read from here."""
+    that was scored), tiled, from its media at ``path`` on ``fs`` (local, or S3: copied to
+    a temp file first); None when the media cannot be read from here."""
     import cv2
 
-    uri = item.get("uri")
+    from deepaudit.jobs.serve.data import storage_errors
+
     boxes = item.get("face_boxes") or []
-    if not uri:
-        return None
     indices = [b["frame"] for b in boxes] or list(item.get("frame_indices") or [])[:MAX_FRAMES]
     tmp = None
     try:
-        fs, path = filesystem_for(uri, storage)
-        if is_s3(uri):
+        if is_s3(str(item.get("uri"))):
             if fs.size(path) > MAX_MEDIA_BYTES:
                 return None
             tmp = tempfile.mkdtemp(prefix="deepaudit-serve-media-")
@@ -85,7 +84,7 @@ def faces_jpeg(item: dict, storage: StorageConfig) -> bytes | None:
         elif not os.path.isfile(path):
             return None
         frames = _read_frames(path, indices, item.get("media_type"))
-    except (OSError, ValueError):
+    except storage_errors():
         return None
     finally:
         if tmp:
