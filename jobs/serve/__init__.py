@@ -41,6 +41,14 @@ def serve_command(
         min=1, metavar="N", help="Uploads per client address per minute.")] = 10,
     s3_endpoint: Annotated[Optional[str], typer.Option(
         metavar="URL", help="S3 endpoint URL (overrides AWS_ENDPOINT_URL).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAME[:PORT]",
+        help="Another Host name to answer to (a proxy's), besides localhost, 127.0.0.1, "
+             "[::1] and --host; repeatable.")] = None,
+    forwarded_allow_ips: Annotated[Optional[str], typer.Option(
+        metavar="IPS",
+        help="Trust X-Forwarded-For/-Proto from these proxy addresses (comma-separated); "
+             "never trusted by default.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     """Browse an audit's verdicts in a web browser: runs, items (filter, sort, export),
@@ -58,9 +66,6 @@ def serve_command(
                   "give --token TOKEN (for example --token "
                   f"{secrets.token_urlsafe(18)}) or bind 127.0.0.1", soft_wrap=True)
         raise typer.Exit(2)
-    if token is not None and len(token) < 12:
-        err.print("[red]error:[/red] --token must be at least 12 characters")
-        raise typer.Exit(2)
     try:
         import jinja2  # noqa: F401
         import python_multipart  # noqa: F401
@@ -70,21 +75,44 @@ def serve_command(
         err.print(f"[red]error:[/red] deepaudit serve needs its extra: pip install "
                   f"'deepaudit\\[serve]' ({escape(str(exc))})", soft_wrap=True)
         raise typer.Exit(2) from None
-    import shutil
-    import tempfile
+    from deepaudit.jobs.serve.security import HostCheck, token_problem
 
-    upload_root = tempfile.mkdtemp(prefix="deepaudit-serve-")  # private (0700): uploads only
+    if token is not None and token_problem(token):
+        err.print(f"[red]error:[/red] {escape(token_problem(token))}", soft_wrap=True)
+        raise typer.Exit(2)
+    try:
+        HostCheck(host, allowed_host)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    import shutil
+    import signal
+    import sys
+
+    from deepaudit.jobs.serve.server import make_upload_root
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default
+    # action would then end the process before the upload folder is removed (SIGINT's
+    # KeyboardInterrupt runs the finally). Exit through Python on SIGTERM too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    upload_root = make_upload_root()  # private (0700): uploads only; stale ones swept
     try:
         _serve(target, host, port, token, model, threshold, check, max_upload_mb,
-               uploads_per_minute, s3_endpoint, verbose, upload_root, err)
+               uploads_per_minute, s3_endpoint, verbose, upload_root, err,
+               allowed_host or [], forwarded_allow_ips)
     finally:
         shutil.rmtree(upload_root, ignore_errors=True)
 
 
 def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
-           uploads_per_minute, s3_endpoint, verbose, upload_root, err) -> None:
+           uploads_per_minute, s3_endpoint, verbose, upload_root, err, allowed_hosts,
+           forwarded_allow_ips) -> None:
+    import socket
+
     import uvicorn
     from rich.markup import escape
+
+    from deepaudit.jobs.serve.server import server_config
 
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.jobs.query import QueryError
@@ -105,11 +133,25 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     app = create_app(archive, token=token, checker=checker, max_upload_mb=max_upload_mb,
-                     uploads_per_minute=uploads_per_minute, upload_root=upload_root)
-    shown = "localhost" if host in LOOPBACK else host
+                     uploads_per_minute=uploads_per_minute, upload_root=upload_root,
+                     host=host, allowed_hosts=allowed_hosts)
+    # Bind here, so that the printed link has the real port (also with --port 0).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    except OSError as exc:
+        sock.close()
+        err.print(f"[red]error:[/red] cannot listen on {escape(host)}:{port} ({escape(str(exc))})",
+                  soft_wrap=True)
+        raise typer.Exit(2) from None
+    port = sock.getsockname()[1]
+    shown = "localhost" if host in LOOPBACK else (f"[{host}]" if ":" in host else host)
     link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
     err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
               f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
-                            access_log=verbose, server_header=False)
-    uvicorn.Server(config).run()
+    config = server_config(app, host=host, port=port, verbose=verbose,
+                           forwarded_allow_ips=forwarded_allow_ips)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,17 +1,17 @@
 """The ``deepaudit serve`` web application (Starlette + Jinja2, no script on any page).
 
-Security, in one place:
+Security (see :mod:`.security` and docs/serve.md, "Security model"):
 
-* a token (``--token``), when set, is checked on every request with
-  :func:`hmac.compare_digest`: ``Authorization: Bearer``, a ``?token=`` link (which sets
-  an HttpOnly cookie and redirects to the same page without it), or that cookie;
+* :class:`~.security.Guard` checks every request's Host (DNS rebinding), the token when
+  there is one, and the request size, and puts the security headers on every reply;
 * files are served only when a verdict row names them (its evidence strip and JSON),
-  resolved under ``OUT/evidence/`` of the row's run; no route takes a path;
+  resolved under ``OUT/evidence/`` of the row's run; no route takes a path; source media
+  is drawn (never served) only from local paths and the buckets the output names;
 * every page is a Jinja template with autoescape on; a Content-Security-Policy allows
-  nothing but this origin's CSS and images;
+  nothing but this origin's CSS and images; CSV exports neutralise spreadsheet formulas;
 * the upload (the only write, to a private temp dir, removed after each request) needs a
-  CSRF token (double-submit cookie, SameSite=Strict, and Origin checked), is capped in
-  size before it is read, sniffed by content, and rate-limited per client.
+  CSRF token (double-submit cookie, SameSite=Strict, and an Origin of this server), is
+  capped in size before it is read, sniffed by content, and rate-limited per client.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import defaultdict, deque
 from pathlib import Path
 from urllib.parse import urlencode
 
 import jinja2
+import pyarrow as pa
+import pyarrow.compute as pc
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -47,125 +48,46 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from deepaudit.jobs.serve.data import (
-    LIST_SHOWN,
     LRU,
+    MEDIA_TYPES,
     STATUSES,
     VERDICTS,
     Archive,
     BadRequest,
+    Gone,
     ItemQuery,
     NotFound,
+    storage_errors,
+)
+from deepaudit.jobs.serve.security import (  # noqa: F401 (sniff: the tests import it here)
+    CSRF_COOKIE,
+    Guard,
+    HostCheck,
+    RateLimiter,
+    sniff,
+    token_problem,
 )
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-TOKEN_COOKIE, CSRF_COOKIE = "deepaudit_token", "deepaudit_csrf"
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
-# (magic bytes at offset, offset, extension, kind); ISO BMFF (mp4/mov) has "ftyp" at 4.
-SNIFF = [(b"\xff\xd8\xff", 0, ".jpg", "image"), (b"\x89PNG\r\n\x1a\n", 0, ".png", "image"),
-         (b"BM", 0, ".bmp", "image"), (b"WEBP", 8, ".webp", "image"),
-         (b"ftyp", 4, ".mp4", "video"), (b"\x1aE\xdf\xa3", 0, ".mkv", "video"),
-         (b"AVI ", 8, ".avi", "video")]
+# A CSV cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV
+# injection"): the export prefixes a single quote, which shows the text as it is.
+FORMULA_START = "^[=+\\-@\t\r]"
 
 
-def sniff(head: bytes) -> tuple[str, str] | None:
-    """(extension, kind) of an upload from its first bytes, or None when it is neither a
-    supported image nor a supported video container."""
-    for magic, at, ext, kind in SNIFF:
-        if head[at:at + len(magic)] == magic:
-            if ext == ".webp" and head[:4] != b"RIFF":
-                continue
-            if ext == ".avi" and head[:4] != b"RIFF":
-                continue
-            return ext, kind
-    return None
+def neutralise(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with every text cell (and column name) that a spreadsheet would run as a
+    formula prefixed with ``'``; numbers, times and nulls unchanged."""
+    def safe(name: str) -> str:
+        return "'" + name if name[:1] in ("=", "+", "-", "@", "\t", "\r") else name
 
-
-class RateLimiter:
-    """At most ``n`` events per ``window_s`` per client."""
-
-    def __init__(self, n: int, window_s: float = 60.0) -> None:
-        self.n, self.window = n, window_s
-        self.events: dict[str, deque] = defaultdict(deque)
-        self.lock = threading.Lock()
-
-    def allow(self, client: str) -> float:
-        """0 when allowed (and counted), else seconds until the next one is."""
-        now = time.monotonic()
-        with self.lock:
-            q = self.events[client]
-            while q and now - q[0] > self.window:
-                q.popleft()
-            if len(q) >= self.n:
-                return self.window - (now - q[0])
-            q.append(now)
-            return 0.0
-
-
-class Guard:
-    """Pure ASGI middleware: token check, request size cap, security headers."""
-
-    def __init__(self, app, token: str | None, max_upload: int) -> None:
-        self.app, self.token, self.max_upload = app, token, max_upload
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request = Request(scope)
-        if self.token is not None:
-            given = _given_token(request)
-            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
-                resp = PlainTextResponse(
-                    "401: this server needs its token: open the link it printed (?token=...) "
-                    "or send 'Authorization: Bearer TOKEN'", status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
-            if "token" in request.query_params and request.method == "GET":
-                rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                url = request.url.path + ("?" + urlencode(rest) if rest else "")
-                resp = RedirectResponse(url, status_code=303)
-                resp.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
-                return await resp(scope, receive, send)
-        limit = self.max_upload + 64 * 1024  # the multipart envelope around the file
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            resp = PlainTextResponse(f"413: uploads are limited to {self.max_upload // 2**20} MB",
-                                     status_code=413)
-            return await resp(scope, receive, send)
-        seen = 0
-
-        async def capped_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, f"uploads are limited to "
-                                             f"{self.max_upload // 2**20} MB")
-            return message
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                for k, v in ((b"content-security-policy", CSP.encode()),
-                             (b"x-content-type-options", b"nosniff"),
-                             (b"x-frame-options", b"DENY"),
-                             (b"referrer-policy", b"same-origin"),
-                             (b"cache-control", b"no-store")):
-                    if not any(h[0].lower() == k for h in headers):
-                        headers.append((k, v))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, capped_receive, send_with_headers)
-
-
-def _given_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+    cols = []
+    for col, f in zip(batch.columns, batch.schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            risky = pc.fill_null(pc.match_substring_regex(col, FORMULA_START), False)
+            col = pc.if_else(risky, pc.binary_join_element_wise("'", col, ""), col)
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, names=[safe(n) for n in batch.schema.names])
 
 
 def _env() -> jinja2.Environment:
@@ -174,7 +96,7 @@ def _env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True)
 
     def fmt(v, digits: int = 3):
-        if v is None:
+        if v is None or isinstance(v, jinja2.Undefined):  # e.g. a run without a summary
             return "–"
         if isinstance(v, float):
             return f"{v:.{digits}f}"
@@ -182,7 +104,22 @@ def _env() -> jinja2.Environment:
             return v.strftime("%Y-%m-%d %H:%M:%S")
         return v
 
+    def tail(v, n: int = 60):
+        """The end of a long path or id, whose file name tells rows apart:
+        ``…/images/fake/genco_0001.png``; the full value goes in the cell's title."""
+        if v is None:
+            return ""
+        v = str(v)
+        if len(v) <= n:
+            return v
+        end = v[-(n - 1):]
+        cut = end.find("/")
+        if 0 <= cut < n // 3:  # start at a folder boundary when little is lost
+            end = end[cut:]
+        return "…" + end
+
     env.filters["fmt"] = fmt
+    env.filters["tail"] = tail
     env.filters["short"] = lambda v, n=80: v if v is None or len(str(v)) <= n else \
         str(v)[: n - 1] + "…"
     return env
@@ -190,9 +127,16 @@ def _env() -> jinja2.Environment:
 
 def create_app(archive: Archive, token: str | None = None, checker=None,
                max_upload_mb: int = 100, uploads_per_minute: int = 10,
-               upload_root: str | None = None) -> Starlette:
-    """The web app over ``archive``; ``checker`` (a :class:`deepaudit.jobs.check.Checker`)
-    enables the Check-a-file page."""
+               upload_root: str | None = None, host: str = "127.0.0.1",
+               allowed_hosts: list[str] | None = None, body_idle_s: float = 15.0,
+               body_total_s: float | None = None) -> Guard:
+    """The web app over ``archive``, bound to ``host`` (which, with ``allowed_hosts``,
+    says which Host headers name it); ``checker`` (a :class:`deepaudit.jobs.check.Checker`)
+    enables the Check-a-file page. A request body must keep coming (``body_idle_s``) and
+    end within ``body_total_s`` (default: 60 s, or 1 s per MB of the upload cap)."""
+    if token is not None and token_problem(token):
+        raise ValueError(token_problem(token))
+    hosts = HostCheck(host, allowed_hosts)
     env = _env()
     css = (HERE / "static" / "serve.css").read_text()
     from deepaudit.jobs.report import CSS as REPORT_CSS
@@ -201,7 +145,10 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     max_upload = max_upload_mb * 2**20
     limiter = RateLimiter(uploads_per_minute)
     check_lock = threading.Lock()
-    upload_root = upload_root or tempfile.mkdtemp(prefix="deepaudit-serve-")
+    if upload_root is None:
+        from deepaudit.jobs.serve.server import make_upload_root
+
+        upload_root = make_upload_root()
     os.makedirs(upload_root, mode=0o700, exist_ok=True)
     os.chmod(upload_root, 0o700)
     figures: dict = {}
@@ -293,8 +240,9 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
             "last": link(before="end") if page.next_cursor else None,
         }
         export = {fmt: f"/items.{fmt}{link()}" for fmt in ("csv", "parquet")}
-        return render(request, "items.html", q=q, page=page, columns=LIST_SHOWN, nav=nav,
-                      sort_link=sort_link, export=export, verdicts=VERDICTS, statuses=STATUSES,
+        return render(request, "items.html", q=q, page=page, columns=archive.list_shown,
+                      nav=nav, sort_link=sort_link, export=export, verdicts=VERDICTS,
+                      statuses=STATUSES, media_types=MEDIA_TYPES,
                       models=archive.models, runs=list(archive.runs), link=link,
                       error_codes=archive.error_codes,
                       models_quality=quality_for(models)).body.decode()
@@ -312,9 +260,10 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
 
             def rows():
                 first = True
-                for batch in reader:
+                for batch in reader:  # cells a spreadsheet would run are neutralised
                     buf = io.BytesIO()
-                    pacsv.write_csv(batch, buf, pacsv.WriteOptions(include_header=first))
+                    pacsv.write_csv(neutralise(batch), buf,
+                                    pacsv.WriteOptions(include_header=first))
                     first = False
                     yield buf.getvalue()
             return StreamingResponse(rows(), media_type="text/csv", headers=headers)
@@ -348,14 +297,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         shown = {k: v for k, v in item.items() if k not in
                  ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}
         base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
-        from deepaudit.infra.storage import filesystem_for
-
-        reachable = False
-        try:
-            fs, path = filesystem_for(item.get("uri") or "", archive.storage)
-            reachable = bool(item.get("uri")) and fs.isfile(path)
-        except (OSError, ValueError):
-            reachable = False
+        reachable = archive.media_reachable(item.get("uri"))
         return render(request, "item.html", item=item, shown=shown, base=base,
                       has_evidence=archive.evidence(item, ".png") is not None,
                       evidence_json=meta, history=archive.history(item["media_id"]),
@@ -372,8 +314,12 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
             if found is None:
                 raise NotFound("this item has no evidence file under its output folder")
             fs, path = found
-            with fs.open(path, "rb") as f:
-                data = f.read()
+            try:
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+            except storage_errors():
+                raise NotFound("this item's evidence file cannot be read (removed since the "
+                               "server started?)") from None
             return png(data, "image/png" if kind.endswith("png") else "application/json")
         if kind == "frames.png":
             from deepaudit.jobs.serve.figures import frame_scores_png
@@ -385,7 +331,10 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         if kind == "faces.jpg":
             from deepaudit.jobs.serve.figures import faces_jpeg
 
-            return png(faces_jpeg(item, archive.storage), "image/jpeg")
+            source = archive.media_source(item.get("uri"))
+            if source is None:
+                raise NotFound("this item's media cannot be read from this server")
+            return png(faces_jpeg(item, *source), "image/jpeg")
         raise NotFound(f"no {kind!r} for an item")
 
     # ------------------------------------------------------------------ check a file
@@ -408,9 +357,11 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
             raise NotFound("checking files is off on this server (started with --no-check)")
         if request.method == "GET":
             return check_form(request)
+        # The Host was checked (Guard); the Origin must name this server too, not merely
+        # repeat the Host (a rebinding page sends its own name in both).
         origin = request.headers.get("origin")
-        host = request.headers.get("host")
-        if origin and origin != "null" and origin.split("://", 1)[-1] != host:
+        port = (request.scope.get("server") or (None, None))[1]
+        if origin and origin != "null" and not hosts.allows_origin(origin, port):
             return check_form(request, 403, error="the form was posted from another site")
         form = await request.form(max_files=1, max_fields=4)
         cookie, field = request.cookies.get(CSRF_COOKIE), form.get("csrf")
@@ -480,6 +431,9 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     async def not_found(request, exc):
         return error_page(request, 404, str(exc))
 
+    async def gone(request, exc):
+        return error_page(request, 410, str(exc))
+
     async def http_error(request, exc):
         return error_page(request, exc.status_code, str(exc.detail))
 
@@ -509,12 +463,13 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         Route("/healthz", health),
     ]
     app = Starlette(routes=routes, exception_handlers={
-        BadRequest: bad_request, NotFound: not_found, HTTPException: http_error,
+        BadRequest: bad_request, Gone: gone, NotFound: not_found, HTTPException: http_error,
         Exception: internal})
     app.state.upload_root = upload_root
     app.state.archive = archive
 
-    wrapped = Guard(app, token, max_upload)
+    wrapped = Guard(app, token, max_upload, hosts, body_idle_s=body_idle_s,
+                    body_total_s=body_total_s or max(60.0, float(max_upload_mb)))
     wrapped.state = app.state  # for tests
     wrapped.upload_root = upload_root
     return wrapped

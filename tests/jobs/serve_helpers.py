@@ -80,13 +80,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(app):
-    """A real uvicorn server for ``app`` on 127.0.0.1, stopped on exit; yields its URL."""
+def running(app, **config):
+    """A real uvicorn server for ``app`` on 127.0.0.1, configured as ``deepaudit serve``
+    configures it (``config``: more of :func:`server_config`'s options), stopped on exit;
+    yields its URL."""
     import uvicorn
 
+    from deepaudit.jobs.serve.server import server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -254,7 +254,7 @@ def test_token_on_and_off(out):
     result = runner.invoke(cli, ["serve", str(out), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "--token" in result.output
     result = runner.invoke(cli, ["serve", str(out), "--host", "0.0.0.0", "--token", "short"])
-    assert result.exit_code == 2 and "12 characters" in result.output
+    assert result.exit_code == 2 and "16 characters" in result.output
     result = runner.invoke(cli, ["serve", str(out.parent / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
 

@@ -1,0 +1,138 @@
+"""How ``deepaudit serve`` runs its app on uvicorn, and its private upload folder.
+
+uvicorn times out idle keep-alive connections, but not a client that sends its request
+headers slowly (a slow-loris), and it accepts any number of connections. The protocol
+here adds both: a connection must finish each request's headers within
+``header_timeout_s`` of connecting (or of its previous response), and connections beyond
+``max_connections`` get a 503 and are closed. Forwarded headers (``X-Forwarded-For``)
+are trusted only from the proxies named with ``--forwarded-allow-ips``, never by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5
+MAX_CONNECTIONS = 100
+MAX_HEADER_BYTES = 16 * 1024
+UPLOAD_PREFIX = "deepaudit-serve-"
+PID_FILE = "serve.pid"
+_BUSY_TEXT = b"503: too many connections; try again later\n"
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(_BUSY_TEXT)) + _BUSY_TEXT
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int):
+    """uvicorn's h11 protocol with a request-header deadline and a connection limit."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._cycle_no = 0
+            if len(self.connections) > max_connections:
+                log.warning("serve: over %d connections: refusing one", max_connections)
+                transport.write(BUSY)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(header_timeout_s, self._headers_late, self._cycle_no)
+
+        def _headers_late(self, cycle_no: int) -> None:
+            # Still waiting for the headers of the same request: drop the connection.
+            if cycle_no == self._cycle_no and self.conn.their_state is h11.IDLE \
+                    and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            self._cycle_no += 1
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+    return GuardedH11
+
+
+def server_config(app, host: str = "127.0.0.1", port: int = 8765,
+                  forwarded_allow_ips: str | None = None, verbose: bool = False,
+                  header_timeout_s: float = HEADER_TIMEOUT_S,
+                  max_connections: int = MAX_CONNECTIONS):
+    """The uvicorn configuration ``deepaudit serve`` runs ``app`` with (the tests' too)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="info" if verbose else "warning",
+        access_log=verbose, server_header=False,
+        http=guarded_protocol(header_timeout_s, max_connections),
+        # X-Forwarded-For/-Proto only from the named proxies; uvicorn's default trusts
+        # 127.0.0.1, where every local client (and a rebinding page) comes from.
+        proxy_headers=forwarded_allow_ips is not None,
+        forwarded_allow_ips=forwarded_allow_ips or "",
+        timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_graceful_shutdown=5)
+
+
+# ---------------------------------------------------------------------- upload folder
+
+def make_upload_root() -> str:
+    """A private (0700) temp folder for uploads, marked with this process's id; folders
+    that servers no longer running left behind are removed first."""
+    sweep_upload_roots()
+    root = tempfile.mkdtemp(prefix=UPLOAD_PREFIX)
+    with open(os.path.join(root, PID_FILE), "w") as f:
+        f.write(str(os.getpid()))
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_upload_roots(tmp: str | None = None, legacy_age_s: float = 86400.0) -> list[str]:
+    """Remove this user's ``deepaudit-serve-*`` temp folders whose server is gone: its
+    pid file names no live process, or (no pid file: older versions, a killed media
+    draw) it was last changed a day ago or more. Returns what was removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(UPLOAD_PREFIX):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+            if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+                continue
+            try:
+                with open(os.path.join(path, PID_FILE)) as f:
+                    pid = int(f.read().strip() or "0")
+                stale = pid <= 0 or not _alive(pid)
+            except FileNotFoundError:
+                stale = time.time() - st.st_mtime >= legacy_age_s
+            except ValueError:
+                stale = True
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
