@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from deepaudit.infra.listing import ListingConfig
+from deepaudit.infra.listing import ListingConfig, ListingStats
 from deepaudit.infra.storage import (
     StorageConfig,
     check_writable,
@@ -175,7 +175,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     storage = cfg.storage
     if cfg.address == "local":
         check_device_here(cfg.device)  # a cluster's GPUs are checked once it is joined
-    manifest = read_input(cfg.manifest, storage, cfg.listing)
+    listed = ListingStats()
+    manifest = read_input(cfg.manifest, storage, cfg.listing, listed)
     handle = cfg.resolve_model()
     check_writable(cfg.output, storage, what="--output")
     if cfg.ledger:
@@ -185,6 +186,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
                               run_dir, storage, started_at=started)
     manifest = inc.todo  # the rows this run audits (all of them without a ledger)
+    if on_rows:
+        on_rows(0, manifest.num_rows)  # the progress bar's total, before Ray starts
     evidence: EvidenceConfig | None = None
 
     def file_closed(uri: str, rows: pa.Table) -> None:
@@ -286,6 +289,9 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "plan": asdict(plan) if plan else None,
         "roll": {"rows": cfg.roll_rows, "seconds": cfg.roll_seconds},
         "evidence": _evidence_summary(evidence, cfg, writer),
+        "top_flagged": writer.top_flagged(),
+        # Input the run did not audit: not media (a folder's .txt), or filtered out.
+        "skipped": {"not_media": listed.not_media, "excluded": listed.excluded},
     }
     if interrupted:
         summary["interrupted"] = {
@@ -334,7 +340,8 @@ def _start_cluster(cfg: AuditConfig, handle: ModelHandle) -> tuple[str, float, f
                          "there is one) or --device cpu")
     plan = plan_for_cluster(nodes(), cfg.decode_actors, cfg.classify_actors, cfg.batch_size,
                             cfg.torch_threads, gpu_memory_gb() if gpus >= 1 else None,
-                            input_size=handle.config.input_size)
+                            input_size=handle.config.input_size,
+                            classify_ms_per_frame=handle.cpu_ms_per_frame)
     return where, cpus, gpus, plan
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -44,6 +45,7 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
         ("model", f"{e(summary['model'])}{trained}"),
         ("model quality", _quality_line(summary.get("model_quality"))),
         ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
+        *_skipped_row(summary),
         *_items_row(summary),
         ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),
         ("verdicts", ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())),
@@ -70,12 +72,58 @@ def print_summary(summary: dict, out: Console | None = None) -> None:
     out.print(t)
 
 
+def print_top_flagged(summary: dict, n: int, out: Console | None = None) -> None:
+    """The ``n`` flagged items with the highest p_fake: id, p_fake and evidence path."""
+    top = (summary.get("top_flagged") or [])[:n]
+    if not top:
+        return
+    out = out or Console()
+    t = Table("media_id", "p_fake", "evidence", title=f"top {len(top)} flagged (of "
+              f"{summary['verdicts'].get('fake', 0)})", title_justify="left")
+    for r in top:
+        t.add_row(escape(str(r["media_id"])), f"{r['p_fake']:.3f}",
+                  escape(str(r["evidence"] or "-")))
+    out.print(t)
+
+
+class FailOn(str, Enum):
+    fake = "fake"
+    error = "error"
+    any = "any"
+
+
+# audit's exit codes (README "Auditing an archive"; --fail-on makes the run a gate).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_FLAGGED = 0, 1, 2, 3, 4
+
+
+def exit_code(summary: dict, fail_on: FailOn | None) -> int:
+    """0 done; 1 the run failed; with ``--fail-on``: 4 an item was flagged fake (fake,
+    any), else 3 an item ended in status error (error, any)."""
+    if summary["state"] == "failed":
+        return EXIT_FAILED
+    if fail_on in (FailOn.fake, FailOn.any) and summary["verdicts"].get("fake", 0):
+        return EXIT_FLAGGED
+    if fail_on in (FailOn.error, FailOn.any) and summary["status"].get("error", 0):
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
 def _evidence_line(ev: dict | None) -> str:
     if not ev or not ev.get("enabled"):
         return "off"
     missing = ev["flagged_without_evidence"]
     over = f" ({missing} flagged over the cap)" if missing else ""
     return f"{ev['written']} written to {escape(str(ev['dir']))}{over}"
+
+
+def _skipped_row(summary: dict) -> list[tuple[str, str]]:
+    """Input files the run did not audit: not media, or filtered out by the options."""
+    sk = summary.get("skipped") or {}
+    parts = [f"{sk['not_media']} not media" if sk.get("not_media") else "",
+             f"{sk['excluded']} by --include/--exclude/--media-type" if sk.get("excluded")
+             else ""]
+    parts = [p for p in parts if p]
+    return [("skipped", ", ".join(parts))] if parts else []
 
 
 def _items_row(summary: dict) -> list[tuple[str, str]]:
@@ -88,27 +136,79 @@ def _items_row(summary: dict) -> list[tuple[str, str]]:
     return [("items", ", ".join(f"{k} {items[k]}" for k in keys if k in items))]
 
 
+class RateEta:
+    """Items per second and the time left, measured from the first rows written (Ray's
+    start-up is not part of the rate): shown once a few items or seconds have passed, so
+    the estimate does not jump about on the first batch."""
+
+    def __init__(self, clock=None) -> None:
+        import time
+
+        self.clock = clock or time.monotonic
+        self.first: tuple[float, int] | None = None  # (when, done) of the first rows
+
+    def text(self, done: int, total: int | None) -> str:
+        now = self.clock()
+        if done and self.first is None:
+            self.first = (now, done)
+        if self.first is None:
+            return "starting"
+        t0, d0 = self.first
+        if done - d0 < 3 and now - t0 < 10:
+            return "measuring"
+        rate = (done - d0) / max(now - t0, 1e-6)
+        if rate <= 0:
+            return "0 items/s"
+        left = f", ETA {_clock((total - done) / rate)}" if total and total > done else ""
+        return f"{rate:.2f} items/s{left}"
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _run_with_progress(cfg, show: bool) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
 
     from deepaudit.jobs.audit import run_audit
 
     if not show:
         return run_audit(cfg)
-    with Progress(
+    eta = RateEta()
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(eta.text(int(task.completed), task.total), style="progress.remaining")
+
+    progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        RateColumn(),
         console=console,
         transient=False,
-    ) as progress:
-        task = progress.add_task("auditing", total=None)
+    )
+    task = progress.add_task("auditing", total=None)
 
-        def on_rows(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_rows(done: int, total: int) -> None:
+        if not progress.live.is_started:  # the inputs were read and checked: show the bar
+            progress.start()
+        progress.update(task, completed=done, total=total)
 
+    try:
         return run_audit(cfg, on_rows=on_rows)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 # audit --help panels: short lines that fit 80 columns (details in the README).
@@ -147,6 +247,10 @@ def audit_command(
     exclude: Annotated[
         Optional[list[str]], typer.Option(metavar="GLOB", rich_help_panel=_IN,
                                           help="With a prefix: drop matching keys.")
+    ] = None,
+    media_type: Annotated[
+        Optional[list[str]], typer.Option(metavar="TYPE", rich_help_panel=_IN,
+                                          help="video or image: audit only those.")
     ] = None,
     s3_endpoint: Annotated[
         Optional[str], typer.Option(metavar="URL", rich_help_panel=_IN, callback=check_endpoint,
@@ -233,11 +337,24 @@ def audit_command(
         bool, typer.Option(rich_help_panel=_ADV,
                            help="Rerun items whose worker died, each alone.")
     ] = True,
+    fail_on: Annotated[
+        Optional[FailOn], typer.Option(metavar="KIND", rich_help_panel=_OUT,
+                                       case_sensitive=False,
+                                       help="fake|error|any: exit 4 on a fake, 3 on an "
+                                       "error (default: 0).")
+    ] = None,
+    top: Annotated[
+        int, typer.Option(min=0, max=100, metavar="N", rich_help_panel=_OUT,
+                          help="List the N flagged items with the highest p_fake.")
+    ] = 10,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=_ADV,
                                           help="Log more.")] = False,
 ) -> None:
-    """Audit every item of MANIFEST and write one verdict row per item."""
-    from deepaudit.infra.listing import ListingConfig
+    """Audit every item of MANIFEST and write one verdict row per item.
+
+    Exit code: 0 done, 1 the run failed, 2 usage error; with --fail-on, 4 an item was
+    flagged fake (fake, any), else 3 an item could not be audited (error, any)."""
+    from deepaudit.infra.listing import MEDIA_TYPES, ListingConfig
     from deepaudit.infra.storage import StorageConfig, check_readable, check_writable
     from deepaudit.jobs.audit import AuditConfig
     from deepaudit.jobs.interrupt import AuditInterrupted
@@ -257,7 +374,8 @@ def audit_command(
             retry_lost=retry_lost,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
-            listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ())),
+            listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ()),
+                                  media_types=tuple(media_type or MEDIA_TYPES)),
         )
         if address == "local":
             check_device_here(device)
@@ -283,10 +401,11 @@ def audit_command(
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
         print_summary(summary)
+        print_top_flagged(summary, top)
     if not summary["model_trained"]:
         console.print(
             "[yellow]warning:[/yellow] the model is untrained (no shipped weights were found); "
             "scores are not evidence and verdicts were withheld. Train weights with "
             "'deepaudit train' or pass --model PATH."
         )
-    raise typer.Exit(1 if summary["state"] == "failed" else 0)
+    raise typer.Exit(exit_code(summary, fail_on))

@@ -199,19 +199,25 @@ def is_manifest_file(uri: str) -> bool:
     return uri.lower().endswith(tuple(FORMATS))
 
 
-def read_input(uri: str, storage: StorageConfig, listing=None) -> pa.Table:
+def read_input(uri: str, storage: StorageConfig, listing=None, stats=None) -> pa.Table:
     """What the audit reads: a manifest file, or a folder or an s3:// prefix listed with
     ``listing`` (an :class:`~deepaudit.infra.listing.ListingConfig`; its columns ``size``,
-    ``etag`` and ``mtime`` give the ledger's change keys). Validated like any manifest."""
+    ``etag`` and ``mtime`` give the ledger's change keys). Validated like any manifest.
+    ``stats`` (a :class:`~deepaudit.infra.listing.ListingStats`) gets what was skipped:
+    non-media files of a folder, items of another ``--media-type`` or glob."""
     from deepaudit.pipeline.schema import RESERVED_COLUMNS
 
     manifest = is_manifest_file(uri)
     check_readable(uri, storage, what="manifest" if manifest else "prefix", is_file=manifest)
-    if manifest:
-        return read_manifest(uri, RESERVED_COLUMNS, storage)
     from deepaudit.infra.listing import ListingConfig, ListingStats, listing_table
 
-    stats = ListingStats()
+    stats = stats if stats is not None else ListingStats()  # what was skipped, and why
+    if manifest:
+        table = read_manifest(uri, RESERVED_COLUMNS, storage)
+        kept = _keep_media_types(table, listing, uri)
+        stats.listed, stats.kept = table.num_rows, kept.num_rows
+        stats.excluded = table.num_rows - kept.num_rows
+        return kept
     if not is_s3(uri) and not Path(filesystem_for(uri)[1]).exists():
         raise ManifestError(f"{uri} does not exist: give a manifest (*.csv, *.tsv, *.jsonl, "
                             "*.parquet) or a folder of media")
@@ -226,6 +232,28 @@ def read_input(uri: str, storage: StorageConfig, listing=None) -> pa.Table:
             f"excluded by --include/--exclude, {stats.not_media} not media. Check the prefix "
             "and the globs.")
     return validate_manifest(table, RESERVED_COLUMNS, source=uri)
+
+
+def _keep_media_types(table: pa.Table, listing, source: str) -> pa.Table:
+    """A manifest's rows of ``listing.media_types`` (``audit --media-type``): the type is
+    the manifest's own ``media_type`` column (``deepaudit manifest`` writes one), else the
+    file extension. A row whose type neither tells is kept: it is audited, and its
+    verdict row says what it is."""
+    from deepaudit.infra.listing import MEDIA_TYPES, media_type_by_name
+
+    wanted = set(listing.media_types) if listing is not None else set(MEDIA_TYPES)
+    if wanted >= set(MEDIA_TYPES):
+        return table
+    column = next((c for c in ("manifest_media_type", "media_type") if c in table.column_names),
+                  None)
+    declared = table[column].to_pylist() if column else [None] * table.num_rows
+    keep = [(str(t).lower() if t else media_type_by_name(u)) in wanted | {None}
+            for t, u in zip(declared, table["uri"].to_pylist())]
+    kept = table.filter(pa.array(keep, pa.bool_()))
+    if kept.num_rows == 0:
+        raise ManifestError(f"{source} has no {' or '.join(sorted(wanted))} items "
+                            f"(--media-type): {table.num_rows} rows, none of that type")
+    return kept
 
 
 # The ``label`` column's words (any case); anything else is unlabelled.

@@ -8,6 +8,7 @@ row the pipeline failed to return: rows out always equal rows in.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
@@ -52,6 +54,8 @@ ROW_GROUP_ROWS = 1024
 # Roll defaults (AuditConfig.roll_rows / roll_seconds); see docs/robustness.md.
 ROLL_ROWS = 1_000
 ROLL_SECONDS = 60.0
+# Flagged items the run summary keeps, highest p_fake first (audit --top shows some).
+TOP_FLAGGED = 100
 
 
 class VerdictWriter:
@@ -93,6 +97,7 @@ class VerdictWriter:
         self.verdicts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.evidence_written = 0
+        self._top: list[tuple[float, str, str | None]] = []  # a min-heap of the top fakes
         self.files: list[str] = []
         self._writer: pq.ParquetWriter | None = None
         self._sink = None
@@ -176,6 +181,19 @@ class VerdictWriter:
             if status == STATUS_ERROR and err:
                 self.errors[err.split(":", 1)[0]] += 1
         self.evidence_written += table.num_rows - table.column("evidence").null_count
+        fakes = table.filter(pc.equal(table.column("verdict"), "fake"))
+        for r in fakes.select(["media_id", "p_fake", "evidence"]).to_pylist():
+            item = (r["p_fake"] or 0.0, r["media_id"], r["evidence"])
+            if len(self._top) < TOP_FLAGGED:
+                heapq.heappush(self._top, item)
+            else:
+                heapq.heappushpop(self._top, item)
+
+    def top_flagged(self, n: int = TOP_FLAGGED) -> list[dict]:
+        """The ``n`` (at most :data:`TOP_FLAGGED`) flagged items with the highest p_fake."""
+        with self._lock:
+            best = sorted(self._top, key=lambda t: (-t[0], t[1]))[:n]
+        return [{"media_id": m, "p_fake": p, "evidence": e} for p, m, e in best]
 
     def _open(self) -> None:
         name = f"verdicts-{len(self.files):05d}.parquet"
