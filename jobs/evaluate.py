@@ -352,7 +352,7 @@ def evaluate_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from deepaudit.jobs.logs import setup_logging
+    from deepaudit.jobs.logs import print_table, setup_logging
     from deepaudit.pipeline.manifest import ManifestError
 
     setup_logging(verbose)
@@ -394,7 +394,7 @@ def evaluate_command(
     groups = sorted(result["by_group"].items(), key=lambda kv: -kv[1]["scored"])
     for k, g in groups[:MAX_PRINTED_GROUPS]:
         add(f"{result['group_column']}={k}", g["metrics"])
-    Console().print(t)
+    print_table(t)
     if len(groups) > MAX_PRINTED_GROUPS:
         console.print(f"{len(groups) - MAX_PRINTED_GROUPS} more groups in metrics.json")
     c = result["counts"]
@@ -410,7 +410,7 @@ def evaluate_command(
         for name, v in rob["by_perturbation"].items():
             change = "" if name == "none" or v["delta_auc"] is None else f"{v['delta_auc']:+.3f}"
             rt.add_row(escape(name), f(v["roc_auc"]), change, f(v["recall"]), f(v["fpr"]))
-        Console().print(rt)
+        print_table(rt)
     if "calibration" in result:
         cal = result["calibration"]
         console.print(f"calibrated threshold {cal['threshold']:.6f} (FPR {cal['achieved_fpr']:.3f}"

@@ -28,7 +28,9 @@ import typer
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from rich.console import Console
 from rich.markup import escape
+from rich.style import Style
 from rich.table import Table
+from rich.text import Text
 
 from deepaudit.infra.storage import (
     StorageConfig,
@@ -175,6 +177,21 @@ def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa
         con.close()
 
 
+def _cell(value, budget: int) -> Text:
+    """A table cell. A path or URI longer than ``budget`` keeps its end (the file name)
+    behind a leading '…', and links to the whole value (a terminal shows it on hover).
+    Values are plain Text, never markup: they come from media and users."""
+    if value is None:
+        return Text("")
+    if isinstance(value, float):
+        return Text(f"{value:.4g}")
+    text = str(value)
+    if len(text) > budget and ("/" in text or "\\" in text) and "\n" not in text:
+        target = text if "://" in text else f"file://{text}" if text.startswith("/") else None
+        return Text("…" + text[-(budget - 1):], style=Style(link=target) if target else "")
+    return Text(text)
+
+
 class OutputFormat(str, Enum):
     table = "table"
     csv = "csv"
@@ -219,11 +236,17 @@ def query_command(
         for row in result.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     else:
-        # Values come from media and users: escape them, or rich reads "[...]" as markup.
+        width = max(120, Console().width)
+        budget = max(24, (width - 3 * max(1, result.num_columns)) // max(1, result.num_columns))
         t = Table(*(escape(c) for c in result.column_names))
+        cut = 0
         for row in result.slice(0, limit).to_pylist():
-            t.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float)
-                        else escape(str(v)) for v in row.values()))
-        Console(width=max(120, Console().width)).print(t)
+            cells = [_cell(v, budget) for v in row.values()]
+            cut += sum(c.plain.startswith("…") for c in cells)
+            t.add_row(*cells)
+        Console(width=width).print(t)
         if result.num_rows > limit:
             err.print(f"{result.num_rows - limit} more rows (raise --limit, or --format csv)")
+        if cut:
+            err.print("long paths are cut at the start to keep the file name (the full path "
+                      "is the link target); --format csv prints them whole")
