@@ -22,7 +22,9 @@ app = typer.Typer(
         "Audit media archives for deepfakes. A Ray Data job: FFmpeg samples frames, "
         "RetinaFace crops faces on CPU actors, a CNN-LSTM (EfficientNet-Lite0 by default) "
         "scores each video on GPU actors (CPU when there is none); one verdict row per "
-        "input lands in Parquet."
+        "input lands in Parquet.\n\n"
+        "New here? Run 'deepaudit demo' first (it builds a small archive and audits it), "
+        "then 'deepaudit check FILE' on a file of your own."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
