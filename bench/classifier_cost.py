@@ -4,10 +4,13 @@ Each model scores the same batches of face crops through the audit's own ``Class
 (trunk on batched crops, then the LSTM per video), with the torch threads the audit plan
 gives a CPU classifier. Models take turns, round by round, so drift on a noisy machine
 falls on all of them; the line reports medians, and each model's cost as a ratio of the
-first model's. Prints one JSON line; ``--record`` appends it, with date, commit and
-machine, to ``bench/results/classifier_cost.jsonl``.
+first model's. Each detector branch is also timed alone, per crop, at one thread
+(``branch_ms_per_crop``). Prints one JSON line; ``--record`` appends it, with date,
+commit and machine, to ``bench/results/classifier_cost.jsonl``; ``--write-card`` stores
+the first model's ``cost`` (single-thread CPU ms per sampled frame, per branch) in its
+card, where the audit's actor plan reads it.
 
-    python bench/classifier_cost.py resnext_lstm effnet_lite0_lstm
+    python bench/classifier_cost.py effnet_lite0_lstm clip_effnet_fused --threads 1
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main(
     sizes: Annotated[str, typer.Option(help="Crop size per model, comma-separated "
                                             "(default: each card's).")] = "",
     record: Annotated[bool, typer.Option(help="Append the line to bench/results/.")] = False,
+    write_card: Annotated[bool, typer.Option(
+        help="Write the first model's measured cost into its card (a .json path).")] = False,
 ) -> None:
     import pyarrow as pa
 
@@ -65,19 +70,68 @@ def main(
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
             assert isinstance(out, pa.Table) and out.num_rows == videos
-    result = {"videos": videos, "frames": frames, "rounds": rounds, "models": []}
+    result = {"videos": videos, "frames": frames, "rounds": rounds, "threads": threads,
+              "models": []}
     base = None
-    for h, size, w, c in zip(handles, size_list, wall, cpu):
+    for h, stage, size, w, c in zip(handles, stages, size_list, wall, cpu):
         ms = float(np.median(w)) / (videos * frames) * 1e3
         base = base or ms
+        branches = branch_costs(stage.model, size, frames, rounds)
         result["models"].append({
             "model": h.model_id, "input_size": size, "ms_per_crop": round(ms, 2),
             "cpu_s_per_video": round(float(np.median(c)) / videos, 3),
-            "ratio_to_first": round(ms / base, 3)})
+            "ratio_to_first": round(ms / base, 3), **branches})
     line = json.dumps(result)
     print(line)
     if record:
         append_record(Path(__file__).parent / "results" / "classifier_cost.jsonl", result)
+    if write_card:
+        write_cost(models[0], result["models"][0], frames)
+
+
+def branch_costs(model, size: int, frames: int, rounds: int) -> dict:
+    """Single-thread ms per crop of each branch, and the CPU ms per sampled frame the
+    detector costs with ``frames`` frames per video (the CLIP branch scores only
+    ``clip_frames`` of them on CPU)."""
+    import torch
+
+    crops = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (4, size, size, 3),
+                                                                np.uint8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings = {"cnn": lambda: (model.cnn if hasattr(model, "cnn") else model).raw_scores(
+            crops, [len(crops)], 16)}
+        if hasattr(model, "clip_logits"):
+            timings["clip"] = lambda: model.clip_logits(crops)
+        out = {}
+        for name, fn in timings.items():
+            fn()  # warm-up
+            runs = []
+            for _ in range(max(1, rounds // 2)):
+                t0 = time.process_time()
+                fn()
+                runs.append((time.process_time() - t0) / len(crops) * 1e3)
+            out[name] = round(float(np.median(runs)), 1)
+    finally:
+        torch.set_num_threads(before)
+    k = getattr(model, "clip_frames", None)
+    per_frame = out["cnn"] + (out["clip"] * min(k or frames, frames) / frames
+                              if "clip" in out else 0.0)
+    return {"branch_ms_per_crop": out, "cpu_ms_per_frame": round(per_frame, 1)}
+
+
+def write_cost(card_path: str, measured: dict, frames: int) -> None:
+    from datetime import datetime, timezone
+
+    path = Path(card_path).with_suffix(".json")
+    card = json.loads(path.read_text())
+    card["cost"] = {"cpu_ms_per_frame": measured["cpu_ms_per_frame"],
+                    "branch_ms_per_crop": measured["branch_ms_per_crop"],
+                    "frames": frames, "threads": 1,
+                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "by": "bench/classifier_cost.py (process CPU time, one torch thread)"}
+    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ def save_checkpoint(
         "dtype": dtype,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "num_params": sum(p.numel() for p in model.parameters()),
+        # Each branch's crop preprocessing (size, resize, mean, std): the detector contract.
+        "preprocess": {k: v.to_dict() for k, v in model.preprocessing().items()}
+        if hasattr(model, "preprocessing") else None,
         "training_data": training_data,
         "metrics": metrics,
         "notes": notes,
@@ -136,6 +139,12 @@ class ModelHandle:
     def model_id(self) -> str:
         """``name@<first 12 hex of the weights' sha256>``, or ``name@untrained``."""
         return f"{self.name}@{self.sha256[:12]}" if self.sha256 else f"{self.name}@untrained"
+
+    @property
+    def cpu_ms_per_frame(self) -> float | None:
+        """The classifier's measured single-thread CPU cost per sampled frame (the card's
+        ``cost``, from bench/classifier_cost.py), or None when never measured."""
+        return ((self.card or {}).get("cost") or {}).get("cpu_ms_per_frame")
 
     @property
     def quality(self) -> dict[str, Any]:

@@ -4,19 +4,26 @@ The trunk is any module with ``feat_dim``, ``forward`` (pooled ``[N, feat_dim]``
 features), ``forward_features`` (the spatial map Grad-CAM reads) and
 ``frozen_modules(level)`` (what ``train --freeze`` fixes): ResNeXt or EfficientNet-Lite.
 
-Inference code calls the pieces separately (``frame_features`` on batches of crops from
-many videos, then ``frame_logits`` and ``sequence_logits`` on the regrouped features);
-``forward`` chains them for training on ``[B, T, 3, H, W]`` clips.
+Inference goes through the detector contract (:mod:`deepaudit.models.detector`):
+``score`` runs ``frame_features`` on chunks of crops from many videos, then
+``frame_logits`` and ``sequence_logits`` on the regrouped features; ``forward`` chains
+them for training on ``[B, T, 3, H, W]`` clips.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+
+from deepaudit.models.detector import DetectorMixin, Scores
+from deepaudit.models.preprocess import BranchPreprocess
 
 
-class CNNLSTM(nn.Module):
+class CNNLSTM(DetectorMixin, nn.Module):
     """A CNN backbone, an LSTM over frame features, and two logit heads.
 
     ``frame_head`` scores each frame from its CNN features; ``video_head`` scores a video
@@ -80,3 +87,52 @@ class CNNLSTM(nn.Module):
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.int64)
         return self.sequence_logits(features, lengths), self.frame_logits(features)
+
+    # The detector contract (models/detector.py).
+
+    cam_method = "Grad-CAM on the CNN trunk's last feature map"
+
+    def preprocessing(self) -> dict[str, BranchPreprocess]:
+        cfg = self.config
+        return {"cnn": BranchPreprocess(size=cfg.input_size, resize="bilinear",
+                                        mean=tuple(cfg.mean), std=tuple(cfg.std))}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"trunk": list(self.backbone.parameters()),
+                "frame_head": list(self.frame_head.parameters()),
+                "sequence_head": list(self.lstm.parameters()) + list(self.video_head.parameters())}
+
+    def _normaliser(self, device: torch.device):
+        cached = getattr(self, "_norm", None)
+        if cached is None or cached.device != device:
+            cached = self.preprocessing()["cnn"].normaliser(device)
+            object.__setattr__(self, "_norm", cached)
+        return cached
+
+    def normalise(self, crops: Tensor) -> Tensor:
+        """Uint8 crops ``[N, S, S, 3]`` -> this model's input on its device."""
+        return self._normaliser(next(self.parameters()).device)(crops)
+
+    def raw_scores(self, crops: Tensor, lengths: Sequence[int], chunk: int = 64) -> Scores:
+        device = next(self.parameters()).device
+        with torch.inference_mode(), torch.autocast(
+                "cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            feats = torch.cat([self.frame_features(self.normalise(c)).float()
+                               for c in crops.split(chunk)])
+            frame_p = torch.sigmoid(self.frame_logits(feats).float()).cpu().numpy()
+            padded = pad_sequence(list(feats.split(list(lengths))), batch_first=True)
+            lens = torch.tensor(list(lengths), dtype=torch.int64)
+            video_p = torch.sigmoid(self.sequence_logits(padded, lens).float()).cpu().numpy()
+        p = video_p.astype(np.float64)
+        return Scores(video_p=p, frame_p=frame_p.astype(np.float64),
+                      head=["sequence"] * len(lengths), branch_p={"cnn": p.copy()},
+                      cam_features=feats)
+
+    def explain(self, features: Tensor, lengths: Sequence[int],
+                positions: Sequence[Sequence[int]], crops: np.ndarray) -> list:
+        """Grad-CAM of the picked frames: ``features`` are the items' rows of
+        ``Scores.cam_features``, ``crops`` the picked frames' uint8 crops, in order."""
+        from deepaudit.models.gradcam import explain_from_features
+
+        return explain_from_features(self, features, lengths, positions,
+                                     self.normalise(torch.from_numpy(np.ascontiguousarray(crops))))

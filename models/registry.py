@@ -14,6 +14,8 @@ from torch import nn
 
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.efficientnet_lite import EfficientNetLite
+from deepaudit.models.fused import FusedDetector
+from deepaudit.models.preprocess import BranchPreprocess
 from deepaudit.models.resnext import ResNeXt
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +36,8 @@ def check_threshold(threshold: float) -> float:
 @dataclass(frozen=True)
 class ModelConfig:
     """What a model needs around it: its builder name and arguments, the crop size and
-    normalisation it expects, frames sampled per video, and the fake/real threshold."""
+    normalisation it expects, frames sampled per video, the fake/real threshold and the
+    calibration of its scores."""
 
     arch: str
     input_size: int
@@ -43,9 +46,16 @@ class ModelConfig:
     frames: int
     threshold: float
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Raw score -> calibrated p_fake, as piecewise-linear knots (x, y) fitted on
+    # validation data (models.detector.fit_calibration); None: scores are used as they are.
+    calibration: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        if self.calibration is not None:
+            x, y = self.calibration
+            if len(x) != len(y) or len(x) < 2 or list(x) != sorted(x) or list(y) != sorted(y):
+                raise ValueError("calibration must be two increasing sequences of equal length")
 
     def with_threshold(self, threshold: float | None) -> ModelConfig:
         """This config with another decision threshold (``None``: unchanged)."""
@@ -228,3 +238,36 @@ def _build_effnet_lstm(
     backbone = EfficientNetLite(variant, width=width, depth=depth, head_channels=head_channels)
     return CNNLSTM(backbone, hidden_size=hidden_size, num_layers=num_layers,
                    bidirectional=bidirectional, dropout=dropout)
+
+
+def _fused_config(name: str, input_size: int, cnn_size: int, frames: int = 16,
+                  **cnn: Any) -> ModelConfig:
+    return ModelConfig(
+        arch=name, input_size=input_size, mean=HALF, std=HALF, frames=frames, threshold=0.5,
+        arch_kwargs=dict(variant=0, width=None, depth=None, head_channels=1280,
+                         hidden_size=128, num_layers=1, bidirectional=False, dropout=0.3,
+                         cnn_size=cnn_size, blocks=(12,), clip_frames=4, **cnn),
+    )
+
+
+# The fused default: the EfficientNet-Lite0 CNN-LSTM (192 px, resized from the 224 px
+# crop) + a probe on the float CLIP ViT-B/16 tower. Crops are cut at CLIP's 224 px.
+@register_model("clip_effnet_fused", _fused_config("clip_effnet_fused", 224, 192))
+@register_model(
+    "clip_fused_tiny",  # the tiny CNN under the same CLIP tower: for tests
+    replace(_fused_config("clip_fused_tiny", 64, 64, frames=8),
+            arch_kwargs=dict(variant=0, width=0.25, depth=0.34, head_channels=64,
+                             hidden_size=16, num_layers=1, bidirectional=False, dropout=0.3,
+                             cnn_size=64, blocks=(12,), clip_frames=2)),
+)
+def _build_fused(*, variant: int, width: float | None, depth: float | None,
+                 head_channels: int, hidden_size: int, num_layers: int, bidirectional: bool,
+                 dropout: float, cnn_size: int, blocks: tuple[int, ...],
+                 clip_frames: int | None) -> FusedDetector:
+    """CNN-LSTM branch (EfficientNet-Lite trunk) + CLIP probe branch."""
+    cnn = _build_effnet_lstm(variant=variant, width=width, depth=depth,
+                             head_channels=head_channels, hidden_size=hidden_size,
+                             num_layers=num_layers, bidirectional=bidirectional,
+                             dropout=dropout)
+    pre = BranchPreprocess(size=cnn_size, resize="bilinear", mean=HALF, std=HALF)
+    return FusedDetector(cnn, pre, blocks=blocks, clip_frames=clip_frames)

@@ -258,14 +258,14 @@ def render_strip(
 class EvidenceBuilder:
     """Grad-CAM evidence for flagged rows, inside a classifier actor.
 
-    ``prepare`` turns uint8 crops ``[k, H, W, 3]`` into the model's normalised input on
-    its device (the classifier's own preprocessing). Writes at most ``max_items`` items
-    over the builder's life; rows past the cap, or whose evidence fails, keep
-    ``evidence`` null (a failure is logged, never fails the row).
+    ``model`` is a detector (:mod:`deepaudit.models.detector`): its ``explain`` maps the
+    picked frames from their uint8 crops and the features its ``score`` kept. Writes at
+    most ``max_items`` items over the builder's life; rows past the cap, or whose
+    evidence fails, keep ``evidence`` null (a failure is logged, never fails the row).
     """
 
-    def __init__(self, config: EvidenceConfig, model, prepare, autocast) -> None:
-        self.config, self.model, self.prepare, self.autocast = config, model, prepare, autocast
+    def __init__(self, config: EvidenceConfig, model, autocast) -> None:
+        self.config, self.model, self.autocast = config, model, autocast
         self.writer = EvidenceWriter(config.root, config.storage, config.staging)
         self.written = 0
         self.failed = 0
@@ -277,8 +277,6 @@ class EvidenceBuilder:
         """``rows[j]`` was scored from crops ``arrays[j]`` and pooled features
         ``features[offset_j : offset_j + lengths[j]]``. Sets ``row['evidence']`` on the
         flagged rows it explains."""
-        from deepaudit.models.gradcam import explain_from_features
-
         flagged = [j for j, r in enumerate(rows) if r.get("verdict") == "fake"]
         flagged = flagged[: self.remaining()]
         if not flagged:
@@ -290,10 +288,8 @@ class EvidenceBuilder:
         import torch
 
         with self.autocast():
-            maps = explain_from_features(
-                self.model, torch.cat(feats), [lengths[j] for j in flagged], positions,
-                self.prepare(picked),
-            )
+            maps = self.model.explain(torch.cat(feats), [lengths[j] for j in flagged],
+                                      positions, picked)
         for j, pos, ex in zip(flagged, positions, maps):
             row = rows[j]
             try:
@@ -327,7 +323,7 @@ class EvidenceBuilder:
             "media_id": row["media_id"], "uri": row.get("uri"), "run_id": cfg.run_id,
             "verdict": row["verdict"], "p_fake": row["p_fake"], "threshold": row["threshold"],
             "model": row.get("model"), "strip": uri,
-            "method": "Grad-CAM on backbone.layer4; mask = video-score map >= "
+            "method": f"{self.model.cam_method}; mask = video-score map >= "
                       f"{cfg.mask_threshold:g} x its max (a localisation, not a segmentation)",
             "columns": list(COLUMNS), "frames": frames,
         }

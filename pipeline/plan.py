@@ -49,8 +49,10 @@ class StagePlan:
         return self.decode_actors * self.decode_cpus + self.classify_actors * self.classify_cpus
 
 
-# Single-threaded CPU cost per frame of decode + RetinaFace + crop, and of the classifier
-# per 224 px crop (scaled by the crop's area); docs/design.md, "The actor plan".
+# Single-threaded CPU cost per frame of decode + RetinaFace + crop; docs/design.md, "The
+# actor plan". The classifier's cost per frame comes from its model card
+# (``cost.cpu_ms_per_frame``, written by bench/classifier_cost.py); cards without one
+# fall back to the old ResNeXt50 estimate per 224 px crop, scaled by the crop's area.
 DECODE_MS_PER_FRAME = 62.0
 CLASSIFY_MS_PER_CROP_224 = 206.0
 
@@ -60,9 +62,9 @@ CLASSIFY_MS_PER_CROP_224 = 206.0
 CPU_CROP_BATCH = 16
 
 
-def classify_share(input_size: int) -> float:
+def classify_share(input_size: int, classify_ms_per_frame: float | None = None) -> float:
     """Estimated fraction of a video's CPU time spent in the classifier on CPU."""
-    cls = CLASSIFY_MS_PER_CROP_224 * (input_size / 224.0) ** 2
+    cls = classify_ms_per_frame or CLASSIFY_MS_PER_CROP_224 * (input_size / 224.0) ** 2
     return cls / (cls + DECODE_MS_PER_FRAME)
 
 
@@ -85,6 +87,7 @@ def plan_stages(
     batch_size: int | None = None,
     torch_threads: int | None = None,
     input_size: int = 224,
+    classify_ms_per_frame: float | None = None,
 ) -> StagePlan:
     """Defaults from the cluster's resources; explicit counts win.
 
@@ -107,7 +110,7 @@ def plan_stages(
         dec_cpus = min(1.0, max(cpus - n_cls - 0.5, 0.5) / n_dec)
         return StagePlan(n_dec, dec_cpus, n_cls, 1.0, 1.0, batch_size or 16, 1)
     total = max(2, math.floor(cpus) + 1)
-    share = classify_share(input_size)
+    share = classify_share(input_size, classify_ms_per_frame)
     if classify_actors is None and decode_actors is None:
         n_cls = min(total - 1, max(1, round(total * share)))
         n_dec = total - n_cls
@@ -160,6 +163,7 @@ def plan_for_cluster(
     torch_threads: int | None = None,
     gpu_memory_gb: float | None = None,
     input_size: int = 224,
+    classify_ms_per_frame: float | None = None,
 ) -> StagePlan:
     """The plan for a cluster of ``nodes``: every actor must fit on one node.
 
@@ -178,7 +182,7 @@ def plan_for_cluster(
     batch, crop_batch = gpu_batch_sizes(gpu_memory_gb)
     if len(nodes) <= 1:
         plan = plan_stages(total_cpus, total_gpus, decode_actors, classify_actors, batch_size,
-                           torch_threads, input_size)
+                           torch_threads, input_size, classify_ms_per_frame)
         if total_gpus >= 1:
             from dataclasses import replace
 
@@ -192,7 +196,8 @@ def plan_for_cluster(
         n_dec = decode_actors or max(1, sum(math.floor(f / dec_cpus) for f in free) - 1)
         return StagePlan(n_dec, dec_cpus, classify_actors or total_gpus, cls_cpus, 1.0,
                          batch_size or batch, 1, crop_batch)
-    subs = [plan_stages(n.cpus, 0.0, input_size=input_size) for n in nodes]
+    subs = [plan_stages(n.cpus, 0.0, input_size=input_size,
+                        classify_ms_per_frame=classify_ms_per_frame) for n in nodes]
     dec_cpus = min(p.decode_cpus for p in subs)
     # One pool, one reservation and one thread count: the smallest node's per-thread share.
     calls = 1 if classify_actors else min(p.classify_calls for p in subs)

@@ -5,8 +5,8 @@
   decoder garbage; see :func:`~deepaudit.pipeline.media.decode_sampled`) → RetinaFace →
   most prominent face per frame → aligned crop. Only uint8 crops and metadata leave it.
 * :class:`ClassifyStage` (GPU actors, CPU when there is none): crops from every video in
-  the batch go through the CNN trunk together, then each video's sequence goes
-  through the LSTM head.
+  the batch go through the detector's one inference call (``model.score``, see
+  :mod:`deepaudit.models.detector`) together.
 
 No Ray here: :mod:`deepaudit.pipeline.dataset` wires both stages into Ray Data.
 
@@ -29,7 +29,6 @@ import pyarrow as pa
 from deepaudit.infra.storage import StorageConfig, redact
 from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
 from deepaudit.models.perturb import Perturbation, apply_perturbation
-from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
 from deepaudit.pipeline.media import (
@@ -216,7 +215,6 @@ class ClassifyStage:
         self.model = model.to(memory_format=torch.channels_last).eval()
         cfg = handle.config
         self.size = cfg.input_size
-        self.normalise = CropNormaliser(cfg, self.device)
         self.threshold = float(cfg.threshold)
         self.perturbation = Perturbation.parse(config.perturb or "none")
         self.evidence = self._evidence_builder(evidence)
@@ -245,9 +243,8 @@ class ClassifyStage:
         return table_from_rows(rows, STAGE_VERDICT_SCHEMA)
 
     def _score(self, rows: list[dict], todo: list[int], crops: pa.ChunkedArray) -> tuple:
-        """Score ``rows[todo]`` in place; return ``(arrays, feats, lengths)``: each row's
-        uint8 crops and the pooled features of them all, for the evidence step."""
-        torch = self.torch
+        """Score ``rows[todo]`` in place through the detector contract
+        (``model.score``); return ``(arrays, scores, lengths)`` for the evidence step."""
         t0 = time.perf_counter()
         arrays, lengths = [], []
         for i in todo:
@@ -259,24 +256,15 @@ class ClassifyStage:
                 arr = np.stack([apply_perturbation(c, self.perturbation) for c in arr])
             arrays.append(arr)
             lengths.append(n)
-        with torch.inference_mode(), torch.autocast(
-            "cuda", dtype=torch.float16, enabled=self.device.type == "cuda"
-        ):
-            x = torch.from_numpy(np.concatenate(arrays))
-            feats = [self.model.frame_features(self.normalise(chunk)).float()
-                     for chunk in x.split(self.config.crop_batch)]
-            feats = torch.cat(feats)
-            frame_p = torch.sigmoid(self.model.frame_logits(feats).float()).cpu().numpy()
-            per_video = feats.split(lengths)
-            padded = torch.nn.utils.rnn.pad_sequence(list(per_video), batch_first=True)
-            lens = torch.tensor(lengths, dtype=torch.int64)
-            video_p = torch.sigmoid(self.model.sequence_logits(padded, lens).float()).cpu().numpy()
+        scores = self.model.score(np.concatenate(arrays), lengths, self.config.crop_batch)
+        video_p, frame_p = scores.video_p, scores.frame_p
         ms = (time.perf_counter() - t0) * 1e3 / len(todo)
         offsets = np.cumsum([0] + lengths)
         for k, i in enumerate(todo):
             p = float(video_p[k])
             row = rows[i]
             row["classify_ms"] = ms
+            row["score_head"] = scores.head[k]
             row["frame_p_fake"] = [float(v) for v in frame_p[offsets[k] : offsets[k + 1]]]
             if not math.isfinite(p):
                 row.update(status=STATUS_ERROR, error="classify_failed: non-finite score")
@@ -288,7 +276,7 @@ class ClassifyStage:
             else:
                 row["verdict"] = None  # an untrained model's score is no verdict
                 row["error"] = "untrained_model: score withheld from verdict"
-        return arrays, feats, lengths
+        return arrays, scores, lengths
 
     # Evidence (issue 5): Grad-CAM only for rows flagged fake, after the normal pass.
 
@@ -300,9 +288,9 @@ class ClassifyStage:
         def autocast():
             return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
 
-        return EvidenceBuilder(evidence, self.model, self.normalise, autocast)
+        return EvidenceBuilder(evidence, self.model, autocast)
 
-    def _add_evidence(self, rows: list[dict], todo: list[int], arrays, feats, lengths) -> None:
+    def _add_evidence(self, rows: list[dict], todo: list[int], arrays, scores, lengths) -> None:
         """Evidence for the flagged rows among ``todo``; never on the normal path (a batch
         with no fake verdict returns at once) and never fails a row."""
         if self.evidence is None or not self.evidence.remaining():
@@ -312,7 +300,7 @@ class ClassifyStage:
             return
         with self._evidence_lock:
             try:
-                self.evidence.add(scored, arrays, feats, lengths)
+                self.evidence.add(scored, arrays, scores.cam_features, lengths)
             except Exception as exc:
                 self.evidence.failed += 1
                 _internal_error(exc)

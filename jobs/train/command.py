@@ -142,6 +142,10 @@ def _resume_check(out: Path, run_dir: str, record: dict, cfg: TrainConfig, stora
 
 def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) -> dict:
     """Run one training job (see the module docstring) and return its summary."""
+    from deepaudit.jobs.train.fused import is_fused, run_fused
+
+    if is_fused(cfg.model):
+        return run_fused(cfg, on_event)
     import pyarrow.compute as pc
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -390,6 +394,8 @@ class ProgressPrinter:
                 self._bar("extracting face crops", ev["total"], ev["done"])
             elif kind == "features":
                 self._bar("phase 2: frame features", ev["total"], ev["done"])
+            elif kind == "clip":
+                self._bar(f"CLIP features ({ev['what']} items)", None, ev["done"])
             elif kind in ("start", "step"):
                 if kind == "start":
                     self.epochs = ev["epochs"]
@@ -605,4 +611,4 @@ def train_command(
         console.print(f"weights: {summary['weights']}\ncard:    {summary['card']}\n"
                       f"validation: {summary['val_items']} items, AUC "
                       f"{'n/a' if auc is None else f'{auc:.4f}'}, accuracy "
-                      f"{summary['val_accuracy']}")
+                      f"{summary.get('val_accuracy', 'n/a')}")

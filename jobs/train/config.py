@@ -72,6 +72,14 @@ class TrainConfig:
     exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
     exclude_from_training: tuple[str, ...] = ()  # the same rules, training split only
     recipe_file: str | None = None  # the --config file this run came from
+    # Fused detectors only (recipe keys; jobs/train/fused.py): the CNN branch's trained
+    # checkpoint, the CLIP probe's blocks, L2 penalty and items per source and label, and
+    # the CLIP frames per video on CPU.
+    cnn_from: str | None = None
+    clip_blocks: tuple[int, ...] | None = None
+    clip_l2: float = 1e-3
+    clip_max_per_source: int | None = None
+    clip_frames: int | None = None
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import check_threshold, list_models
@@ -135,6 +143,14 @@ class TrainConfig:
         if self.output.startswith(("s3://", "s3a://")):
             bad("--output must be a local folder (weights and card are written there); "
                 "use --checkpoint-storage s3://... for checkpoints on a cluster")
+        if self.clip_l2 < 0:
+            bad(f"clip_l2 must be >= 0, got {self.clip_l2}")
+        if self.clip_frames is not None and self.clip_frames < 1:
+            bad(f"clip_frames must be >= 1, got {self.clip_frames}")
+        if self.clip_max_per_source is not None and self.clip_max_per_source < 1:
+            bad(f"clip_max_per_source must be >= 1, got {self.clip_max_per_source}")
+        if self.clip_blocks is not None and any(not 1 <= b <= 12 for b in self.clip_blocks):
+            bad(f"clip_blocks must be CLIP blocks 1..12, got {list(self.clip_blocks)}")
         self.split_config()  # validates
 
     def split_config(self):

@@ -1,0 +1,147 @@
+"""Frozen CLIP features of cached training crops: the input of the CLIP branch's probe.
+
+The CLIP tower is frozen, so each crop is embedded once and the features are cached
+(``<cache>/clip_features/<key>.npz``); probes, leave-one-source-out runs and the fused
+recipe then cost seconds. Per crop we keep the CLS token after every block (12 x 768,
+float16): probes on intermediate blocks carry low-level cues the last block loses.
+
+Views of a training crop (all seeded, so a rebuild gives the same bank):
+
+* ``orig``: the crop after one JPEG round trip at a random quality, which removes the
+  file-format tell of the PNG-only fakes (the training collection's README, confound 1);
+* ``sbi``: for real crops, a self-blended fake of the same face (also re-encoded), so
+  every real source appears as fake too and "looks like source X" carries no label.
+
+Evaluation crops (``augment=False``) are embedded as they are, or after a fixed
+perturbation (``perturb="jpeg:50"``) for the robustness figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from deepaudit.models.augment import jpeg_roundtrip
+from deepaudit.models.clip_vit import CONVERTED_SHA256, LAYERS, cache_dir
+from deepaudit.models.perturb import Perturbation, apply_perturbation
+from deepaudit.models.sbi import self_blend
+
+log = logging.getLogger(__name__)
+BANK_FORMAT = "deepaudit-clip-bank/1"
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    frames: int = 8  # crops embedded per video, evenly spaced over the cached ones
+    augment: bool = True  # training views (JPEG re-encode, SBI of reals)
+    sbi_frames: int = 4  # SBI views per real video (each real image gets one)
+    jpeg_min: int = 60
+    jpeg_max: int = 95
+    perturb: str | None = None  # evaluation only: e.g. "jpeg:50"
+    seed: int = 0
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` positions spread over ``range(n)`` (all of them when ``n <= k``)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+
+def bank_key(crop_key: str, cfg: BankConfig) -> str:
+    blob = json.dumps({"format": BANK_FORMAT, "crops": crop_key, "cfg": asdict(cfg),
+                       "tower": CONVERTED_SHA256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def bank_path(crop_key: str, cfg: BankConfig):
+    return cache_dir() / "clip_features" / f"{bank_key(crop_key, cfg)}.npz"
+
+
+def _read(path) -> tuple[list[dict], np.ndarray]:
+    if not path.is_file():
+        return [], np.zeros((0, LAYERS, 768), np.float16)
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"])), z["cls"]
+
+
+def _views(items: list[dict], crops: dict, cfg: BankConfig):
+    """Yield ``(row_meta, crop)`` for every view of every item; an item's views depend
+    only on the seed and its key, so any subset embeds the same."""
+    perturbation = Perturbation.parse(cfg.perturb) if cfg.perturb else None
+    for item in items:
+        digest = hashlib.sha256(item["item_key"].encode()).digest()
+        rng = np.random.default_rng([cfg.seed, int.from_bytes(digest[:8], "little")])
+        arr, _ = crops[item["item_key"]]
+        positions = evenly_spaced(len(arr), cfg.frames)
+        sbi_positions = set(evenly_spaced(len(arr), cfg.sbi_frames)) if cfg.augment else set()
+        for pos in positions:
+            crop = arr[pos]
+            base = {"item_key": item["item_key"], "pos": pos, "source": item["source"],
+                    "group": item["group"], "media_type": item["media_type"],
+                    "media_id": item["media_id"]}
+            if cfg.augment:
+                q = int(rng.integers(cfg.jpeg_min, cfg.jpeg_max + 1))
+                yield {**base, "view": "orig", "label": item["label"]}, jpeg_roundtrip(crop, q)
+                if item["label"] == 0 and pos in sbi_positions:
+                    fake = self_blend(crop, rng)
+                    q = int(rng.integers(cfg.jpeg_min, cfg.jpeg_max + 1))
+                    yield {**base, "view": "sbi", "label": 1}, jpeg_roundtrip(fake, q)
+            else:
+                if perturbation is not None:
+                    crop = apply_perturbation(crop, perturbation)
+                yield {**base, "view": "orig", "label": item["label"]}, crop
+
+
+def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
+               embed: Callable[[np.ndarray], np.ndarray] | None = None,
+               batch: int = 16, on_progress: Callable[[int], None] | None = None) -> dict:
+    """The feature bank of ``items`` (dicts with item_key, label, source, group,
+    media_type, media_id): ``{"meta": [...], "cls": [n, 12, 768] float16}``.
+
+    Banks are cached per crop cache and :class:`BankConfig`; only items not yet in the
+    cache are embedded (``crops`` needs to hold just those: ``load_crops`` output)."""
+    path = bank_path(crop_key, cfg)
+    meta, cls = _read(path)
+    have = {m["item_key"] for m in meta}
+    todo = [i for i in items if i["item_key"] not in have]
+    if todo:
+        if embed is None:
+            from deepaudit.models.clip_branch import ClipEmbedder
+            embed = ClipEmbedder().cls_tokens
+        new_meta, feats, pending, t0 = [], [], [], time.perf_counter()
+
+        def flush() -> None:
+            feats.append(embed(np.stack([c for _, c in pending])).astype(np.float16))
+            new_meta.extend(m for m, _ in pending)
+            pending.clear()
+            if on_progress:
+                on_progress(len(new_meta))
+
+        for view in _views(todo, crops, cfg):
+            pending.append(view)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+        log.info("embedded %d crops in %.0f s", len(new_meta), time.perf_counter() - t0)
+        meta = meta + new_meta
+        cls = np.concatenate([cls, *feats]) if feats else cls
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, meta=json.dumps(meta), cls=cls)
+        tmp.replace(path)
+    wanted = {i["item_key"] for i in items}
+    keep = [j for j, m in enumerate(meta) if m["item_key"] in wanted]
+    return {"meta": [meta[j] for j in keep], "cls": cls[keep]}
+
+
+def threads(n: int) -> None:
+    torch.set_num_threads(n)

@@ -1,0 +1,255 @@
+"""``deepaudit train`` for a fused detector (``model = "clip_effnet_fused"``).
+
+The CNN branch is a trained CNN-LSTM checkpoint (``cnn_from``, trained by its own recipe
+on the same split); this run adds the CLIP branch and the fusion:
+
+1. the labelled inputs are split exactly as the CNN's recipe splits them (same seed and
+   fraction), and cropped by the audit's own stage at the fused model's crop size;
+2. the CLIP probe is fitted on frozen CLIP features of the training split: each crop
+   once JPEG re-encoded, plus a self-blended fake of every real crop
+   (:mod:`.clip_features`), source-balanced, at most ``clip_max_per_source`` items per
+   source and label;
+3. both branches score the validation items; each branch's validation scores give its
+   CDF (quantile buffers in the checkpoint), the average of the two CDF values is
+   calibrated into p_fake by isotonic regression on validation (the card's
+   ``config.calibration``), and the threshold is set at ``target_fpr``.
+
+Everything is deterministic: the same inputs and recipe give the same card fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from deepaudit.jobs.train.config import TrainConfig
+
+QUANTILES = 101
+
+
+def is_fused(model: str) -> bool:
+    from deepaudit.models.registry import get_config
+
+    return "cnn_size" in get_config(model).arch_kwargs
+
+
+def _cap(items: list[dict], cap: int | None, seed: int) -> list[dict]:
+    """At most ``cap`` items per (source, label), picked by a seeded hash (stable)."""
+    if cap is None:
+        return items
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        groups.setdefault((it["source"], it["label"]), []).append(it)
+    keep = set()
+    for group in groups.values():
+        group.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['media_id']}".encode()).hexdigest())
+        keep.update(r["item_key"] for r in group[:cap])
+    return [it for it in items if it["item_key"] in keep]
+
+
+def _item_logits(meta: list[dict], logits: np.ndarray, k: int | None) -> dict[str, float]:
+    from deepaudit.models.fused import evenly_spaced
+
+    per: dict[str, list] = {}
+    for m, v in zip(meta, logits):
+        per.setdefault(m["item_key"], []).append((m["pos"], float(v)))
+    out = {}
+    for key, frames in per.items():
+        frames.sort()
+        out[key] = float(np.mean([frames[j][1] for j in evenly_spaced(len(frames), k)]))
+    return out
+
+
+def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) -> dict:
+    import pyarrow.compute as pc
+    import torch
+
+    from deepaudit.infra.storage import StorageConfig, check_writable
+    from deepaudit.jobs.metrics import roc_auc, threshold_at_fpr
+    from deepaudit.jobs.train.clip_features import BankConfig, build_bank
+    from deepaudit.jobs.train.crop_cache import (
+        CropCacheConfig,
+        build_crop_cache,
+        default_cache_root,
+        load_crops,
+    )
+    from deepaudit.jobs.train.datasets import load_inputs, split_table
+    from deepaudit.models.checkpoint import resolve_model, save_checkpoint
+    from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
+    from deepaudit.models.clip_vit import CONVERTED_SHA256, ONNX_SHA256, WHEEL_SPEC
+    from deepaudit.models.detector import calibrate, fit_calibration, reliability_table
+    from deepaudit.models.face_detector import FaceDetectorConfig
+    from deepaudit.models.registry import create_model, get_config
+
+    emit = on_event or (lambda event: None)
+    t0 = time.perf_counter()
+    storage = StorageConfig(endpoint_url=cfg.s3_endpoint)
+    check_writable(cfg.output, storage, what="--output")
+    if not cfg.cnn_from:
+        raise ValueError(f"--model {cfg.model} needs cnn_from: the trained CNN-LSTM "
+                         "checkpoint of its CNN branch (e.g. effnet_lite0_lstm)")
+    cnn_handle = resolve_model(cfg.cnn_from)
+    if cnn_handle.weights_path is None:
+        raise ValueError(f"cnn_from {cfg.cnn_from} has no trained weights")
+    base = get_config(cfg.model)
+    kwargs = dict(base.arch_kwargs)
+    cnn_kwargs = cnn_handle.config.arch_kwargs
+    for key in ("variant", "width", "depth", "head_channels", "hidden_size", "num_layers",
+                "bidirectional", "dropout"):
+        if key not in cnn_kwargs:
+            raise ValueError(f"cnn_from {cfg.cnn_from} is not an EfficientNet-Lite CNN-LSTM")
+        kwargs[key] = cnn_kwargs[key]
+    kwargs["cnn_size"] = cnn_handle.config.input_size
+    if cfg.clip_blocks:
+        kwargs["blocks"] = tuple(int(b) for b in cfg.clip_blocks)
+    if cfg.clip_frames is not None:
+        kwargs["clip_frames"] = cfg.clip_frames
+    mc = replace(base, input_size=cfg.input_size or base.input_size,
+                 frames=cfg.frames or base.frames, arch_kwargs=kwargs)
+    name = cfg.name or mc.arch
+    out = Path(cfg.output).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    labelled = load_inputs(list(cfg.inputs), storage, cfg.limit, cfg.exclude)
+    table, record = split_table(labelled.table, cfg.split_config())
+    cnn_split = ((cnn_handle.card.get("training_data") or {}).get("split") or {}).get("groups")
+    leak = 0
+    if cnn_split:
+        ours = record.get("groups") or {}
+        leak = sum(1 for g, s in ours.items() if s == "val" and cnn_split.get(g) == "train")
+    emit({"type": "info", "message": f"{table.num_rows} labelled items; CNN branch "
+          f"{cnn_handle.model_id}; {leak} validation groups the CNN trained on"})
+    cache_root = cfg.cache or default_cache_root()
+    cache_cfg = CropCacheConfig(root=cache_root, frames=mc.frames, size=mc.input_size,
+                                detector=FaceDetectorConfig(), s3_endpoint=cfg.s3_endpoint)
+    crops = build_crop_cache(
+        table, cache_cfg, cfg.address, cfg.num_cpus,
+        on_items=lambda done, total: emit({"type": "crops", "done": done, "total": total}))
+    usable = crops.items.filter(pc.equal(crops.items["status"], "ok")).to_pylist()
+    train = _cap([r for r in usable if r["split"] == "train"], cfg.clip_max_per_source,
+                 cfg.seed)
+    val = [r for r in usable if r["split"] == "val"]
+    if not train or not val or len({r["label"] for r in val}) < 2:
+        raise ValueError("the fused recipe needs training items and validation items of "
+                         "both labels")
+
+    def progress(what: str, total: int) -> Callable[[int], None]:
+        return lambda n: emit({"type": "clip", "what": what, "done": n, "total": total})
+
+    torch.manual_seed(cfg.seed)
+    emit({"type": "info", "message": f"CLIP features: {len(train)} training items"})
+    bank_cfg = BankConfig(frames=8, seed=cfg.seed, sbi_frames=4 if cfg.sbi else 0)
+    crop_arrays = load_crops(crops.directory, [r["item_key"] for r in train + val])
+    bank = build_bank(train, crop_arrays, crops.key, bank_cfg,
+                      on_progress=progress("train", len(train)))
+    meta, cls = bank["meta"], bank["cls"]
+    if not cfg.sbi:
+        keep = [j for j, m in enumerate(meta) if m["view"] == "orig"]
+        meta, cls = [meta[j] for j in keep], cls[keep]
+    labels = np.array([m["label"] for m in meta])
+    sources = np.array([m["source"] for m in meta])
+    probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels,
+                      balanced_weights(labels, sources), l2=cfg.clip_l2)
+
+    emit({"type": "info", "message": f"scoring {len(val)} validation items, both branches"})
+    val_bank = build_bank(val, crop_arrays, crops.key,
+                          BankConfig(frames=kwargs["clip_frames"] or 8, augment=False,
+                                     seed=cfg.seed),
+                          on_progress=progress("val", len(val)))
+    with torch.no_grad():
+        vlog = probe(torch.from_numpy(val_bank["cls"].astype(np.float32))).numpy()
+    clip_item = {k: 1.0 / (1.0 + np.exp(-v))
+                 for k, v in _item_logits(val_bank["meta"], vlog, kwargs["clip_frames"]).items()}
+
+    model = create_model(mc.arch, **kwargs).eval()
+    cnn_model = cnn_handle.load("cpu")
+    model.cnn.load_state_dict(cnn_model.state_dict(), strict=True)
+    model.probe.load_state_dict(probe.state_dict())
+    cnn_item = {}
+    for r in val:
+        arr, _ = crop_arrays[r["item_key"]]
+        s = model.cnn.raw_scores(torch.from_numpy(arr), [len(arr)], 32)
+        cnn_item[r["item_key"]] = float(s.frame_p[0] if len(arr) == 1 else s.video_p[0])
+
+    keys = [r["item_key"] for r in val]
+    y = [r["label"] for r in val]
+    c_cnn = np.array([cnn_item[k] for k in keys])
+    c_clip = np.array([clip_item[k] for k in keys])
+    levels = np.linspace(0.0, 1.0, QUANTILES)
+    model.cdf_cnn.copy_(torch.from_numpy(np.quantile(c_cnn, levels)).float())
+    model.cdf_clip.copy_(torch.from_numpy(np.quantile(c_clip, levels)).float())
+    from deepaudit.models.fused import cdf
+
+    fused_raw = (cdf(c_cnn, model.cdf_cnn) + cdf(c_clip, model.cdf_clip)) / 2.0
+    knots = fit_calibration(fused_raw, y)
+    p = calibrate(fused_raw, knots)
+    if cfg.threshold is not None:
+        t, rule = cfg.threshold, "fixed (--threshold)"
+    elif cfg.target_fpr is not None:
+        t = threshold_at_fpr(y, p, cfg.target_fpr)
+        rule = (f"false-positive rate at most {cfg.target_fpr:g} on the validation items "
+                "(--target-fpr), on calibrated p_fake")
+    else:
+        t, rule = 0.5, "0.5 on calibrated p_fake"
+    t = min(max(float(t), 1e-6), 1 - 1e-6)
+    mc = replace(mc, threshold=t, calibration=knots)
+    model.config = mc
+    preds = [{"item_key": k, "label": lab, "source": r["source"], "media_type": r["media_type"],
+              "p_fake": float(v), "p_cnn": float(a), "p_clip": float(b)}
+             for k, lab, r, v, a, b in zip(keys, y, val, p, c_cnn, c_clip)]
+    metrics = _metrics(preds, t)
+    metrics["threshold"] = {"value": t, "rule": rule}
+    metrics["branches_val_auc"] = {"cnn": roc_auc(y, c_cnn), "clip": roc_auc(y, c_clip),
+                                   "fused": roc_auc(y, fused_raw)}
+    metrics["reliability_val"] = reliability_table(p, y)
+    metrics["cnn_val_groups_seen_in_training"] = leak
+    training_data = {
+        "inputs": dict(labelled.layouts), "labelled": labelled.counts(),
+        "cnn_branch": {"checkpoint": cnn_handle.model_id,
+                       "training_data_recipe": ((cnn_handle.card.get("training_data") or {})
+                                                .get("recipe"))},
+        "clip_branch": {"weights": f"{WHEEL_SPEC} clip_encoder.int8.onnx (sha256 "
+                                   f"{ONNX_SHA256}), dequantised to float (sha256 "
+                                   f"{CONVERTED_SHA256})",
+                        "probe_items": len(train), "probe_crops": len(meta),
+                        "bank": asdict(bank_cfg)},
+        "val_items": len(val), "crop_settings": cache_cfg.settings(), "split": record,
+        "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("output", "resume")},
+    }
+    weights, card = save_checkpoint(
+        model, out / f"{name}.safetensors", name=name, trained=True, dtype=cfg.dtype,
+        training_data=training_data, metrics={"val": metrics["val"], **{
+            k: v for k, v in metrics.items() if k != "val"}},
+        notes=(f"deepaudit train, fused: CNN branch {cnn_handle.model_id} + frozen CLIP "
+               f"ViT-B/16 probe on blocks {list(kwargs['blocks'])}, fused by validation CDFs "
+               f"and calibrated by isotonic regression on {len(val)} validation items."))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
+    (out / "split.json").write_text(json.dumps(record, indent=1) + "\n")
+    overall = metrics["val"]["overall"] or {}
+    return {"weights": str(weights), "card": str(card), "output": str(out),
+            "val_auc": overall.get("roc_auc"), "val_items": overall.get("n"),
+            "val_accuracy": overall.get("accuracy"),
+            "branches_val_auc": metrics["branches_val_auc"],
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _metrics(preds: list[dict], t: float) -> dict:
+    from deepaudit.jobs.metrics import binary_metrics
+
+    def block(rows: list[dict]) -> dict | None:
+        if not rows:
+            return None
+        return binary_metrics([r["label"] for r in rows], [r["p_fake"] for r in rows],
+                              t).to_dict()
+
+    out = {"overall": block(preds), "by_media_type": {}, "by_source": {}}
+    for key, name in (("media_type", "by_media_type"), ("source", "by_source")):
+        for value in sorted({r[key] for r in preds}):
+            out[name][value] = block([r for r in preds if r[key] == value])
+    return {"val": out}
