@@ -377,9 +377,10 @@ def audit_command(
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ()),
                                   media_types=tuple(media_type or MEDIA_TYPES)),
         )
+        # Before any work or progress bar: the device, then inputs and outputs.
         if address == "local":
             check_device_here(device)
-        check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))  # before any work or progress bar
+        check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))
         check_writable(output, storage, what="--output")
         if ledger:
             check_writable(ledger, storage, what="--ledger")
