@@ -66,7 +66,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
 def server_config(app, host: str = "127.0.0.1", port: int = 8765,
                   forwarded_allow_ips: str | None = None, verbose: bool = False,
                   header_timeout_s: float = HEADER_TIMEOUT_S,
-                  max_connections: int = MAX_CONNECTIONS):
+                  max_connections: int = MAX_CONNECTIONS, keep_alive_s: int = KEEP_ALIVE_S):
     """The uvicorn configuration ``deepaudit serve`` runs ``app`` with (the tests' too)."""
     import uvicorn
 
@@ -78,7 +78,7 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8765,
         # 127.0.0.1, where every local client (and a rebinding page) comes from.
         proxy_headers=forwarded_allow_ips is not None,
         forwarded_allow_ips=forwarded_allow_ips or "",
-        timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_graceful_shutdown=5)
 
 

@@ -79,7 +79,7 @@ def _get(url, **kw):
 
 
 def _ids(html: str) -> list[str]:
-    return re.findall(r'<td class="id media"><a href="/runs/[^/]+/items/(\d+)"', html)
+    return re.findall(r'<td class="id media"[^>]*><a href="/runs/[^/]+/items/(\d+)"', html)
 
 
 def _rows(server, **params) -> list[dict]:
@@ -417,3 +417,33 @@ def test_upload_guards(out, media, tmp_path):
         limited = post(photo)  # the 4th upload past the CSRF check in a minute (3 allowed)
         assert limited.status_code == 429 and "too many uploads" in limited.text
     assert not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_items_table_shows_file_names_labels_and_filters_media_type(tmp_path):
+    """Issue 24 item 6: a long path keeps its end (the file name) with the full value on
+    hover; a label column when the manifest had labels (none without); a media-type
+    filter, the same in the page and the export."""
+    long_uri = "/archive/photos/a/very/long/folder/name/holding/images/fake/genco_000123.png"
+    rows = verdict_rows("run-1", 30, seed=3)
+    for i in (3, 4, 5):
+        rows[i].update(media_type="image", media_id=f"{long_uri[:-4]}-{i}.png",
+                       uri=long_uri.replace(".png", f"-{i}.png"))
+    write_run(tmp_path / "out", "run-1", rows)
+    with running(create_app(open_archive(str(tmp_path / "out")))) as url:
+        html = _get(f"{url}/items", params={"sort": "manifest_row", "order": "asc"}).text
+        assert 'data-sort="label"' in html and '<td class="label">fake</td>' in html
+        assert '<select name="media_type">' in html
+        assert f'title="{long_uri.replace(".png", "-3.png")}"' in html
+        # The end of the path (its file name) is shown, not its start.
+        assert re.search(r'>…/[^<>]*/images/fake/genco_000123-3\.png</td>', html)
+        assert re.search(r'>…/[^<>]*/fake/genco_000123-3\.png</a></td>', html)
+        images = _get(f"{url}/items", params={"media_type": "image"}).text
+        assert sorted(_ids(images)) == ["3", "4", "5"]
+        assert len(_rows(url, media_type="image")) == 3
+        assert len(_rows(url, media_type="video")) == 27
+        assert _get(f"{url}/items", params={"media_type": "audio"}).status_code == 400
+    for r in rows:
+        r["label"] = None
+    write_run(tmp_path / "nolabel", "run-1", rows)
+    with running(create_app(open_archive(str(tmp_path / "nolabel")))) as url:
+        assert 'data-sort="label"' not in _get(f"{url}/items").text
