@@ -64,6 +64,25 @@ def actor_pool(size: int, calls: int, inputs: int, isolate: bool = False):
                              enable_true_multi_threading=calls > 1)
 
 
+def block_spans(rows: int, per_block: int, actors: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each input block. A block's rows come back only when its
+    whole block is decoded, so the first rows of a run waited for ``per_block`` (up to 32)
+    items: the first blocks ramp up instead (``actors`` blocks each of 1, 2, 4, ... rows),
+    and the first rows follow the first decoded item (docs/robustness.md, "First rows")."""
+    spans, start, size = [], 0, 1
+    while start < rows:
+        if size >= per_block:
+            n = per_block
+        else:
+            n = size
+            if len(spans) % max(1, actors) == max(1, actors) - 1:
+                size *= 2
+        n = min(n, rows - start)
+        spans.append((start, n))
+        start += n
+    return spans
+
+
 def decode_crop_dataset(
     keys: pa.Table,
     decode: DecodeConfig,
@@ -85,7 +104,7 @@ def decode_crop_dataset(
     # from_blocks reads the slices' metadata in the driver, with no remote task (see
     # docs/design.md, "Building the dataset").
     per_block = 1 if isolate else max(1, min(32, -(-keys.num_rows // (actors * 8))))
-    blocks = [keys.slice(i, per_block) for i in range(0, keys.num_rows, per_block)]
+    blocks = [keys.slice(i, n) for i, n in block_spans(keys.num_rows, per_block, actors)]
     with retry_args_accepted():
         return ray.data.from_blocks(blocks).map_batches(
             DecodeCropStage,
