@@ -112,12 +112,11 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
     import uvicorn
     from rich.markup import escape
 
-    from deepaudit.jobs.serve.server import server_config
-
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.jobs.query import QueryError
     from deepaudit.jobs.serve.app import create_app
     from deepaudit.jobs.serve.data import open_archive
+    from deepaudit.jobs.serve.server import server_config
 
     try:
         with err.status(f"reading {escape(target)}..."):

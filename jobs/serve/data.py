@@ -159,8 +159,9 @@ class ItemQuery:
         after, before = _text(params, "after", 2000), _text(params, "before", 2000)
         if after and before:
             raise BadRequest("give after or before, not both")
-        return cls(verdict=verdict, status=status, media_type=media_type, error_code=_text(params, "error_code"),
-                   p_min=p_min, p_max=p_max, model=_text(params, "model"),
+        return cls(verdict=verdict, status=status, media_type=media_type,
+                   error_code=_text(params, "error_code"), p_min=p_min, p_max=p_max,
+                   model=_text(params, "model"),
                    run=_text(params, "run"), q=_text(params, "q"), sort=sort, order=order,
                    limit=_int(params, "limit", 50, 1, MAX_LIMIT),
                    after=decode_cursor(after, sort, order) if after else None,
