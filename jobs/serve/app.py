@@ -292,7 +292,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
             try:
                 with fs.open(path, "r") as f:
                     meta = json.dumps(json.load(f), indent=2)
-            except (OSError, ValueError):
+            except storage_errors():
                 meta = None
         shown = {k: v for k, v in item.items() if k not in
                  ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}

@@ -398,7 +398,9 @@ class Archive:
                 fs, path = filesystem_for(join(info.run_dir, "_summary.json"), self.storage)
                 with fs.open(path, "r") as f:
                     info.summary = json.load(f)
-            except (OSError, ValueError):
+            except storage_errors():  # missing (interrupted), unreadable or not JSON
+                info.summary = {}
+            if not isinstance(info.summary, dict):
                 info.summary = {}
         return runs
 
@@ -412,7 +414,7 @@ class Archive:
         best = None
         for info in self.runs.values():
             s = info.summary
-            if s.get("model") == model and s.get("model_quality"):
+            if s.get("model") == model and isinstance(s.get("model_quality"), dict):
                 if best is None or str(s.get("started_at")) > str(best.get("started_at")):
                     best = s
         if best is not None:
@@ -668,7 +670,7 @@ class Archive:
             try:
                 if fs.isfile(path):
                     return fs, path
-            except OSError:
+            except storage_errors():
                 continue
         return None
 
