@@ -154,8 +154,10 @@ class RateEta:
         if self.first is None:
             return "starting"
         t0, d0 = self.first
-        if done - d0 < 3 and now - t0 < 10:
+        if done - d0 < 3 and now - t0 < 10 and not (total and done >= total):
             return "measuring"
+        if done == d0:  # everything came in the first rows: no rate to tell
+            return ""
         rate = (done - d0) / max(now - t0, 1e-6)
         if rate <= 0:
             return "0 items/s"
@@ -200,9 +202,9 @@ def _run_with_progress(cfg, show: bool) -> dict:
     task = progress.add_task("auditing", total=None)
 
     def on_rows(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
         if not progress.live.is_started:  # the inputs were read and checked: show the bar
             progress.start()
-        progress.update(task, completed=done, total=total)
 
     try:
         return run_audit(cfg, on_rows=on_rows)

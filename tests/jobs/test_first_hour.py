@@ -3,6 +3,9 @@ the exact message and exit status expected."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -126,3 +129,121 @@ def test_check_writes_no_files_unless_asked(tiny_model, media, tmp_path, monkeyp
                             "--threshold", "0.01"])
     assert r.exit_code == 1 and "FAKE" in r.output, r.output
     assert list(tmp_path.iterdir()) == []  # no ./deepaudit-evidence/
+
+
+def test_a_missing_folder_says_it_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["audit", "archive/", "-o", "out"])
+    one_line(r, 2, "archive/ does not exist")
+
+
+def test_media_type_filters_manifests_and_folders(media, tmp_path):
+    import shutil
+
+    from deepaudit.infra.listing import ListingConfig, ListingStats
+    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.pipeline.manifest import ManifestError, read_input
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for name in ("face_video", "face_image", "face_png"):
+        shutil.copy(media[name], folder / media[name].name)
+    (folder / "notes.txt").write_text("not media\n")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\n" + "".join(f"{p}\n" for p in sorted(folder.iterdir())))
+    videos = ListingConfig(media_types=("video",))
+    # A manifest row whose type its name does not tell is kept (its verdict row says what
+    # it is); a folder's non-media files were never items.
+    for source, names in ((folder, ["face.mp4"]), (manifest, ["face.mp4", "notes.txt"])):
+        stats = ListingStats()
+        t = read_input(str(source), StorageConfig(), videos, stats)
+        assert [Path(u).name for u in t["uri"].to_pylist()] == names, source
+        # Rows keep their manifest position: the verdict writer needs it increasing.
+        assert t["manifest_row"].to_pylist() == sorted(t["manifest_row"].to_pylist())
+    stats = ListingStats()
+    assert read_input(str(folder), StorageConfig(), None, stats).num_rows == 3
+    assert stats.not_media == 1  # notes.txt: counted in the run summary
+    only_txt = tmp_path / "t.csv"
+    only_txt.write_text(f"uri\n{folder / 'face.jpg'}\n")
+    with pytest.raises(ManifestError, match="has no video items"):
+        read_input(str(only_txt), StorageConfig(), videos)
+
+
+def test_fail_on_exit_codes():
+    from deepaudit.jobs.audit_cmd import FailOn, exit_code
+
+    s = {"state": "completed", "verdicts": {"fake": 1}, "status": {"error": 2}}
+    assert exit_code(s, None) == 0  # the default: scheduled runs are not gates
+    assert exit_code(s, FailOn.fake) == 4 and exit_code(s, FailOn.any) == 4
+    assert exit_code(s, FailOn.error) == 3
+    clean = {"state": "completed", "verdicts": {"fake": 0}, "status": {"error": 0}}
+    assert all(exit_code(clean, f) == 0 for f in FailOn)
+    assert exit_code({**clean, "state": "failed"}, None) == 1
+
+
+def test_a_wide_table_is_printed_whole_into_a_pipe(capsys):
+    from rich.table import Table
+
+    from deepaudit.jobs.logs import print_table
+
+    t = Table("slice", *(f"column{i}" for i in range(12)), "FPR", "last")
+    t.add_row("media_type=video", *("0.123" for _ in range(12)), "0.050", "end")
+    print_table(t)
+    out = capsys.readouterr().out
+    assert "last" in out and "end" in out and "…" not in out
+
+
+def test_progress_rate_and_eta_settle_after_the_first_rows():
+    from deepaudit.jobs.audit_cmd import RateEta
+
+    now = [100.0]
+    eta = RateEta(clock=lambda: now[0])
+    assert eta.text(0, 50) == "starting"  # Ray starting: no rate yet
+    now[0] = 130.0
+    assert eta.text(1, 50) == "measuring"  # the first rows start the clock
+    now[0] = 140.0
+    assert eta.text(21, 51) == "2.00 items/s, ETA 0:00:15"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_audit_of_a_folder_as_a_user_runs_it(ray_local, tiny_model, media, tmp_path, monkeypatch):
+    """Items 5, 6, 7, 9, 10: one real audit of a folder with a stray text file."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from deepaudit.jobs.models_cmd import CARD_METADATA_KEY
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "archive" / "some" / "deep" / "folder" / "of" / "media"
+    folder.mkdir(parents=True)
+    for name in ("face_video", "face_image", "face_png"):
+        shutil.copy(media[name], folder / media[name].name)
+    (folder / "notes.txt").write_text("not media\n")
+    r = runner.invoke(app, ["audit", "archive", "-o", "out", "--model", str(tiny_model),
+                            "--frames", "2", "--threshold", "0.01", "--fail-on", "fake",
+                            "--top", "2"])
+    assert r.exit_code == 4, r.output  # --fail-on fake, and something was flagged
+    text = " ".join(r.output.split())
+    assert "3/3" in text, r.output  # the progress bar, with its total
+    assert "skipped │ 1 not media" in text, r.output
+    assert "top 2 flagged (of 3)" in text, r.output
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["skipped"] == {"not_media": 1, "excluded": 0}
+    assert [t["p_fake"] for t in summary["top_flagged"]] == sorted(
+        (t["p_fake"] for t in summary["top_flagged"]), reverse=True)
+    # Item 5: the model card summary rides in each verdict file's key-value metadata.
+    (vfile,) = (tmp_path / "out" / "runs" / summary["run_id"]).glob("verdicts-*.parquet")
+    card = json.loads(pq.read_schema(vfile).metadata[CARD_METADATA_KEY.encode()])
+    assert card["model"] == summary["model"] and "out_of_domain_auc" in card
+    assert card["caveat"] == summary["model_quality"]["caveat"]
+    # Item 6: query's table keeps the end of long paths (the file name).
+    r = runner.invoke(app, ["query", "out", "SELECT media_id, uri, evidence, status, verdict, "
+                            "model, run_id, error FROM latest ORDER BY media_id"])
+    assert r.exit_code == 0, r.output
+    for name in ("face.jpg", "face.mp4", "face.png"):
+        assert name in r.output, r.output
+    assert re.search(r"…[^ │]*face\.jpg", r.output), r.output  # cut at the start
+    assert "--format csv prints them whole" in r.output
