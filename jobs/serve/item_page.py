@@ -1,0 +1,82 @@
+"""One item's page in ``deepaudit serve``: its metadata, frame scores, face boxes, evidence,
+history and ledger entries, and the pictures it links to."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from deepaudit.jobs.serve.data import BadRequest, NotFound, storage_errors
+from deepaudit.jobs.serve.site import Site
+
+
+def routes(site: Site) -> list[Route]:
+    def _item(request: Request) -> dict:
+        try:
+            row = int(request.path_params["row"])
+        except ValueError:
+            raise BadRequest("the item number must be a whole number") from None
+        return site.archive.item(request.path_params["run_id"], row)
+
+    def item_page(request: Request):
+        item = _item(request)
+        ev = site.archive.evidence(item, ".json")
+        meta = None
+        if ev is not None:
+            fs, path = ev
+            try:
+                with fs.open(path, "r") as f:
+                    meta = json.dumps(json.load(f), indent=2)
+            except storage_errors():
+                meta = None
+        shown = {k: v for k, v in item.items() if k not in
+                 ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}
+        base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
+        reachable = site.archive.media_reachable(item.get("uri"))
+        return site.render(request, "item.html", item=item, shown=shown, base=base,
+                           has_evidence=site.archive.evidence(item, ".png") is not None,
+                           evidence_json=meta, history=site.archive.history(item["media_id"]),
+                           ledger=site.archive.ledger_entries(item["media_id"]),
+                           n_boxes=len(item.get("face_boxes") or []), reachable=reachable,
+                           has_frames=bool(item.get("frame_p_fake")),
+                           models_quality=site.quality_for([item.get("model")]))
+
+    def item_file(request: Request):
+        item = _item(request)
+        kind = request.path_params["kind"]
+        if kind in ("evidence.png", "evidence.json"):
+            found = site.archive.evidence(item, kind[len("evidence"):])
+            if found is None:
+                raise NotFound("this item has no evidence file under its output folder")
+            fs, path = found
+            try:
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+            except storage_errors():
+                raise NotFound("this item's evidence file cannot be read (removed since the "
+                               "server started?)") from None
+            return site.png(data, "image/png" if kind.endswith("png")
+                            else "application/json")
+        if kind == "frames.png":
+            from deepaudit.jobs.serve.figures import frame_scores_png
+
+            if not item.get("frame_p_fake"):
+                raise NotFound("this item has no frame scores")
+            return site.png(frame_scores_png(item.get("frame_indices") or [],
+                                             item["frame_p_fake"], item.get("threshold"),
+                                             item.get("p_fake")))
+        if kind == "faces.jpg":
+            from deepaudit.jobs.serve.figures import faces_jpeg
+
+            source = site.archive.media_source(item.get("uri"))
+            if source is None:
+                raise NotFound("this item's media cannot be read from this server")
+            return site.png(faces_jpeg(item, *source), "image/jpeg")
+        raise NotFound(f"no {kind!r} for an item")
+
+    return [
+        Route("/runs/{run_id}/items/{row}", item_page),
+        Route("/runs/{run_id}/items/{row}/{kind}", item_file),
+    ]
