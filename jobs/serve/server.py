@@ -4,7 +4,8 @@ uvicorn times out idle keep-alive connections, but not a client that sends its r
 headers slowly (a slow-loris), and it accepts any number of connections. The protocol
 here adds both: a connection must finish each request's headers within
 ``header_timeout_s`` of connecting (or of its previous response), and connections beyond
-``max_connections`` get a 503 and are closed. Forwarded headers (``X-Forwarded-For``)
+``max_connections`` get a 503 and are closed; a connection whose request was answered
+before its body came in is closed rather than drained. Forwarded headers (``X-Forwarded-For``)
 are trusted only from the proxies named with ``--forwarded-allow-ips``, never by default.
 """
 
@@ -57,8 +58,14 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
         def on_response_complete(self) -> None:
             self._cycle_no += 1
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body came (a 404, a 405): nothing will read the rest,
+                # and a client trickling it would hold the connection for ever.
+                self.transport.close()
+                return
+            self._arm()
 
     return GuardedH11
 
