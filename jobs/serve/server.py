@@ -4,9 +4,11 @@ uvicorn times out idle keep-alive connections, but not a client that sends its r
 headers slowly (a slow-loris), and it accepts any number of connections. The protocol
 here adds both: a connection must finish each request's headers within
 ``header_timeout_s`` of connecting (or of its previous response), and connections beyond
-``max_connections`` get a 503 and are closed; a connection whose request was answered
-before its body came in is closed rather than drained. Forwarded headers (``X-Forwarded-For``)
-are trusted only from the proxies named with ``--forwarded-allow-ips``, never by default.
+``max_connections`` get a 503 and are closed. The same deadline ends a connection that
+keeps sending the body of a request already answered (a 404 or a 413 before the body came
+in): uvicorn reads and drops such a body, for as long as it comes. Forwarded headers
+(``X-Forwarded-For``) are trusted only from the proxies named with
+``--forwarded-allow-ips``, never by default.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnec
 
 def guarded_protocol(header_timeout_s: float, max_connections: int):
     """uvicorn's h11 protocol with a request-header deadline and a connection limit."""
-    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11(H11Protocol):
@@ -47,25 +48,20 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
             self._arm()
 
         def _arm(self) -> None:
-            self.loop.call_later(header_timeout_s, self._headers_late, self._cycle_no)
+            self.loop.call_later(header_timeout_s, self._stalled, self._cycle_no)
 
-        def _headers_late(self, cycle_no: int) -> None:
-            # Still waiting for the headers of the same request: drop the connection.
-            if cycle_no == self._cycle_no and self.conn.their_state is h11.IDLE \
+        def _stalled(self, cycle_no: int) -> None:
+            # No reply since the timer was armed, and no request being answered: the client
+            # has not finished its headers (or still trickles a body nobody reads).
+            if cycle_no == self._cycle_no and (self.cycle is None or self.cycle.response_complete) \
                     and not self.transport.is_closing():
                 self.transport.close()
 
         def on_response_complete(self) -> None:
             self._cycle_no += 1
             super().on_response_complete()
-            if self.transport.is_closing():
-                return
-            if self.conn.their_state is h11.SEND_BODY:
-                # Answered before its body came (a 404, a 405): nothing will read the rest,
-                # and a client trickling it would hold the connection for ever.
-                self.transport.close()
-                return
-            self._arm()
+            if not self.transport.is_closing():
+                self._arm()
 
     return GuardedH11
 
