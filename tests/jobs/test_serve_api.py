@@ -308,6 +308,31 @@ def test_serve_an_s3_output(s3_server, s3fs_client, tmp_path):
         img = _get(f"{url}/runs/run-s3/items/0/evidence.png")
         assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
         assert _get(f"{url}/runs/run-s3/histogram.png").status_code == 200
+        # Media in the output's own bucket may be drawn; this key does not exist.
+        page = _get(f"{url}/runs/run-s3/items/2")
+        assert page.status_code == 200 and "not reachable" in page.text
+        assert _get(f"{url}/runs/run-s3/items/2/faces.jpg").status_code == 404
+
+
+@pytest.mark.s3
+def test_serve_s3_media_without_credentials(s3_server, s3fs_client, tmp_path, monkeypatch):
+    """Issue 27 item 5: a row's s3:// media in the output's bucket, and the server has no
+    credentials: the item page says "not reachable", its face picture is a 404, no 500."""
+    local = tmp_path / "out"
+    rows = verdict_rows("run-nc", 6, seed=6, prefix="s3://audit/media")
+    write_run(local, "run-nc", rows)
+    s3fs_client.put(str(local), "audit/serve-nocreds", recursive=True)
+    archive = open_archive("s3://audit/serve-nocreds", StorageConfig(endpoint_url=s3_server))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with running(create_app(archive)) as url:
+        page = _get(f"{url}/runs/run-nc/items/0")
+        assert page.status_code == 200 and "not reachable" in page.text
+        assert _get(f"{url}/runs/run-nc/items/0/faces.jpg").status_code == 404
 
 
 @pytest.mark.parametrize("params", ["status=ok&sort=p_fake&order=desc",
