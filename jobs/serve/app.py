@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 
 from deepaudit.jobs.serve import check_page, export, item_page, items_page, runs_page
-from deepaudit.jobs.serve.data import Archive, BadRequest, Gone, NotFound
+from deepaudit.jobs.serve.data import Archive, BadRequest, Gone, NotFound, Unavailable
 from deepaudit.jobs.serve.export import neutralise  # noqa: F401 (re-exported)
 from deepaudit.jobs.serve.security import (  # noqa: F401 (sniff: re-exported)
     Guard,
@@ -85,6 +85,9 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     async def gone(request, exc):
         return error_page(request, 410, str(exc))
 
+    async def unavailable(request, exc):
+        return error_page(request, 503, str(exc))
+
     async def http_error(request, exc):
         return error_page(request, exc.status_code, str(exc.detail))
 
@@ -105,8 +108,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
               *item_page.routes(site), *check_page.routes(site),
               Route("/static/style.css", style), Route("/healthz", health)]
     app = Starlette(routes=routes, exception_handlers={
-        BadRequest: bad_request, Gone: gone, NotFound: not_found, HTTPException: http_error,
-        Exception: internal})
+        BadRequest: bad_request, Gone: gone, NotFound: not_found, Unavailable: unavailable,
+        HTTPException: http_error, Exception: internal})
     app.state.upload_root = upload_root
     app.state.archive = archive
 

@@ -69,6 +69,10 @@ class Gone(LookupError):
     """The item's run was removed or rewritten after the server started: 410."""
 
 
+class Unavailable(OSError):
+    """A file the page needs cannot be read now (storage, credentials): 503."""
+
+
 def _text(params, name: str, limit: int = MAX_TEXT) -> str | None:
     value = params.get(name)
     if value is None or value == "":
@@ -783,7 +787,9 @@ class Source:
             raise Gone(gone) from None
         except storage_errors() as exc:
             log.warning("serve: reading %s failed: %s", self.uri, exc)
-            raise Gone(f"{gone} ({type(exc).__name__})") from None
+            raise Unavailable(f"run {run_id!r}'s verdict file cannot be read now "
+                              f"({type(exc).__name__}): check the storage and its "
+                              "credentials") from None
         return None
 
 
