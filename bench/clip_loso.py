@@ -39,6 +39,22 @@ CANDIDATES = {
     "multi_all": dict(blocks=tuple(range(1, 13)), l2=1e-2, sbi=True, fakes=True),
     "multi_4-12_nosbi": dict(blocks=(4, 6, 8, 10, 12), l2=1e-3, sbi=False, fakes=True),
     "multi_4-12_sbionly": dict(blocks=(4, 6, 8, 10, 12), l2=1e-3, sbi=True, fakes=False),
+    # Weaker penalties: per-block L2-normalised tokens have tiny coordinates (~0.04), so a
+    # useful weight vector is large and 1e-3 already shrinks it hard.
+    "cls12_l2e-4": dict(blocks=(12,), l2=1e-4, sbi=True, fakes=True),
+    "cls12_l2e-5": dict(blocks=(12,), l2=1e-5, sbi=True, fakes=True),
+    "multi_6-12_l2e-4": dict(blocks=(6, 8, 10, 12), l2=1e-4, sbi=True, fakes=True),
+    "multi_6-12_l2e-5": dict(blocks=(6, 8, 10, 12), l2=1e-5, sbi=True, fakes=True),
+    "multi_4-12_l2e-4": dict(blocks=(4, 6, 8, 10, 12), l2=1e-4, sbi=True, fakes=True),
+    "multi_all_l2e-4": dict(blocks=tuple(range(1, 13)), l2=1e-4, sbi=True, fakes=True),
+    "multi_8-12_l2e-4": dict(blocks=(8, 10, 12), l2=1e-4, sbi=True, fakes=True),
+    "multi_8-12_l2e-4_sbi50": dict(blocks=(8, 10, 12), l2=1e-4, sbi=True, fakes=True,
+                                   sbi_share=0.5),
+    "multi_8-12_l2e-4_sbi30": dict(blocks=(8, 10, 12), l2=1e-4, sbi=True, fakes=True,
+                                   sbi_share=0.3),
+    "cls12_l2e-4_sbi50": dict(blocks=(12,), l2=1e-4, sbi=True, fakes=True, sbi_share=0.5),
+    "multi_10-12_l2e-4": dict(blocks=(10, 11, 12), l2=1e-4, sbi=True, fakes=True),
+    "multi_8-12_l2e-3.5": dict(blocks=(8, 10, 12), l2=3e-4, sbi=True, fakes=True),
 }
 UTKFACE_KEEP = 400  # of 1,321 real-only UTKFace photos (they still appear as SBI fakes)
 
@@ -69,6 +85,23 @@ def item_scores(meta: list[dict], logits: np.ndarray, rows: np.ndarray, k: int) 
     return out
 
 
+def weights_for(spec: dict, lab, src, view):
+    """Source-balanced weights; with ``sbi_share``, that share of the fake half goes to
+    the self-blended views (pooled as one source) and the rest to the real fakes."""
+    from deepaudit.models.clip_branch import balanced_weights
+
+    share = spec.get("sbi_share")
+    if share is None:
+        return balanced_weights(lab, src)
+    w = balanced_weights(lab, np.where(view == "sbi", "sbi", src))
+    sbi, fake = (view == "sbi"), (lab == 1) & (view != "sbi")
+    if sbi.any() and fake.any():
+        total = w[lab == 1].sum()
+        w[sbi] *= share * total / w[sbi].sum()
+        w[fake] *= (1 - share) * total / w[fake].sum()
+    return w
+
+
 def run_candidate(name: str, spec: dict, bank: dict, ks=(1, 2, 4, 8)) -> dict:
     import torch
 
@@ -88,7 +121,7 @@ def run_candidate(name: str, spec: dict, bank: dict, ks=(1, 2, 4, 8)) -> dict:
         if not spec["sbi"]:
             train &= view != "sbi"
         probe = fit_probe(ClipProbe(spec["blocks"]), cls[train], lab[train],
-                          balanced_weights(lab[train], src[train]), l2=spec["l2"])
+                          weights_for(spec, lab[train], src[train], view[train]), l2=spec["l2"])
         test = np.where(out & (view == "orig"))[0]
         with torch.no_grad():
             logits = probe(torch.from_numpy(cls[test].astype(np.float32))).numpy()

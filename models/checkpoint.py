@@ -106,11 +106,19 @@ QUALITY_BAR = 0.80
 
 def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str, Any]:
     """What a verdict's reader should know about the model: its measured out-of-domain ROC
-    AUC (``card["metrics"]["out_of_domain"]``) and a one-line caveat when that is below
+    AUC (``card["metrics"]["out_of_domain"]``), its leave-one-source-out mean AUC on the
+    training collection (``card["metrics"]["leave_one_source_out"]``), a one-line
+    ``summary`` of both, and a one-line caveat when the out-of-domain AUC is below
     :data:`QUALITY_BAR` or was never measured."""
-    ood = ((card or {}).get("metrics") or {}).get("out_of_domain") or {}
+    metrics = (card or {}).get("metrics") or {}
+    ood = metrics.get("out_of_domain") or {}
     auc = ood.get("roc_auc")
-    out = {"ood_auc": auc, "ood_data": ood.get("data"), "bar": QUALITY_BAR, "caveat": None}
+    loso = (metrics.get("leave_one_source_out") or {}).get("mean_auc")
+    parts = ["not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"]
+    if loso is not None:
+        parts.append(f"leave-one-source-out mean {loso:.2f}")
+    out = {"ood_auc": auc, "ood_data": ood.get("data"), "loso_auc": loso, "bar": QUALITY_BAR,
+           "summary": "; ".join(parts), "caveat": None}
     if not trained:
         out["caveat"] = "untrained model: its scores are not evidence"
     elif auc is None:

@@ -2,8 +2,9 @@
 
 The two branches fail on different fakes (docs/detector.md). Each item's branch scores
 are mapped through that branch's empirical CDF on the validation items (stored as
-quantile buffers, so a score's meaning never depends on the batch), averaged, and the
-average is calibrated into p_fake by the card (``ModelConfig.calibration``).
+quantile buffers, so a score's meaning never depends on the batch), averaged with the
+weight ``cnn_weight`` (a buffer), and the average is calibrated into p_fake by the card
+(``ModelConfig.calibration``).
 
 Cost: the CNN scores every sampled frame; on CPU the CLIP branch scores ``clip_frames``
 evenly spaced frames per item (480 ms per crop at one thread), on GPU every frame.
@@ -71,6 +72,9 @@ class FusedDetector(DetectorMixin, nn.Module):
         levels = torch.linspace(0.0, 1.0, quantiles)
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
         self.register_buffer("cdf_clip", levels.clone())
+        # The CNN branch's weight in the average of the two CDF values (fitted by the
+        # fused recipe on validation, within sources; see jobs/train/fused.py).
+        self.register_buffer("cnn_weight", torch.tensor(0.5))
 
     def preprocessing(self) -> dict[str, BranchPreprocess]:
         return {"cnn": self.cnn_preprocess, "clip": CLIP_PREPROCESS}
@@ -116,8 +120,9 @@ class FusedDetector(DetectorMixin, nn.Module):
         item_of = np.repeat(np.arange(len(lengths)), lengths)
         frame_clip = np.array([clip_frame.get(i, clip_item[item_of[i]])
                                for i in range(len(item_of))])
-        frame = (cdf(cnn.frame_p, self.cdf_cnn) + cdf(frame_clip, self.cdf_clip)) / 2.0
-        return Scores(video_p=(u_cnn + u_clip) / 2.0, frame_p=frame,
+        w = float(self.cnn_weight)
+        frame = w * cdf(cnn.frame_p, self.cdf_cnn) + (1 - w) * cdf(frame_clip, self.cdf_clip)
+        return Scores(video_p=w * u_cnn + (1 - w) * u_clip, frame_p=frame,
                       head=["fused"] * len(lengths),
                       branch_p={"cnn": cnn_item, "clip": clip_item},
                       cam_features=cnn.cam_features)

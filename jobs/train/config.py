@@ -80,6 +80,7 @@ class TrainConfig:
     clip_l2: float = 1e-3
     clip_max_per_source: int | None = None
     clip_frames: int | None = None
+    clip_cnn_weight: float | None = None  # None: chosen on validation within sources
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import check_threshold, list_models
@@ -143,6 +144,8 @@ class TrainConfig:
         if self.output.startswith(("s3://", "s3a://")):
             bad("--output must be a local folder (weights and card are written there); "
                 "use --checkpoint-storage s3://... for checkpoints on a cluster")
+        if self.clip_cnn_weight is not None and not 0.0 <= self.clip_cnn_weight <= 1.0:
+            bad(f"clip_cnn_weight must be in [0, 1], got {self.clip_cnn_weight}")
         if self.clip_l2 < 0:
             bad(f"clip_l2 must be >= 0, got {self.clip_l2}")
         if self.clip_frames is not None and self.clip_frames < 1:
