@@ -42,3 +42,11 @@ def test_models_lists_the_cards_out_of_domain_figures():
         assert f"{name} {value:.2f}" in line, line
     if handle.quality["caveat"]:
         assert handle.quality["caveat"][:40] in " ".join(r.output.split())
+
+
+def test_readme_counts_the_evidence_strips_panels():
+    from deepaudit.pipeline.evidence import COLUMNS
+
+    words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"{words[len(COLUMNS)]} panels each" in text, COLUMNS

@@ -247,3 +247,10 @@ def test_audit_of_a_folder_as_a_user_runs_it(ray_local, tiny_model, media, tmp_p
         assert name in r.output, r.output
     assert re.search(r"…[^ │]*face\.jpg", r.output), r.output  # cut at the start
     assert "--format csv prints them whole" in r.output
+
+
+def test_help_names_the_first_step():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "Run 'deepaudit demo' first" in text and "'deepaudit check FILE'" in text
