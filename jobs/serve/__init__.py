@@ -27,7 +27,8 @@ def serve_command(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8765,
     token: Annotated[Optional[str], typer.Option(
         envvar="DEEPAUDIT_SERVE_TOKEN", show_envvar=True,
-        help="Require this token on every request (Bearer header, or the printed link, "
+        help="Require this token (16+ visible characters) on every request (Bearer header, "
+             "or the printed link, "
              "which sets a cookie). Required with a non-loopback --host.")] = None,
     model: Annotated[Optional[str], typer.Option(
         metavar="NAME|PATH", help="Model for Check a file (default: the shipped one).")] = None,

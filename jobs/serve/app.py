@@ -18,8 +18,10 @@ Security (see :mod:`.security` and docs/serve.md, "Security model"):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -61,7 +63,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
 
     stylesheet = REPORT_CSS + css
     max_upload = max_upload_mb * 2**20
-    if upload_root is None:
+    owns_root = upload_root is None
+    if owns_root:
         from deepaudit.jobs.serve.server import make_upload_root
 
         upload_root = make_upload_root()
@@ -107,7 +110,15 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
               *runs_page.routes(site), *items_page.routes(site), *export.routes(site),
               *item_page.routes(site), *check_page.routes(site),
               Route("/static/style.css", style), Route("/healthz", health)]
-    app = Starlette(routes=routes, exception_handlers={
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:  # a folder this app made is removed when the server stops
+            if owns_root:
+                shutil.rmtree(upload_root, ignore_errors=True)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         BadRequest: bad_request, Gone: gone, NotFound: not_found, Unavailable: unavailable,
         HTTPException: http_error, Exception: internal})
     app.state.upload_root = upload_root
