@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,11 +101,16 @@ def _cli_server(args: list[str], tmp: Path):
     env = {**os.environ, "TMPDIR": str(tmp), "NO_COLOR": "1", "COLUMNS": "300"}
     proc = subprocess.Popen([str(exe), "serve", *args, "--port", "0", "--no-check"],
                             stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stderr.readline()
-    found = re.search(r"serving on (http://\S+?:\d+)", line)
-    if not found:
-        proc.kill()
-        raise AssertionError(f"serve did not start: {line}{proc.stderr.read()[-2000:]}")
+    seen = []
+    for line in proc.stderr:  # until the line with the link (or the end)
+        seen.append(line)
+        if found := re.search(r"serving on (http://\S+?:\d+)", line):
+            break
+    else:
+        proc.wait(timeout=10)
+        raise AssertionError("serve did not start: " + "".join(seen)[-2000:])
+    # Keep reading its stderr, so that a full pipe never blocks the server.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, found[1].replace("localhost", "127.0.0.1")
 
 
