@@ -177,19 +177,19 @@ def run_query(target: str, sql: str, storage: StorageConfig | None = None) -> pa
         con.close()
 
 
-def _cell(value, budget: int) -> Text:
-    """A table cell. A path or URI longer than ``budget`` keeps its end (the file name)
-    behind a leading '…', and links to the whole value (a terminal shows it on hover).
-    Values are plain Text, never markup: they come from media and users."""
-    if value is None:
-        return Text("")
-    if isinstance(value, float):
-        return Text(f"{value:.4g}")
-    text = str(value)
-    if len(text) > budget and ("/" in text or "\\" in text) and "\n" not in text:
-        target = text if "://" in text else f"file://{text}" if text.startswith("/") else None
-        return Text("…" + text[-(budget - 1):], style=Style(link=target) if target else "")
-    return Text(text)
+def _cell(value, text: str, budget: int | None) -> Text:
+    """A table cell. In a path column (``budget`` set), a value longer than ``budget``
+    keeps its end (the file name) behind a leading '…', and links to the whole value (a
+    terminal shows it on hover). Plain Text, never markup: values come from media and
+    users."""
+    if budget is None or len(text) <= budget or "\n" in text:
+        return Text(text)
+    tail = text[-(budget - 1):]
+    sep = max(tail.find("/"), tail.find("\\"))
+    if 0 <= sep < len(tail) - 1:
+        tail = tail[sep:]  # start at a folder boundary: '…/fake/genco_0001.jpg'
+    target = text if "://" in text else f"file://{text}" if text.startswith("/") else None
+    return Text("…" + tail, style=Style(link=target) if target else "")
 
 
 class OutputFormat(str, Enum):
@@ -237,12 +237,23 @@ def query_command(
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     else:
         width = max(120, Console().width)
-        budget = max(24, (width - 3 * max(1, result.num_columns)) // max(1, result.num_columns))
-        t = Table(*(escape(c) for c in result.column_names))
+        rows = result.slice(0, limit).to_pylist()
+        names = result.column_names
+        texts = {c: ["" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float)
+                     else str(r[c]) for r in rows] for c in names}
+        # Path columns share what the other columns leave (those are capped at 40).
+        paths = [c for c in names if any(("/" in v or "\\" in v) for v in texts[c])]
+        natural = {c: max([len(c), *map(len, texts[c])]) for c in names}
+        fixed = sum(min(natural[c], 40) for c in names if c not in paths)
+        budget = max(16, (width - 3 * len(names) - 1 - fixed) // max(1, len(paths)))
+        t = Table()
+        for c in names:
+            t.add_column(escape(c), no_wrap=c in paths,
+                         min_width=min(natural[c], budget) if c in paths else None)
         cut = 0
-        for row in result.slice(0, limit).to_pylist():
-            cells = [_cell(v, budget) for v in row.values()]
-            cut += sum(c.plain.startswith("…") for c in cells)
+        for i, r in enumerate(rows):
+            cells = [_cell(r[c], texts[c][i], budget if c in paths else None) for c in names]
+            cut += sum(cell.plain.startswith("…") for cell in cells)
             t.add_row(*cells)
         Console(width=width).print(t)
         if result.num_rows > limit:
