@@ -809,8 +809,10 @@ def _sources(con, target: str, storage: StorageConfig) -> dict[str, list[Source]
             uri = f"s3://{f}" if is_s3(target) else f
             files.append((f.rstrip("/").rsplit("/", 2)[-2], uri))
     found: dict[str, list[Source]] = {}
+    filesystems: dict[bool, Any] = {}  # one S3 filesystem (a client each) for all the files
     for run_id, uri in files:
         fs, path = filesystem_for(uri, storage)
+        fs = filesystems.setdefault(is_s3(uri), fs)
         try:
             stamp = _stamp(fs.info(path))
             with fs.open(path, "rb") as f:
