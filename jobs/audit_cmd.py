@@ -27,7 +27,8 @@ def _quality_line(quality: dict | None) -> str:
     if not quality:
         return "-"
     auc = quality.get("ood_auc")
-    text = "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"
+    text = escape(quality.get("summary") or (
+        "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"))
     caveat = quality.get("caveat")
     return text + (f"\n[yellow]{escape(caveat)}[/yellow]" if caveat else "")
 

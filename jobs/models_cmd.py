@@ -16,7 +16,8 @@ CARD_METADATA_KEY = "deepaudit.model_card"
 def ood_figures(handle) -> dict[str, float]:
     """The card's out-of-domain ROC AUC figures, as the card holds them: ``overall``
     (what every verdict surface shows, :attr:`ModelHandle.quality`), then each other
-    top-level ``*auc`` figure of ``metrics.out_of_domain`` (``image``, ``video``, ...)."""
+    top-level ``*auc`` figure of ``metrics.out_of_domain`` (``image``, ``video``, ...), and
+    the leave-one-source-out mean when the card has one."""
     quality = handle.quality
     out = {} if quality.get("ood_auc") is None else {"overall": float(quality["ood_auc"])}
     ood = ((handle.card or {}).get("metrics") or {}).get("out_of_domain") or {}
@@ -24,6 +25,8 @@ def ood_figures(handle) -> dict[str, float]:
         if key != "roc_auc" and "auc" in key and isinstance(value, (int, float)) \
                 and not isinstance(value, bool):
             out[key.removesuffix("_roc_auc").removesuffix("_auc") or key] = float(value)
+    if quality.get("loso_auc") is not None:  # on the training collection, by held-out source
+        out["leave-one-source-out"] = float(quality["loso_auc"])
     return out
 
 
@@ -42,6 +45,7 @@ def card_summary(handle) -> dict[str, Any]:
         "out_of_domain_auc": ood_figures(handle),
         "out_of_domain_data": quality.get("ood_data"),
         "quality_bar": quality.get("bar"),
+        "summary": quality.get("summary"),
         "caveat": quality.get("caveat"),
     }
 
