@@ -63,8 +63,8 @@ class ListingConfig:
     def __post_init__(self) -> None:
         unknown = set(self.media_types) - set(MEDIA_TYPES)
         if unknown or not self.media_types:
-            raise ValueError(f"media types must be a non-empty subset of {MEDIA_TYPES}, got "
-                             f"{self.media_types}")
+            raise ValueError(f"--media-type must be video or image, got "
+                             f"{', '.join(sorted(unknown)) or 'none'}")
         if not 1 <= self.page_size <= 1000:
             raise ValueError(f"page_size must be in [1, 1000] (S3's limit), got {self.page_size}")
         if self.sniff_workers < 1:

@@ -53,7 +53,13 @@ class RunData:
 
 def load_run(out: str, run_id: str | None = None, storage: StorageConfig | None = None) -> RunData:
     """The summary and verdict rows of one run of ``out`` (the latest by default)."""
+    from deepaudit.infra.storage import StorageError, check_readable
+
     storage = storage or StorageConfig()
+    try:
+        check_readable(out, storage, what="OUT")  # credentials, bucket, endpoint
+    except StorageError as exc:
+        raise ReportError(str(exc)) from None
     fs, base = filesystem_for(out, storage)
     summary_path = f"{base}/runs/{run_id}/_summary.json" if run_id else f"{base}/_summary.json"
     if not fs.exists(summary_path):

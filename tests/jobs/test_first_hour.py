@@ -51,6 +51,7 @@ def _s3_commands(endpoint: str, bucket: str = "audit") -> list[list[str]]:
         ["audit", f"s3://{bucket}/m.csv", "-o", "out-unused", *e],
         ["manifest", f"s3://{bucket}/archive/", "-o", "m.parquet", *e],
         ["query", f"s3://{bucket}/out", "SELECT 1", *e],
+        ["report", f"s3://{bucket}/out", "-o", "report.html", *e],
     ]
 
 
@@ -254,3 +255,9 @@ def test_help_names_the_first_step():
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "Run 'deepaudit demo' first" in text and "'deepaudit check FILE'" in text
+
+
+def test_an_unknown_media_type_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["audit", ".", "-o", "out", "--media-type", "audio"])
+    one_line(r, 2, "--media-type must be video or image, got audio")
