@@ -108,7 +108,7 @@ def test_local_listing_types_globs_hidden_and_pages(media, tmp_path):
     assert sorted(Path(u).name for u in images["uri"].to_pylist()) == ["c.jpg", "d.PNG"]
     with pytest.raises(FileNotFoundError):
         listing_table(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="media types"):
+    with pytest.raises(ValueError, match="--media-type must be video or image"):
         ListingConfig(media_types=("audio",))
 
 
