@@ -207,7 +207,6 @@ def test_progress_rate_and_eta_settle_after_the_first_rows():
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_audit_of_a_folder_as_a_user_runs_it(ray_local, tiny_model, media, tmp_path, monkeypatch):
     """Items 5, 6, 7, 9, 10: one real audit of a folder with a stray text file."""
     import json
@@ -261,3 +260,12 @@ def test_an_unknown_media_type_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["audit", ".", "-o", "out", "--media-type", "audio"])
     one_line(r, 2, "--media-type must be video or image, got audio")
+
+
+def test_every_ffmpeg_gets_nostdin():
+    from deepaudit.pipeline.media import no_stdin
+
+    assert no_stdin(["ffmpeg", "-i", "x.mp4", "pipe:"]) == ["ffmpeg", "-nostdin", "-i", "x.mp4",
+                                                            "pipe:"]
+    assert no_stdin(["/usr/bin/ffmpeg", "-nostdin", "-i", "x"]).count("-nostdin") == 1
+    assert no_stdin(["ffprobe", "-v", "error", "x"]) == ["ffprobe", "-v", "error", "x"]

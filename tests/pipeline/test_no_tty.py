@@ -54,7 +54,6 @@ def run_in_terminal(argv: list[str], cwd: Path, limit_s: float) -> tuple[int, st
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
 
 
-@pytest.mark.slow
 def test_audit_in_a_terminal_finishes(tiny_model, media, tmp_path):
     shutil.copy(media["face_video"], tmp_path / "face.mp4")
     (tmp_path / "m.csv").write_text(f"uri\n{tmp_path / 'face.mp4'}\n")
@@ -68,7 +67,6 @@ def test_audit_in_a_terminal_finishes(tiny_model, media, tmp_path):
     assert "core_worker.cc" not in out and not re.search(r" E \d+ \d+\]", out), out
 
 
-@pytest.mark.slow
 def test_demo_in_a_terminal_finishes(tmp_path):
     rc, out = run_in_terminal([DEEPAUDIT, "demo", "--workdir", "demo-tty", "--seconds", "1"],
                               tmp_path, limit_s=800)
