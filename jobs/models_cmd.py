@@ -69,8 +69,9 @@ def models_command() -> None:
     for name in list_models():
         h = resolve_model(name)
         trained = h.trained
-        t.add_row(f"{name} (default)" if name == default else name, str(h.config.input_size), str(h.config.frames),
-                  f"{h.config.threshold:.3f}", h.model_id if trained else "untrained",
+        t.add_row(f"{name} (default)" if name == default else name,
+                  str(h.config.input_size), str(h.config.frames), f"{h.config.threshold:.3f}",
+                  h.model_id if trained else "untrained",
                   _figures_text(ood_figures(h)) if trained else "-")
         if trained and h.quality.get("caveat"):
             caveats[name] = h.quality["caveat"]
