@@ -113,10 +113,12 @@ def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str
     metrics = (card or {}).get("metrics") or {}
     ood = metrics.get("out_of_domain") or {}
     auc = ood.get("roc_auc")
-    loso = (metrics.get("leave_one_source_out") or {}).get("mean_auc")
+    loso_block = metrics.get("leave_one_source_out") or {}
+    loso = loso_block.get("mean_auc")
     parts = ["not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"]
     if loso is not None:
-        parts.append(f"leave-one-source-out mean {loso:.2f}")
+        scope = loso_block.get("scope")
+        parts.append(f"leave-one-source-out mean {loso:.2f}" + (f" ({scope})" if scope else ""))
     out = {"ood_auc": auc, "ood_data": ood.get("data"), "loso_auc": loso, "bar": QUALITY_BAR,
            "summary": "; ".join(parts), "caveat": None}
     if not trained:

@@ -260,16 +260,19 @@ class ClipVisionTower(nn.Module):
         """Load tensors named as :func:`convert` names them (strict)."""
         self.load_state_dict(state, strict=True)
 
+    def tokens(self, pixels: Tensor) -> Tensor:
+        """The token sequence entering block 1: ``[N, 197, 768]``."""
+        e = self.embeddings
+        x = e.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        cls = e.class_embedding.expand(x.shape[0], 1, WIDTH)
+        return self.pre_layrnorm(torch.cat([cls, x], dim=1) + e.position_embedding.weight)
+
     def forward(self, pixels: Tensor, blocks: tuple[int, ...] = (LAYERS,)
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """``pixels`` ``[N, 3, 224, 224]`` (CLIP-normalised) -> ``(cls [N, B, 768],
         embeds [N, 512], last_hidden [N, 197, 768])``; block ``k`` is the residual
         stream after ``k`` blocks (1..12)."""
-        e = self.embeddings
-        x = e.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        cls = e.class_embedding.expand(x.shape[0], 1, WIDTH)
-        x = torch.cat([cls, x], dim=1) + e.position_embedding.weight
-        x = self.pre_layrnorm(x)
+        x = self.tokens(pixels)
         taken = []
         for k, block in enumerate(self.encoder.layers, start=1):
             x = block(x)

@@ -57,8 +57,18 @@ def cdf(values: np.ndarray, quantiles: Tensor) -> np.ndarray:
 class FusedDetector(DetectorMixin, nn.Module):
     """CNN-LSTM branch + CLIP probe branch, fused by validation CDFs."""
 
-    cam_method = ("Grad-CAM on the CNN branch's last feature map (the CLIP branch, which "
-                  "also scores the item, is not mapped)")
+    @property
+    def clip_only(self) -> bool:
+        """A CNN weight of 0 (what the shipped recipe chose): the CNN branch is not run."""
+        return float(self.cnn_weight) == 0.0
+
+    @property
+    def cam_method(self) -> str:
+        if self.clip_only:
+            return (f"Grad-CAM on the CLIP tower's patch tokens after block "
+                    f"{min(self.probe.blocks) - 1} (the probe's input)")
+        return ("Grad-CAM on the CNN branch's last feature map (the CLIP branch, which "
+                "also scores the item, is not mapped)")
 
     def __init__(self, cnn: CNNLSTM, cnn_preprocess: BranchPreprocess,
                  blocks: Sequence[int] = (LAYERS,), clip_frames: int | None = 4,
@@ -102,10 +112,7 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def raw_scores(self, crops: Tensor, lengths: Sequence[int], chunk: int = 64) -> Scores:
         device = next(self.parameters()).device
-        cnn = self.cnn.raw_scores(crops, lengths, chunk)
         offsets = np.cumsum([0, *lengths])
-        cnn_item = np.array([cnn.frame_p[offsets[b]] if n == 1 else cnn.video_p[b]
-                             for b, n in enumerate(lengths)])
         positions = self.clip_positions(lengths, device)
         rows = [int(offsets[b] + p) for b, pos in enumerate(positions) for p in pos]
         logits = self.clip_logits(crops[rows]).cpu().numpy().astype(np.float64)
@@ -116,10 +123,18 @@ class FusedDetector(DetectorMixin, nn.Module):
             for p, v in zip(pos, part):
                 clip_frame[int(offsets[b] + p)] = 1.0 / (1.0 + np.exp(-v))
             k0 += len(pos)
-        u_cnn, u_clip = cdf(cnn_item, self.cdf_cnn), cdf(clip_item, self.cdf_clip)
         item_of = np.repeat(np.arange(len(lengths)), lengths)
         frame_clip = np.array([clip_frame.get(i, clip_item[item_of[i]])
                                for i in range(len(item_of))])
+        u_clip = cdf(clip_item, self.cdf_clip)
+        if self.clip_only:
+            return Scores(video_p=u_clip, frame_p=cdf(frame_clip, self.cdf_clip),
+                          head=["clip"] * len(lengths), branch_p={"clip": clip_item},
+                          cam_features=torch.zeros(len(crops), 1))
+        cnn = self.cnn.raw_scores(crops, lengths, chunk)
+        cnn_item = np.array([cnn.frame_p[offsets[b]] if n == 1 else cnn.video_p[b]
+                             for b, n in enumerate(lengths)])
+        u_cnn = cdf(cnn_item, self.cdf_cnn)
         w = float(self.cnn_weight)
         frame = w * cdf(cnn.frame_p, self.cdf_cnn) + (1 - w) * cdf(frame_clip, self.cdf_clip)
         return Scores(video_p=w * u_cnn + (1 - w) * u_clip, frame_p=frame,
@@ -129,7 +144,59 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def explain(self, features: Tensor, lengths: Sequence[int],
                 positions: Sequence[Sequence[int]], crops: np.ndarray) -> list:
+        if self.clip_only:
+            return self.clip_explain(lengths, positions, crops)
         return self.cnn.explain(features, lengths, positions, crops)
+
+    def clip_explain(self, lengths: Sequence[int], positions: Sequence[Sequence[int]],
+                     crops: np.ndarray) -> list:
+        """Grad-CAM of the probe's logit on the patch tokens entering its first block,
+        for the picked frames (``crops``: their uint8 crops, in order). A frame's video
+        map equals its frame map: the item's logit is the mean of its frames' logits."""
+        from torch.nn import functional as F
+
+        from deepaudit.models.clip_branch import probe_inputs
+        from deepaudit.models.gradcam import Explanation
+
+        device = next(self.parameters()).device
+        tower = shared_tower(device)
+        x = CLIP_PREPROCESS.normaliser(device)(
+            torch.from_numpy(np.ascontiguousarray(crops)))
+        first = min(self.probe.blocks)
+        layers = tower.encoder.layers
+        with torch.no_grad():
+            h = tower.tokens(x)
+            for k in range(1, first):
+                h = layers[k - 1](h)
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            acts = h.detach().float().requires_grad_(True)
+            y, cls = acts, []
+            for k in range(first, max(self.probe.blocks) + 1):
+                y = layers[k - 1](y)
+                if k in self.probe.blocks:
+                    cls.append(y[:, 0])
+            feats = probe_inputs(torch.stack(cls, 1), tuple(range(1, len(cls) + 1)))
+            logits = self.probe.linear(feats).squeeze(-1)
+            (grad,) = torch.autograd.grad(logits.sum(), acts)
+        tokens, g = acts.detach()[:, 1:], grad[:, 1:]
+        grid = int(round(tokens.shape[1] ** 0.5))
+        cam = torch.relu((tokens * g.mean(dim=1, keepdim=True)).sum(-1)).view(-1, 1, grid, grid)
+        size = crops.shape[1]
+        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.amax(dim=(1, 2))
+        cam = (cam / peak.clamp_min(1e-30)[:, None, None]).clamp_(0, 1)
+        cam = torch.where(peak[:, None, None] > 0, cam, torch.zeros_like(cam)).cpu().numpy()
+        peak = peak.cpu().numpy()
+        frame_p = 1.0 / (1.0 + np.exp(-logits.detach().cpu().numpy()))
+        out, k0 = [], 0
+        for pos in positions:
+            k1 = k0 + len(pos)
+            out.append(Explanation(positions=tuple(int(p) for p in pos),
+                                   video_cam=cam[k0:k1], frame_cam=cam[k0:k1],
+                                   video_peak=peak[k0:k1], frame_peak=peak[k0:k1],
+                                   frame_p=frame_p[k0:k1], video_p=float(frame_p[k0:k1].mean())))
+            k0 = k1
+        return out
 
 
 def _probe_features(cls: Tensor) -> Tensor:

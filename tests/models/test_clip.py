@@ -92,3 +92,17 @@ def test_clip_branch_scores_k_frames_on_cpu():
     model = create_model("clip_fused_tiny").eval()
     assert model.clip_positions([1, 8, 3], torch.device("cpu")) == [[0], [0, 7], [0, 2]]
     assert model.clip_positions([3], torch.device("cuda")) == [[0, 1, 2]]
+
+
+def test_clip_only_fusion_skips_the_cnn_and_maps_the_clip_branch(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("clip_fused_tiny").eval()
+    model.cnn_weight.fill_(0.0)
+    monkeypatch.setattr(model.cnn, "raw_scores", lambda *a, **k: pytest.fail("CNN ran"))
+    crops = np.random.default_rng(2).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    scores = model.score(crops, [1, 2])
+    assert scores.head == ["clip", "clip"] and set(scores.branch_p) == {"clip"}
+    maps = model.explain(scores.cam_features[1:3], [2], [[1]], crops[2:3])
+    assert maps[0].frame_cam.shape == (1, 64, 64)
+    assert 0.0 <= maps[0].frame_cam.min() and maps[0].frame_cam.max() <= 1.0
+    assert "CLIP" in model.cam_method
