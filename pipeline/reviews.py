@@ -1,0 +1,208 @@
+"""Reviews: a person's judgement of an audited item, kept next to the output.
+
+Layout (OUT is an audit output folder or a ledger, local or ``s3://``)::
+
+    OUT/_reviews/review-<UTC time>-<random>.parquet    one part per review (or batch)
+
+A review is an append-only row (:data:`REVIEW_SCHEMA`): nothing is ever rewritten or
+deleted, and no verdict file is touched. The latest review of a media id (by
+``reviewed_at``, then by part name) is the one that counts; the others are its history.
+Local parts are written under a temporary name and renamed; an S3 object exists only
+once its upload completes, so a reader never sees half a part.
+
+This module knows nothing of the web server: ``deepaudit serve`` writes reviews,
+``deepaudit query`` and ``deepaudit report`` read them, and training can too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deepaudit.infra.storage import (
+    OutputError,
+    StorageConfig,
+    check_writable,
+    filesystem_for,
+    is_s3,
+    join,
+)
+
+log = logging.getLogger(__name__)
+
+FOLDER = "_reviews"
+REVIEWS = ("fake", "real", "unsure")
+MAX_NOTE = 2000
+MAX_REVIEWER = 100
+REVIEW_SCHEMA = pa.schema([
+    ("media_id", pa.string()),
+    ("uri", pa.string()),
+    ("fingerprint", pa.string()),  # the reviewed verdict row's (size, mtime/etag, sha256)
+    ("model", pa.string()),  # the model whose verdict was reviewed
+    ("run_id", pa.string()),
+    ("review", pa.string()),  # fake / real / unsure
+    ("note", pa.string()),
+    ("reviewer", pa.string()),
+    ("reviewed_at", pa.timestamp("us", tz="UTC")),
+])
+# What a review says about a verdict: see review_state().
+STATES = ("unreviewed", "reviewed", "confirmed", "overturned", "unsure")
+
+
+class ReviewError(ValueError):
+    """A review that cannot be taken: the message says why."""
+
+
+def _clean(text: str | None, what: str, limit: int) -> str | None:
+    if text is None:
+        return None
+    text = text.replace("\r\n", "\n").strip()
+    if len(text) > limit:
+        raise ReviewError(f"the {what} is longer than {limit} characters")
+    if any(ord(c) < 32 and c not in "\n\t" for c in text) or "\x7f" in text:
+        raise ReviewError(f"the {what} contains control characters")
+    return text or None
+
+
+def check_reviewer(name: str) -> str:
+    """``name`` as a reviewer name, or :class:`ReviewError`."""
+    cleaned = _clean(name, "reviewer name", MAX_REVIEWER)
+    if not cleaned or "\n" in cleaned:
+        raise ReviewError("the reviewer name must be one line of visible text")
+    return cleaned
+
+
+def review_row(item: dict, review: str, note: str | None, reviewer: str,
+               now: datetime | None = None) -> dict:
+    """The review row of a verdict row ``item`` (its media_id, uri, fingerprint, model
+    and run_id), validated."""
+    if review not in REVIEWS:
+        raise ReviewError(f"a review is one of {', '.join(REVIEWS)}, got {review!r}")
+    if not item.get("media_id"):
+        raise ReviewError("the reviewed item has no media id")
+    return {"media_id": item["media_id"], "uri": item.get("uri"),
+            "fingerprint": item.get("fingerprint"), "model": item.get("model"),
+            "run_id": item.get("run_id"), "review": review,
+            "note": _clean(note, "note", MAX_NOTE), "reviewer": check_reviewer(reviewer),
+            "reviewed_at": now or datetime.now(timezone.utc)}
+
+
+def review_state(review: str | None, verdict: str | None) -> str:
+    """What the latest ``review`` says of a ``verdict``: ``unreviewed``; ``confirmed``
+    (they agree); ``overturned`` (fake against real, or real against fake); ``unsure``;
+    or ``reviewed`` (a fake/real review of an item without a verdict)."""
+    if review is None:
+        return "unreviewed"
+    if review == "unsure":
+        return "unsure"
+    if verdict not in ("fake", "real"):
+        return "reviewed"
+    return "confirmed" if review == verdict else "overturned"
+
+
+def empty() -> pa.Table:
+    return REVIEW_SCHEMA.empty_table()
+
+
+def latest_reviews(reviews: pa.Table) -> pa.Table:
+    """The latest review per media id (by ``reviewed_at``, then by the order the rows
+    were read: part names sort by time), ordered by media id."""
+    if reviews.num_rows == 0:
+        return reviews
+    n = reviews.num_rows
+    t = reviews.append_column("_read", pa.array(np.arange(n), pa.int64()))
+    t = t.sort_by([("reviewed_at", "ascending"), ("_read", "ascending")])
+    t = t.append_column("_pos", pa.array(np.arange(n), pa.int64()))
+    last = t.group_by(["media_id"], use_threads=False).aggregate([("_pos", "max")])
+    t = t.take(last["_pos_max"]).drop_columns(["_read", "_pos"])
+    return t.take(pc.sort_indices(t["media_id"]))
+
+
+class ReviewStore:
+    """The ``_reviews/`` folder of an output or a ledger ``target``."""
+
+    def __init__(self, target: str, storage: StorageConfig | None = None) -> None:
+        self.storage = storage or StorageConfig()
+        self.uri = join(target, FOLDER)
+
+    def problem(self) -> str | None:
+        """Why reviews cannot be written here (a file in the way, no permission, a
+        read-only filesystem, credentials that may not write), or None when they can.
+        Writes and deletes one probe file (in the folder, or locally in its nearest
+        existing parent); creates nothing."""
+        try:
+            check_writable(self.uri, self.storage, what="the review folder")
+        except OutputError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - botocore and the like
+            return f"the review folder {self.uri} cannot be written ({type(exc).__name__})"
+        return None
+
+    def append(self, rows: list[dict]) -> str:
+        """Write ``rows`` as one new part; returns its URI. Raises OSError (and
+        botocore's errors) when it cannot be written."""
+        table = pa.Table.from_pylist(rows, schema=REVIEW_SCHEMA)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"review-{stamp}-{secrets.token_hex(4)}.parquet"
+        fs, folder = filesystem_for(self.uri, self.storage)
+        if is_s3(self.uri):
+            with fs.open(f"{folder}/{name}", "wb") as f:  # exists once the upload completes
+                pq.write_table(table, f)
+            return join(self.uri, name)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, os.path.join(folder, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return os.path.join(folder, name)
+
+    def parts(self) -> list[str]:
+        fs, folder = filesystem_for(self.uri, self.storage)
+        try:
+            if not fs.isdir(folder):
+                return []
+            return sorted(fs.glob(f"{folder}/review-*.parquet"))
+        except FileNotFoundError:
+            return []
+
+    def read(self) -> pa.Table:
+        """Every review, oldest part first (:data:`REVIEW_SCHEMA`). A part that cannot
+        be read is left out with a warning; a folder that cannot be listed reads as no
+        reviews, with a warning."""
+        try:
+            parts = self.parts()
+        except Exception as exc:  # noqa: BLE001 - OS, Arrow and botocore errors alike
+            log.warning("reviews: cannot list %s: %s", self.uri, exc)
+            return empty()
+        if not parts:
+            return empty()
+        fs, _ = filesystem_for(self.uri, self.storage)
+
+        def read_one(path: str) -> pa.Table | None:
+            try:
+                with fs.open(path, "rb") as f:
+                    t = pq.read_table(f)
+                return t.select(REVIEW_SCHEMA.names).cast(REVIEW_SCHEMA)
+            except Exception as exc:  # noqa: BLE001 - a broken part must not hide the rest
+                log.warning("reviews: skipping %s: %s", path, exc)
+                return None
+
+        with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:
+            tables = [t for t in pool.map(read_one, parts) if t is not None]
+        return pa.concat_tables(tables) if tables else empty()
+
+
+def read_reviews(target: str, storage: StorageConfig | None = None) -> pa.Table:
+    """Every review of ``target`` (an output folder or a ledger)."""
+    return ReviewStore(target, storage).read()
