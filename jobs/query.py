@@ -8,7 +8,9 @@ pushes column selections and filters down, so a query reads only what it needs.
 Views (the same names whether the target is an OUT folder or a ledger):
 
 * ``verdicts``: every verdict row of every run (under OUT/runs, or that the ledger points to)
-* ``latest``: the latest verdict per (media_id, model)
+* ``latest``: the latest verdict per (media_id, model), with ``review``: the latest review
+  of its media_id (fake, real, unsure; null when none)
+* ``reviews``: every review (OUT/_reviews/, written by ``deepaudit serve``)
 * ``runs``: one row per run: run_id, started, finished, rows, fakes, errors, model
 * ``last_run``: the verdict rows of the most recent run
 * ``ledger`` and ``ledger_latest``: the ledger's entries (a ledger target only)
@@ -102,9 +104,20 @@ def open_target(target: str, storage: StorageConfig | None = None):
                          "(no part-*.parquet files)")
     con.register("_verdicts", verdicts)
     con.execute("CREATE VIEW verdicts AS SELECT * FROM _verdicts")
+    # Reviews (OUT/_reviews/, pipeline/reviews.py): every row, and the latest per media id
+    # as latest's review column (null when none).
+    from deepaudit.pipeline.reviews import latest_reviews, read_reviews
+
+    reviews = read_reviews(target, storage)
+    con.register("_reviews", reviews)
+    con.register("_review_of", latest_reviews(reviews).select(["media_id", "review"]))
+    con.execute("CREATE VIEW reviews AS SELECT * FROM _reviews")
+    has_review = "review" in verdicts.schema.names  # a manifest column of that name
+    pick = "v.* REPLACE (r.review AS review)" if has_review else "v.*, r.review"
     con.execute(
-        "CREATE VIEW latest AS SELECT * FROM verdicts QUALIFY row_number() OVER "
-        "(PARTITION BY media_id, model ORDER BY audited_at DESC) = 1")
+        f"CREATE VIEW latest AS SELECT {pick} FROM verdicts v LEFT JOIN _review_of r "
+        "USING (media_id) QUALIFY row_number() OVER (PARTITION BY v.media_id, v.model "
+        "ORDER BY v.audited_at DESC) = 1")
     # One clock: a run's start is its summary's started_at (also in the ledger's run.json);
     # the first row's audited_at only stands in for runs that recorded neither.
     con.register("_run_info", _run_info(target, storage))
@@ -207,8 +220,8 @@ def query_command(
     sql: Annotated[
         str, typer.Argument(metavar="SQL",
                             help="SQL over the views verdicts, latest, runs, last_run, "
-                            "ledger, ledger_latest. Example: \"SELECT status, count(*) FROM "
-                            "latest GROUP BY ALL\"")
+                            "reviews, ledger, ledger_latest. Example: \"SELECT status, "
+                            "count(*) FROM latest GROUP BY ALL\"")
     ],
     fmt: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="table (at most --limit rows "
