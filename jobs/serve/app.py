@@ -1,6 +1,7 @@
 """The ``deepaudit serve`` web application (Starlette + Jinja2, no script on any page):
 :func:`create_app` puts together the pages (``runs_page``, ``items_page``, ``export``,
-``item_page``, ``check_page``: each a ``routes(site)``), the error pages and the guard.
+``item_page``, ``review_page``, ``check_page``: each a ``routes(site)``), the error pages
+and the guard.
 
 Security (see :mod:`.security` and docs/serve.md, "Security model"):
 
@@ -11,9 +12,11 @@ Security (see :mod:`.security` and docs/serve.md, "Security model"):
   is drawn (never served) only from local paths and the buckets the output names;
 * every page is a Jinja template with autoescape on; a Content-Security-Policy allows
   nothing but this origin's CSS and images; CSV exports neutralise spreadsheet formulas;
-* the upload (the only write, to a private temp dir, removed after each request) needs a
-  CSRF token (double-submit cookie, SameSite=Strict, and an Origin of this server), is
-  capped in size before it is read, sniffed by content, and rate-limited per client.
+* the upload (to a private temp dir, removed after each request) needs a CSRF token
+  (double-submit cookie, SameSite=Strict, and an Origin of this server), is capped in
+  size before it is read, sniffed by content, and rate-limited per client;
+* a review (the only write to the target: a new part in its ``_reviews/``) needs the same
+  CSRF token and Origin, and is rate-limited per client; notes are escaped like any text.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from deepaudit.jobs.serve import check_page, export, item_page, items_page, runs_page
+from deepaudit.jobs.serve import (
+    check_page,
+    export,
+    item_page,
+    items_page,
+    review_page,
+    runs_page,
+)
 from deepaudit.jobs.serve.data import Archive, BadRequest, Gone, NotFound, Unavailable
 from deepaudit.jobs.serve.export import neutralise  # noqa: F401 (re-exported)
 from deepaudit.jobs.serve.security import (  # noqa: F401 (sniff: re-exported)
@@ -41,20 +51,47 @@ from deepaudit.jobs.serve.security import (  # noqa: F401 (sniff: re-exported)
     token_problem,
 )
 from deepaudit.jobs.serve.site import Site
+from deepaudit.pipeline.reviews import ReviewStore, check_reviewer
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
+
+
+def default_reviewer() -> str:
+    """The OS user name (``--reviewer``'s default)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"uid-{os.getuid()}"
+
+
+def review_setup(archive: Archive, enabled: bool) -> tuple[ReviewStore | None, str | None]:
+    """Where this server writes reviews, or why it does not (the pages say so)."""
+    if not enabled:
+        return None, "reviews are off on this server (started with --no-review)"
+    store = ReviewStore(archive.target, archive.storage)
+    problem = store.problem()
+    if problem:
+        log.warning("serve: reviews are off: %s", problem)
+        return None, f"reviews are off: {problem}"
+    return store, None
 
 
 def create_app(archive: Archive, token: str | None = None, checker=None,
                max_upload_mb: int = 100, uploads_per_minute: int = 10,
                upload_root: str | None = None, host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, body_idle_s: float = 15.0,
-               body_total_s: float | None = None) -> Guard:
+               body_total_s: float | None = None, reviewer: str | None = None,
+               reviews: bool = True) -> Guard:
     """The web app over ``archive``, bound to ``host`` (which, with ``allowed_hosts``,
     says which Host headers name it); ``checker`` (a :class:`deepaudit.jobs.check.Checker`)
     enables the Check-a-file page. A request body must keep coming (``body_idle_s``) and
-    end within ``body_total_s`` (default: 60 s, or 1 s per MB of the upload cap)."""
+    end within ``body_total_s`` (default: 60 s, or 1 s per MB of the upload cap).
+    Reviews are written to the target's ``_reviews/`` as ``reviewer`` (default: the OS user
+    name); with ``reviews=False``, or when that folder cannot be written, the pages are
+    read-only and say why."""
     if token is not None and token_problem(token):
         raise ValueError(token_problem(token))
     hosts = HostCheck(host, allowed_hosts)
@@ -72,6 +109,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     os.chmod(upload_root, 0o700)
     site = Site(archive=archive, hosts=hosts, limiter=RateLimiter(uploads_per_minute),
                 upload_root=upload_root, max_upload=max_upload, checker=checker)
+    site.review_store, site.reviews_off = review_setup(archive, reviews)
+    site.reviewer = check_reviewer(reviewer or default_reviewer())
 
     def error_page(request: Request, status: int, message: str):
         if request.url.path.endswith((".png", ".jpg", ".json", ".csv", ".parquet")):
@@ -108,7 +147,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
 
     routes = [Route("/", lambda r: RedirectResponse("/runs", 303)),
               *runs_page.routes(site), *items_page.routes(site), *export.routes(site),
-              *item_page.routes(site), *check_page.routes(site),
+              *review_page.routes(site), *item_page.routes(site), *check_page.routes(site),
               Route("/static/style.css", style), Route("/healthz", health)]
     @contextlib.asynccontextmanager
     async def lifespan(app):

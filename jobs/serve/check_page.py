@@ -5,7 +5,6 @@ cap, sniffing by content and a per-client rate limit; nothing of it is kept."""
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import os
 import secrets
@@ -18,16 +17,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from deepaudit.jobs.serve.data import NotFound
-from deepaudit.jobs.serve.security import CSRF_COOKIE, sniff
+from deepaudit.jobs.serve.security import (
+    CSRF_COOKIE,
+    csrf_problem,
+    csrf_token,
+    origin_problem,
+    sniff,
+)
 from deepaudit.jobs.serve.site import Site
 
 
 def routes(site: Site) -> list[Route]:
-    def csrf_of(request: Request) -> str:
-        return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
-
     def check_form(request: Request, status: int = 200, result=None, error=None):
-        token = csrf_of(request)
+        token = csrf_token(request)
         quality = [{"model": site.checker.handle.model_id, **site.checker.handle.quality}] \
             if site.checker else []
         resp = site.render(request, "check.html", status=status, csrf=token, result=result,
@@ -42,18 +44,13 @@ def routes(site: Site) -> list[Route]:
             raise NotFound("checking files is off on this server (started with --no-check)")
         if request.method == "GET":
             return check_form(request)
-        # The Host was checked (Guard); the Origin must name this server too, not merely
-        # repeat the Host (a rebinding page sends its own name in both).
-        origin = request.headers.get("origin")
-        port = (request.scope.get("server") or (None, None))[1]
-        if origin and origin != "null" and not site.hosts.allows_origin(origin, port):
-            return check_form(request, 403, error="the form was posted from another site")
+        problem = origin_problem(request, site.hosts)  # before the body is read
+        if problem:
+            return check_form(request, 403, error=problem)
         form = await request.form(max_files=1, max_fields=4)
-        cookie, field = request.cookies.get(CSRF_COOKIE), form.get("csrf")
-        if not cookie or not isinstance(field, str) or \
-                not hmac.compare_digest(cookie.encode(), field.encode()):
-            return check_form(request, 403, error="the form's security token is missing or "
-                              "stale: reload the page and upload again")
+        problem = csrf_problem(request, form)
+        if problem:
+            return check_form(request, 403, error=problem)
         wait = site.limiter.allow(request.client.host if request.client else "?")
         if wait:
             return check_form(request, 429, error=f"too many uploads from this address: try "

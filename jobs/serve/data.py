@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import pyarrow.compute as pc
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
 from deepaudit.jobs.query import QueryError, connect
+from deepaudit.pipeline import reviews as rv
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ SORTABLE = set(LIST_SHOWN) | {"label", "size_bytes", "duration_s", "manifest_row
                               "n_frames_sampled"}
 LOW_CARDINALITY = {"verdict", "status", "error_code", "media_type", "model", "run_id", "label"}
 MEDIA_TYPES = ("image", "video")
+REVIEW_FILTERS = rv.STATES  # unreviewed, reviewed, confirmed, overturned, unsure
 MAX_LIMIT = 500
 MAX_TEXT = 300
 
@@ -123,6 +126,7 @@ class ItemQuery:
     model: str | None = None
     run: str | None = None
     q: str | None = None
+    review: str | None = None
     sort: str = "p_fake"
     order: str = "desc"
     limit: int = 50
@@ -131,7 +135,7 @@ class ItemQuery:
     start: int = 0  # the first row's number, for display only
 
     FILTERS = ("verdict", "status", "media_type", "error_code", "p_min", "p_max", "model", "run",
-               "q")
+               "q", "review")
 
     @classmethod
     def parse(cls, params) -> ItemQuery:
@@ -150,6 +154,10 @@ class ItemQuery:
         if media_type is not None and media_type not in MEDIA_TYPES:
             raise BadRequest(f"media_type must be one of {', '.join(MEDIA_TYPES)}, "
                              f"got {media_type!r}")
+        review = _text(params, "review")
+        if review is not None and review not in REVIEW_FILTERS:
+            raise BadRequest(f"review must be one of {', '.join(REVIEW_FILTERS)}, "
+                             f"got {review!r}")
         p_min, p_max = _prob(params, "p_min"), _prob(params, "p_max")
         if p_min is not None and p_max is not None and p_min > p_max:
             raise BadRequest(f"p_min ({p_min}) is above p_max ({p_max})")
@@ -166,7 +174,8 @@ class ItemQuery:
         return cls(verdict=verdict, status=status, media_type=media_type,
                    error_code=_text(params, "error_code"), p_min=p_min, p_max=p_max,
                    model=_text(params, "model"),
-                   run=_text(params, "run"), q=_text(params, "q"), sort=sort, order=order,
+                   run=_text(params, "run"), q=_text(params, "q"), review=review,
+                   sort=sort, order=order,
                    limit=_int(params, "limit", 50, 1, MAX_LIMIT),
                    after=decode_cursor(after, sort, order) if after else None,
                    before=(() if before == "end" else decode_cursor(before, sort, order))
@@ -198,7 +207,22 @@ class ItemQuery:
         if self.q:
             sql.append("contains(_text, ?)")
             args.append(self.q.lower())
+        if self.review:
+            sql.append(REVIEW_SQL[self.review])
         return " AND ".join(sql), args
+
+
+# The review filters in SQL (exports), over the latest review per media id that the
+# Archive keeps in _review_latest; Archive._review_mask is the same for pages.
+_REVIEWED = "EXISTS (SELECT 1 FROM _review_latest r WHERE r.media_id = items.media_id{})"
+REVIEW_SQL = {
+    "unreviewed": "NOT " + _REVIEWED.format(""),
+    "reviewed": _REVIEWED.format(""),
+    "unsure": _REVIEWED.format(" AND r.review = 'unsure'"),
+    "confirmed": _REVIEWED.format(" AND r.review = items.verdict"),
+    "overturned": _REVIEWED.format(" AND r.review IN ('fake', 'real') AND items.verdict IN "
+                                   "('fake', 'real') AND r.review <> items.verdict"),
+}
 
 
 NUMERIC = {"p_fake", "margin", "n_frames_with_face", "n_frames_sampled", "size_bytes",
@@ -275,6 +299,10 @@ class LRU:
             while len(self.data) > self.size:
                 self.data.popitem(last=False)
         return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self.data.clear()
 
 
 class Archive:
@@ -355,13 +383,27 @@ class Archive:
         self.error_codes = [r[0] for r in con.execute(
             "SELECT error_code, count(*) n FROM items WHERE error_code IS NOT NULL "
             "GROUP BY 1 ORDER BY n DESC LIMIT 50").fetchall()]
+        # Reviews are not part of the snapshot: they are read once here (query's view) and
+        # then kept up to date in memory as this server writes them (add_reviews).
+        self.review_lock = threading.Lock()
+        self.review_version = 0
+        self._media = None  # media_id dictionary codes, made on the first review filter
+        try:
+            start = con.sql("SELECT * FROM reviews").to_arrow_table()
+        except Exception:  # noqa: BLE001 - a query.py without the view: read them here
+            start = rv.read_reviews(target, self.storage)
+        self.reviews = rv.empty()
+        con.execute("CREATE TABLE _review_latest (media_id VARCHAR, review VARCHAR)")
+        self.add_reviews(start)
         # The snapshot is complete: drop the lazy views over the target's files, so no
         # request can scan them through DuckDB (a scan of files deleted under a running
         # server deadlocked inside pyarrow's scanner while holding the GIL).
-        for view in ("last_run", "latest", "runs", "verdicts", "ledger_latest", "ledger"):
+        for view in ("last_run", "latest", "runs", "verdicts", "ledger_latest", "ledger",
+                     "reviews"):
             con.execute(f"DROP VIEW IF EXISTS {view}")
-        for name in ("_verdicts", "_ledger", "_run_info"):
-            con.unregister(name)
+        for name in ("_verdicts", "_ledger", "_run_info", "_reviews", "_review_of"):
+            with contextlib.suppress(Exception):  # _review*: registered by query.py
+                con.unregister(name)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -407,6 +449,62 @@ class Archive:
             if not isinstance(info.summary, dict):
                 info.summary = {}
         return runs
+
+    # ------------------------------------------------------------------ reviews
+
+    def add_reviews(self, rows: pa.Table) -> None:
+        """Take in review rows (read at start, or just written): the latest per media id
+        is recomputed, and the filters and exports see it from now on."""
+        with self.review_lock:
+            rows = rows.select(rv.REVIEW_SCHEMA.names).cast(rv.REVIEW_SCHEMA)
+            self.reviews = pa.concat_tables([self.reviews, rows])
+            latest = rv.latest_reviews(self.reviews)
+            self.latest_review = {r["media_id"]: r for r in latest.to_pylist()}
+            cur = self.con.cursor()
+            cur.register("_new_latest", latest.select(["media_id", "review"]))
+            cur.execute("BEGIN")
+            cur.execute("DELETE FROM _review_latest")
+            cur.execute("INSERT INTO _review_latest SELECT * FROM _new_latest")
+            cur.execute("COMMIT")
+            cur.unregister("_new_latest")
+            cur.close()
+            self.review_version += 1
+
+    def review_of(self, media_id: str | None) -> dict | None:
+        """The latest review of ``media_id``, or None."""
+        return self.latest_review.get(media_id)
+
+    def review_history(self, media_id: str) -> list[dict]:
+        """Every review of ``media_id``, newest first."""
+        with self.review_lock:
+            t = self.reviews
+        found = t.filter(pc.equal(t["media_id"], media_id)).to_pylist()
+        return sorted(found, key=lambda r: r["reviewed_at"], reverse=True)
+
+    def _review_mask(self, state: str) -> np.ndarray:
+        """Rows whose latest review says ``state`` of their verdict (as REVIEW_SQL)."""
+        with self.review_lock:
+            if self._media is None:  # media_id as dictionary codes, -1 for null
+                arr = self.shown["media_id"].combine_chunks().dictionary_encode()
+                codes = pc.fill_null(arr.indices, -1).to_numpy(zero_copy_only=False)
+                self._media = (codes.astype(np.int64), arr.dictionary)
+            codes, dictionary = self._media
+            latest = list(self.latest_review.values())
+        # Per media code: 0 none, 1 fake, 2 real, 3 unsure; the last slot is for null ids.
+        kind = np.zeros(len(dictionary) + 1, np.int8)
+        if latest:
+            where = pc.index_in(pa.array([r["media_id"] for r in latest], pa.string()),
+                                value_set=dictionary).to_numpy(zero_copy_only=False)
+            said = np.array([("fake", "real", "unsure").index(r["review"]) + 1
+                             if r["review"] in ("fake", "real", "unsure") else 0
+                             for r in latest], np.int8)
+            found = ~np.isnan(where.astype(float))
+            kind[where[found].astype(np.int64)] = said[found]
+        row = kind[codes]  # codes == -1 reads the last slot: 0
+        fake, real = self._equals("verdict", "fake"), self._equals("verdict", "real")
+        return {"unreviewed": row == 0, "reviewed": row > 0, "unsure": row == 3,
+                "confirmed": ((row == 1) & fake) | ((row == 2) & real),
+                "overturned": ((row == 1) & real) | ((row == 2) & fake)}[state]
 
     # ------------------------------------------------------------------ model quality
 
@@ -539,9 +637,13 @@ class Archive:
                 mask &= self.p_fake <= query.p_max
             if query.q:
                 mask &= self._text_mask(query.q.lower())
+            if query.review:
+                mask &= self._review_mask(query.review)
             return mask, int(np.count_nonzero(mask))
 
-        return self.masks.get(tuple(sorted(filters.items())), make)
+        # A review filter's rows change as reviews come in: keyed by the reviews' version.
+        key = tuple(sorted(filters.items())) + ((self.review_version,) if query.review else ())
+        return self.masks.get(key, make)
 
     def _equals(self, col: str, value: str | None) -> np.ndarray:
         """Rows whose ``col`` is ``value`` (None: is null), from its dictionary codes."""

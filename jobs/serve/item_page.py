@@ -1,5 +1,6 @@
 """One item's page in ``deepaudit serve``: its metadata, frame scores, face boxes, evidence,
-history and ledger entries, and the pictures it links to."""
+its review (and the form to review it), history and ledger entries, and the pictures it
+links to."""
 
 from __future__ import annotations
 
@@ -9,39 +10,62 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from deepaudit.jobs.serve.data import BadRequest, NotFound, storage_errors
+from deepaudit.jobs.serve.security import CSRF_COOKIE, csrf_token
 from deepaudit.jobs.serve.site import Site
+
+
+def item_of(site: Site, request: Request) -> dict:
+    """The verdict row a ``/runs/{run_id}/items/{row}`` path names (400, 404)."""
+    try:
+        row = int(request.path_params["row"])
+    except ValueError:
+        raise BadRequest("the item number must be a whole number") from None
+    return site.archive.item(request.path_params["run_id"], row)
+
+
+def render_item(site: Site, request: Request, item: dict, status: int = 200,
+                review_error: str | None = None, form: dict | None = None):
+    """The item page (``status``; with a refused review's message and what was typed)."""
+    from deepaudit.pipeline.reviews import REVIEWS, review_state
+
+    ev = site.archive.evidence(item, ".json")
+    meta = None
+    if ev is not None:
+        fs, path = ev
+        try:
+            with fs.open(path, "r") as f:
+                meta = json.dumps(json.load(f), indent=2)
+        except storage_errors():
+            meta = None
+    shown = {k: v for k, v in item.items() if k not in
+             ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}
+    base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
+    reachable = site.archive.media_reachable(item.get("uri"))
+    review = site.archive.review_of(item["media_id"])
+    csrf = csrf_token(request)
+    resp = site.render(request, "item.html", status=status, item=item, shown=shown, base=base,
+                       has_evidence=site.archive.evidence(item, ".png") is not None,
+                       evidence_json=meta, history=site.archive.history(item["media_id"]),
+                       ledger=site.archive.ledger_entries(item["media_id"]),
+                       n_boxes=len(item.get("face_boxes") or []), reachable=reachable,
+                       has_frames=bool(item.get("frame_p_fake")),
+                       models_quality=site.quality_for([item.get("model")]),
+                       review=review, choices=REVIEWS,
+                       review_state=review_state(review and review["review"],
+                                                 item.get("verdict")),
+                       reviews=site.archive.review_history(item["media_id"]),
+                       reviewer=site.reviewer, csrf=csrf, review_error=review_error,
+                       form=form or {})
+    resp.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict")
+    return resp
 
 
 def routes(site: Site) -> list[Route]:
     def _item(request: Request) -> dict:
-        try:
-            row = int(request.path_params["row"])
-        except ValueError:
-            raise BadRequest("the item number must be a whole number") from None
-        return site.archive.item(request.path_params["run_id"], row)
+        return item_of(site, request)
 
     def item_page(request: Request):
-        item = _item(request)
-        ev = site.archive.evidence(item, ".json")
-        meta = None
-        if ev is not None:
-            fs, path = ev
-            try:
-                with fs.open(path, "r") as f:
-                    meta = json.dumps(json.load(f), indent=2)
-            except storage_errors():
-                meta = None
-        shown = {k: v for k, v in item.items() if k not in
-                 ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}
-        base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
-        reachable = site.archive.media_reachable(item.get("uri"))
-        return site.render(request, "item.html", item=item, shown=shown, base=base,
-                           has_evidence=site.archive.evidence(item, ".png") is not None,
-                           evidence_json=meta, history=site.archive.history(item["media_id"]),
-                           ledger=site.archive.ledger_entries(item["media_id"]),
-                           n_boxes=len(item.get("face_boxes") or []), reachable=reachable,
-                           has_frames=bool(item.get("frame_p_fake")),
-                           models_quality=site.quality_for([item.get("model")]))
+        return render_item(site, request, _item(request))
 
     def item_file(request: Request):
         item = _item(request)

@@ -9,8 +9,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import MEDIA_TYPES, STATUSES, VERDICTS, ItemQuery
+from deepaudit.jobs.serve.data import (
+    MEDIA_TYPES,
+    REVIEW_FILTERS,
+    STATUSES,
+    VERDICTS,
+    ItemQuery,
+)
 from deepaudit.jobs.serve.site import Site
+from deepaudit.pipeline.reviews import review_state
 
 
 def routes(site: Site) -> list[Route]:
@@ -41,6 +48,10 @@ def routes(site: Site) -> list[Route]:
             return link(sort=col, order=order)
 
         models = sorted({r["model"] for r in page.rows if r["model"]}) or site.archive.models
+        for r in page.rows:  # the latest review of its media id, and what it says of r
+            found = site.archive.review_of(r["media_id"])
+            r["review_"] = found and {**found, "state": review_state(found["review"],
+                                                                     r["verdict"])}
         nav = {
             "first": link() if (q.after or q.before is not None) else None,
             "prev": link(before=page.prev_cursor,
@@ -53,7 +64,7 @@ def routes(site: Site) -> list[Route]:
         return site.render(request, "items.html", q=q, page=page,
                            columns=site.archive.list_shown, nav=nav, sort_link=sort_link,
                            export=export, verdicts=VERDICTS, statuses=STATUSES,
-                           media_types=MEDIA_TYPES,
+                           media_types=MEDIA_TYPES, review_filters=REVIEW_FILTERS,
                            models=site.archive.models, runs=list(site.archive.runs), link=link,
                            error_codes=site.archive.error_codes,
                            models_quality=site.quality_for(models)).body.decode()

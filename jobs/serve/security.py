@@ -234,6 +234,34 @@ class Guard:
         await self.app(scope, capped_receive, send_with_headers)
 
 
+def csrf_token(request: Request) -> str:
+    """The CSRF token of this browser (its cookie), or a new one to set."""
+    import secrets
+
+    return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+
+
+def origin_problem(request: Request, hosts: HostCheck) -> str | None:
+    """Why a form post must be refused (403) for its Origin, or None. The Host was checked
+    (Guard); the Origin must name this server too, not merely repeat the Host (a
+    rebinding page sends its own name in both)."""
+    origin = request.headers.get("origin")
+    port = (request.scope.get("server") or (None, None))[1]
+    if origin and origin != "null" and not hosts.allows_origin(origin, port):
+        return "the form was posted from another site"
+    return None
+
+
+def csrf_problem(request: Request, form) -> str | None:
+    """Why a form post must be refused (403) for its CSRF field, or None: it must match
+    the cookie (double submit; the cookie is HttpOnly and SameSite=Strict)."""
+    cookie, field = request.cookies.get(CSRF_COOKIE), form.get("csrf")
+    if not cookie or not isinstance(field, str) or \
+            not hmac.compare_digest(cookie.encode(), field.encode()):
+        return "the form's security token is missing or stale: reload the page and try again"
+    return None
+
+
 def _same_page_without_token(scope, request: Request) -> str:
     """The requested path (as sent, still %-encoded) and query without ``token``, always a
     path on this server: ``//evil.example/x`` becomes ``/evil.example/x``."""

@@ -65,12 +65,19 @@ class Site:
     check_lock: threading.Lock = field(default_factory=threading.Lock)  # one model call
     figures: dict = field(default_factory=dict)  # (run_id, kind) -> PNG
     page_cache: LRU = field(default_factory=lambda: LRU(512))  # rendered items pages
+    # Reviews: where they are written (a pipeline.reviews.ReviewStore), or why not.
+    review_store: Any = None
+    reviews_off: str | None = None
+    reviewer: str = "unknown"
+    review_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(60))
+    review_lock: threading.Lock = field(default_factory=threading.Lock)  # one write at a time
 
     def render(self, request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         ctx.setdefault("models_quality", [])
         html = self.env.get_template(name).render(
             request=request, target=self.archive.target, n_items=self.archive.n_items,
-            is_ledger=self.archive.is_ledger, has_check=self.checker is not None, **ctx)
+            is_ledger=self.archive.is_ledger, has_check=self.checker is not None,
+            reviews_off=self.reviews_off, **ctx)
         return HTMLResponse(html, status_code=status)
 
     def quality_for(self, models) -> list[dict]:
