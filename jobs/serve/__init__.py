@@ -50,11 +50,17 @@ def serve_command(
         metavar="IPS",
         help="Trust X-Forwarded-For/-Proto from these proxy addresses (comma-separated); "
              "never trusted by default.")] = None,
+    reviewer: Annotated[Optional[str], typer.Option(
+        metavar="NAME", help="Name recorded with each review (default: the OS user name).")]
+    = None,
+    review: Annotated[bool, typer.Option(
+        help="Let reviewers mark items fake, real or unsure (written to OUT_OR_LEDGER/"
+             "_reviews/; --no-review: read-only).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     """Browse an audit's verdicts in a web browser: runs, items (filter, sort, export),
-    each item's evidence and history, and check a file by upload. Read-only: it never
-    writes to the results."""
+    each item's evidence, history and review, and check a file by upload. It never changes
+    a verdict: reviews go to their own _reviews/ folder."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -77,13 +83,16 @@ def serve_command(
                   f"'deepaudit\\[serve]' ({escape(str(exc))})", soft_wrap=True)
         raise typer.Exit(2) from None
     from deepaudit.jobs.serve.security import HostCheck, token_problem
+    from deepaudit.pipeline.reviews import ReviewError, check_reviewer
 
     if token is not None and token_problem(token):
         err.print(f"[red]error:[/red] {escape(token_problem(token))}", soft_wrap=True)
         raise typer.Exit(2)
     try:
         HostCheck(host, allowed_host)
-    except ValueError as exc:
+        if reviewer is not None:
+            check_reviewer(reviewer)
+    except (ValueError, ReviewError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     import shutil
@@ -100,14 +109,14 @@ def serve_command(
     try:
         _serve(target, host, port, token, model, threshold, check, max_upload_mb,
                uploads_per_minute, s3_endpoint, verbose, upload_root, err,
-               allowed_host or [], forwarded_allow_ips)
+               allowed_host or [], forwarded_allow_ips, reviewer, review)
     finally:
         shutil.rmtree(upload_root, ignore_errors=True)
 
 
 def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
            uploads_per_minute, s3_endpoint, verbose, upload_root, err, allowed_hosts,
-           forwarded_allow_ips) -> None:
+           forwarded_allow_ips, reviewer, review) -> None:
     import socket
 
     import uvicorn
@@ -134,7 +143,8 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
         raise typer.Exit(2) from None
     app = create_app(archive, token=token, checker=checker, max_upload_mb=max_upload_mb,
                      uploads_per_minute=uploads_per_minute, upload_root=upload_root,
-                     host=host, allowed_hosts=allowed_hosts)
+                     host=host, allowed_hosts=allowed_hosts, reviewer=reviewer,
+                     reviews=review)
     # Bind here, so that the printed link has the real port (also with --port 0).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -152,6 +162,13 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
     link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
     err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
               f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
+    site = app.state.site
+    if site.reviews_off:
+        err.print(f"[yellow]note:[/yellow] {escape(site.reviews_off)}; the pages are read-only",
+                  soft_wrap=True)
+    else:
+        err.print(f"reviews go to {escape(site.review_store.uri)} as "
+                  f"{escape(site.reviewer)}", soft_wrap=True)
     config = server_config(app, host=host, port=port, verbose=verbose,
                            forwarded_allow_ips=forwarded_allow_ips)
     uvicorn.Server(config).run(sockets=[sock])

@@ -162,6 +162,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         HTTPException: http_error, Exception: internal})
     app.state.upload_root = upload_root
     app.state.archive = archive
+    app.state.site = site
 
     wrapped = Guard(app, token, max_upload, hosts, body_idle_s=body_idle_s,
                     body_total_s=body_total_s or max(60.0, float(max_upload_mb)))
