@@ -45,9 +45,9 @@ import numpy as np
 import typer
 from record import append_record, git_commit, machine  # bench/record.py, beside this script
 
+from deepaudit.infra.mediatypes import IMAGE_EXTENSIONS
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.pipeline.media import (
-    IMAGE_EXTENSIONS,
     DecodeConfig,
     decode_sampled,
     frame_defect,

@@ -28,14 +28,8 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deepaudit.infra.mediatypes import MEDIA_TYPES, media_type_by_name
 from deepaudit.infra.storage import StorageConfig, check_readable, filesystem_for, is_s3
-
-VIDEO_EXTENSIONS = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
-    ".flv", ".wmv", ".3gp", ".ogv", ".mxf", ".gif",
-)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif")
-MEDIA_TYPES = ("video", "image")
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -123,16 +117,6 @@ def glob_match(pattern: str, relative_key: str) -> bool:
     if glob_regex(pattern).match(relative_key):
         return True
     return "/" not in pattern and bool(glob_regex(pattern).match(relative_key.rsplit("/", 1)[-1]))
-
-
-def media_type_by_name(key: str) -> str | None:
-    """``video``/``image`` from the extension; ``None`` when the extension says nothing."""
-    lower = key.lower().rsplit("/", 1)[-1]
-    if lower.endswith(VIDEO_EXTENSIONS):
-        return "video"
-    if lower.endswith(IMAGE_EXTENSIONS):
-        return "image"
-    return None
 
 
 def has_extension(key: str) -> bool:

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from deepaudit.infra.mediatypes import MEDIA_TYPES, media_type_by_name
 from deepaudit.infra.storage import StorageConfig, check_readable, filesystem_for, is_s3
 
 # Columns the pipeline adds itself; manifest columns with these names are renamed.
@@ -239,8 +240,6 @@ def _keep_media_types(table: pa.Table, listing, source: str) -> pa.Table:
     the manifest's own ``media_type`` column (``deepaudit manifest`` writes one), else the
     file extension. A row whose type neither tells is kept: it is audited, and its
     verdict row says what it is."""
-    from deepaudit.infra.listing import MEDIA_TYPES, media_type_by_name
-
     wanted = set(listing.media_types) if listing is not None else set(MEDIA_TYPES)
     if wanted >= set(MEDIA_TYPES):
         return table

@@ -39,9 +39,8 @@ from fractions import Fraction
 import ffmpeg
 import numpy as np
 
+from deepaudit.infra.mediatypes import media_type_by_name
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, redact
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class MediaError(Exception):
@@ -111,7 +110,9 @@ class MediaInfo:
 
 
 def media_type_of(uri: str) -> str:
-    return "image" if uri.lower().endswith(IMAGE_EXTENSIONS) else "video"
+    """``image`` for an image extension (infra/mediatypes.py); anything else is decoded as
+    a video."""
+    return "image" if media_type_by_name(uri) == "image" else "video"
 
 
 def _sha256_file(path: str, chunk: int = 1 << 20) -> str:

@@ -38,15 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from deepaudit.infra.mediatypes import media_type_by_name
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3
 from deepaudit.pipeline.manifest import ManifestError, parse_label, read_manifest
-from deepaudit.pipeline.media import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv",
-                    ".wmv", ".ts")
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 LABELLED_SCHEMA = pa.schema([
     ("uri", pa.string()),
@@ -83,22 +79,13 @@ class LabelledSet:
         return dict(sorted(out.items()))
 
 
-def media_type_for(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(IMAGE_EXTENSIONS):
-        return "image"
-    if lower.endswith(VIDEO_EXTENSIONS):
-        return "video"
-    return None
-
-
 def _row(uri: str, label: int, group: str, *, links: Iterable[str] = (),
          sequence: str | None = None, source: str, method: str | None = None,
          media_id: str | None = None, media_type: str | None = None) -> dict:
     return {
         "uri": uri, "media_id": media_id or uri, "label": label, "group": group,
         "links": sorted(set(links) - {group}), "sequence": sequence, "source": source,
-        "method": method, "media_type": media_type or media_type_for(uri) or "video",
+        "method": method, "media_type": media_type or media_type_by_name(uri) or "video",
     }
 
 
@@ -141,7 +128,7 @@ class _Tree:
     def media(self, under: str = "") -> list[str]:
         under = under.strip("/")
         return [p for p in self.files()
-                if (not under or p.startswith(under + "/")) and media_type_for(p)]
+                if (not under or p.startswith(under + "/")) and media_type_by_name(p)]
 
 
 # --------------------------------------------------------------------------- layouts
