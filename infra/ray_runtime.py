@@ -7,8 +7,21 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What one Ray node offers."""
+
+    cpus: float
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.gpus < 0:
+            raise ValueError(f"node resources must be >= 0, got {self}")
 
 
 def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = True) -> str:
@@ -152,11 +165,9 @@ def cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
 
-def nodes() -> list:
+def nodes() -> list[NodeResources]:
     """The alive nodes of the connected cluster, as plan inputs."""
     import ray
-
-    from deepaudit.pipeline.plan import NodeResources
 
     return [
         NodeResources(cpus=float(n["Resources"].get("CPU", 0.0)),

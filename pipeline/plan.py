@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from deepaudit.infra.ray_runtime import NodeResources
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -125,18 +127,6 @@ def plan_stages(
     # call does not wait long for the decoders to fill a bigger batch.
     return StagePlan(n_dec, per_slot, actors, per_slot * calls, 0.0, batch_size or 2, threads,
                      crop_batch=CPU_CROP_BATCH, classify_calls=calls)
-
-
-@dataclass(frozen=True)
-class NodeResources:
-    """What one Ray node offers."""
-
-    cpus: float
-    gpus: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.cpus < 0 or self.gpus < 0:
-            raise ValueError(f"node resources must be >= 0, got {self}")
 
 
 # Device memory one 224 px crop may hold in flight through ResNeXt50_32x4d under fp16

@@ -1,6 +1,6 @@
 """The package's layering (docs/design.md, "Where code lives"), read from the source:
-nothing in pipeline/, models/ or infra/ imports jobs/; the stages import no Ray; no
-module imports another module's private name."""
+nothing in pipeline/, models/ or infra/ imports jobs/; infra/ imports no other folder;
+the stages import no Ray; no module imports another module's private name."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def test_library_folders_never_import_jobs(folder):
     bad = [f"{path.relative_to(REPO)}: {module}"
            for f, path, tree in MODULES if f == folder
            for module, _ in _imports(tree) if module.startswith("deepaudit.jobs")]
+    assert bad == []
+
+
+def test_infra_imports_no_other_folder():
+    """infra/ is the bottom layer: pipeline/, models/ and jobs/ build on it, never under."""
+    above = tuple(f"deepaudit.{f}" for f in FOLDERS if f != "infra")
+    bad = [f"{path.relative_to(REPO)}: {module}"
+           for f, path, tree in MODULES if f == "infra"
+           for module, _ in _imports(tree) if module.startswith(above)]
     assert bad == []
 
 

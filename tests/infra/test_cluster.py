@@ -18,8 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from deepaudit.infra.cluster import JobSpec, entrypoint, runtime_env
+from deepaudit.infra.ray_runtime import NodeResources
 from deepaudit.jobs.cli import app
-from deepaudit.pipeline.plan import NodeResources, StagePlan, plan_for_cluster, plan_stages
+from deepaudit.pipeline.plan import StagePlan, plan_for_cluster, plan_stages
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 
