@@ -86,7 +86,9 @@ def main(
     if record:
         append_record(Path(__file__).parent / "results" / "classifier_cost.jsonl", result)
     if write_card:
-        write_cost(models[0], result["models"][0], frames)
+        if handles[0].weights_path is None:
+            raise typer.BadParameter(f"{models[0]} has no card to write into")
+        write_cost(handles[0].weights_path, result["models"][0], frames)
 
 
 def branch_costs(model, size: int, frames: int, rounds: int) -> dict:
@@ -116,8 +118,9 @@ def branch_costs(model, size: int, frames: int, rounds: int) -> dict:
     finally:
         torch.set_num_threads(before)
     k = getattr(model, "clip_frames", None)
-    per_frame = out["cnn"] + (out["clip"] * min(k or frames, frames) / frames
-                              if "clip" in out else 0.0)
+    cnn = 0.0 if getattr(model, "clip_only", False) else out["cnn"]  # a CNN weight of 0
+    per_frame = cnn + (out["clip"] * min(k or frames, frames) / frames
+                       if "clip" in out else 0.0)
     return {"branch_ms_per_crop": out, "cpu_ms_per_frame": round(per_frame, 1)}
 
 
