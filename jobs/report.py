@@ -7,7 +7,8 @@ that comes from the data (media ids, URIs, error messages) is HTML-escaped.
 
 Sections carry stable ids for tests and for people who link to them: ``#summary``,
 ``#status-counts``, ``#histogram``, ``#roc`` and ``#confusion`` (when the manifest had
-labels), ``#flagged``, ``#errors``, ``#throughput``.
+labels), ``#flagged``, ``#reviews`` (when OUT has reviews: the precision among the
+reviewed flags), ``#errors``, ``#throughput``.
 """
 
 from __future__ import annotations
@@ -416,6 +417,30 @@ def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
             f'{"".join(items)}{more}</section>')
 
 
+def _reviews_section(data: RunData, storage: StorageConfig) -> str:
+    """Precision among the reviewed flags: of the flagged items a reviewer judged fake or
+    real (their latest review, OUT/_reviews/), the share judged fake. Empty without reviews."""
+    from deepaudit.pipeline.reviews import latest_reviews, read_reviews
+
+    latest = latest_reviews(read_reviews(data.out, storage))
+    if latest.num_rows == 0:
+        return ""
+    said = dict(zip(latest["media_id"].to_pylist(), latest["review"].to_pylist()))
+    rows = data.rows
+    flagged = rows.filter(pc.equal(rows.column("verdict"), "fake"))["media_id"].to_pylist()
+    got = [said[m] for m in flagged if m in said]
+    fake, real, unsure = (got.count(k) for k in ("fake", "real", "unsure"))
+    judged = fake + real
+    precision = f"<b>{fake / judged:.3f}</b> ({fake} of {judged})" if judged else "–"
+    kv = [("flagged fake", str(len(flagged))), ("reviewed", str(len(got))),
+          ("confirmed fake", str(fake)), ("overturned (reviewed real)", str(real)),
+          ("unsure", str(unsure)), ("precision among the reviewed flags", precision)]
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
+    return (f'<section id="reviews"><h2>Reviews</h2><p class="note">The latest review of each '
+            f"flagged item (OUT/_reviews/, written by deepaudit serve); unsure reviews are left "
+            f'out of the precision.</p><table class="kv">{body}</table></section>')
+
+
 def _errors_section(s: dict, rows: pa.Table, limit: int) -> str:
     codes = s.get("error_codes") or {}
     code_rows = [[_e(k), f'<span class="num">{_e(v)}</span>'] for k, v in codes.items()]
@@ -503,6 +528,7 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
         _histogram_section(s, scores, labels),
         _metrics_sections(s, scores, labels),
         _flagged_section(data, storage, top),
+        _reviews_section(data, storage),
         _errors_section(s, data.rows, max_errors),
         _throughput_section(s, data.rows),
     ]

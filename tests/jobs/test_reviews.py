@@ -300,3 +300,26 @@ def test_query_reviews_view_and_latest_review_column(out):
     assert run_query(str(bare), "SELECT count(*) AS n FROM reviews").to_pylist() == [{"n": 0}]
     assert run_query(str(bare), "SELECT count(review) AS n FROM latest").to_pylist() == \
         [{"n": 0}]
+
+
+def test_report_shows_the_precision_among_reviewed_flags(out):
+    from deepaudit.jobs.report import load_run, render_report
+    from deepaudit.pipeline.reviews import ReviewStore, review_row
+
+    assert 'id="reviews"' not in render_report(load_run(str(out), "run-1"))
+    rows = pq.read_table(out / "runs" / "run-1" / "verdicts-00000.parquet").to_pylist()
+    flagged = [r for r in rows if r["verdict"] == "fake"]
+    store = ReviewStore(str(out))
+    said = ["fake", "fake", "real", "unsure"]
+    store.append([review_row(r, v, None, "ann") for r, v in zip(flagged, said)])
+    store.append([review_row(flagged[2], "fake", "second look", "bob")])  # latest wins
+    store.append([review_row(next(r for r in rows if r["verdict"] == "real"), "fake",
+                             SCRIPT_ID, "ann")])  # not a flag: not counted
+    section = render_report(load_run(str(out), "run-1")).split('id="reviews"')[1]
+    section = section.split("</section>")[0]
+    assert f"<td>flagged fake</td><td>{len(flagged)}</td>" in section
+    assert "<td>reviewed</td><td>4</td>" in section
+    assert "<b>1.000</b> (3 of 3)" in section and "<td>unsure</td><td>1</td>" in section
+    store.append([review_row(flagged[0], "real", None, "ann")])
+    section = render_report(load_run(str(out), "run-1")).split('id="reviews"')[1]
+    assert "<b>0.667</b> (2 of 3)" in section
