@@ -158,10 +158,6 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
                   soft_wrap=True)
         raise typer.Exit(2) from None
     port = sock.getsockname()[1]
-    shown = "localhost" if host in LOOPBACK else (f"[{host}]" if ":" in host else host)
-    link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
-    err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
-              f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
     site = app.state.site
     if site.reviews_off:
         err.print(f"[yellow]note:[/yellow] {escape(site.reviews_off)}; the pages are read-only",
@@ -169,6 +165,10 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
     else:
         err.print(f"reviews go to {escape(site.review_store.uri)} as "
                   f"{escape(site.reviewer)}", soft_wrap=True)
+    shown = "localhost" if host in LOOPBACK else (f"[{host}]" if ":" in host else host)
+    link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
+    err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
+              f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
     config = server_config(app, host=host, port=port, verbose=verbose,
                            forwarded_allow_ips=forwarded_allow_ips)
     uvicorn.Server(config).run(sockets=[sock])

@@ -74,7 +74,7 @@ def review_setup(archive: Archive, enabled: bool) -> tuple[ReviewStore | None, s
     store = ReviewStore(archive.target, archive.storage)
     problem = store.problem()
     if problem:
-        log.warning("serve: reviews are off: %s", problem)
+        log.info("serve: reviews are off: %s", problem)
         return None, f"reviews are off: {problem}"
     return store, None
 

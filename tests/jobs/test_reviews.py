@@ -323,3 +323,63 @@ def test_report_shows_the_precision_among_reviewed_flags(out):
     store.append([review_row(flagged[0], "real", None, "ann")])
     section = render_report(load_run(str(out), "run-1")).split('id="reviews"')[1]
     assert "<b>0.667</b> (2 of 3)" in section
+
+
+def test_the_command_starts_read_only_and_says_why(out, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    (out / "_reviews").write_text("in the way")
+    exe = Path(sys.executable).parent / "deepaudit"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "NO_COLOR": "1", "COLUMNS": "300"}
+    proc = subprocess.Popen([str(exe), "serve", str(out), "--port", "0", "--no-check",
+                             "--reviewer", "ann"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stderr:  # until the line with the link
+            seen.append(line)
+            if found := re.search(r"serving on (http://\S+?:\d+)", line):
+                break
+        else:
+            raise AssertionError("serve did not start: " + "".join(seen)[-2000:])
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        text = "".join(seen)
+        assert "note: reviews are off: the review folder" in text and "is a file" in text
+        url = found[1].replace("localhost", "127.0.0.1")
+        page = requests.get(f"{url}/runs/run-1/items/0", timeout=30)
+        assert page.status_code == 200 and 'id="reviews-off"' in page.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    (out / "_reviews").unlink()
+    proc = subprocess.Popen([str(exe), "serve", str(out), "--port", "0", "--no-check",
+                             "--reviewer", "ann"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = next(ln for ln in proc.stderr if "reviews go to" in ln or "serving on" in ln)
+        assert f"reviews go to {out}/_reviews as ann" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.s3
+def test_reviews_of_an_s3_output(s3_server, s3fs_client, tmp_path):
+    from deepaudit.infra.storage import StorageConfig
+
+    local = tmp_path / "out"
+    write_run(local, "run-s3", verdict_rows("run-s3", 12, seed=5, prefix="s3://audit/media"))
+    s3fs_client.put(str(local), "audit/review-out", recursive=True)
+    storage = StorageConfig(endpoint_url=s3_server)
+    archive = open_archive("s3://audit/review-out", storage)
+    with running(create_app(archive, reviewer="ann")) as url:
+        c = Reviewer(url)
+        assert c.review("run-s3", 0, "fake", note="s3").status_code == 200
+        assert c.state("run-s3", 0)["review"]["note"] == "s3"
+    parts = s3fs_client.glob("audit/review-out/_reviews/review-*.parquet")
+    assert len(parts) == 1 and not s3fs_client.glob("audit/review-out/_reviews/.*")
+    got = run_query("s3://audit/review-out", "SELECT review FROM latest WHERE review IS NOT "
+                    "NULL", storage).to_pylist()
+    assert got == [{"review": "fake"}]
