@@ -72,7 +72,8 @@ def fit_calibration(scores: Sequence[float], labels: Sequence[int], bins: int = 
         ys[idx] = v
     ys = np.clip(ys, 0.005, 0.995) + np.arange(len(ys)) * 1e-4  # strictly increasing
     knots_x = [0.0, *xs, 1.0]
-    knots_y = [min(float(ys[0]), 0.005), *[float(v) for v in ys], max(float(ys[-1]), 0.995)]
+    knots_y = [min(float(ys[0]), 0.005) - 1e-4, *[float(v) for v in ys],
+               max(float(ys[-1]), 0.995) + 1e-4]
     return tuple(knots_x), tuple(knots_y)
 
 

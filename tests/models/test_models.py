@@ -283,3 +283,36 @@ def test_the_cnn_only_detector_still_ships():
     handle = resolve_model("effnet_lite0_lstm")
     assert handle.trained and file_sha256(handle.weights_path) == handle.sha256
     assert handle.card["training_data"]["recipe"]["recipe_file"] == "recipes/effnet_lite0.toml"
+
+
+def test_one_frame_items_show_one_number_and_name_their_head():
+    """An image's frame score is its item score, whatever head scored it (issue 24 #4)."""
+    torch.manual_seed(0)
+    model = create_model("effnet_lite_lstm_tiny").eval()
+    crops = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    scores = model.score(crops, [1, 3])
+    assert scores.frame_p[0] == scores.video_p[0]
+    assert scores.head == ["sequence", "sequence"]
+    with pytest.raises(ValueError, match="do not split"):
+        model.score(crops, [2, 3])
+
+
+def test_calibration_is_monotone_keeps_the_ranking_and_matches_observed_rates():
+    from deepaudit.jobs.metrics import roc_auc
+    from deepaudit.models.detector import calibrate, fit_calibration, reliability_table
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    raw = np.clip(0.3 * labels + rng.normal(0.35, 0.15, 2000), 0, 1)  # badly scaled scores
+    knots = fit_calibration(raw, labels)
+    p = calibrate(raw, knots)
+    assert np.all(np.diff(knots[0]) >= 0) and np.all(np.diff(knots[1]) > 0)
+    assert roc_auc(labels, p) == pytest.approx(roc_auc(labels, raw), abs=1e-3)
+    for row in reliability_table(p, labels):
+        if row["n"] >= 100:  # predicted and observed fake rates agree per bin
+            assert abs(row["mean_p"] - row["fake_rate"]) < 0.08, row
+    assert ModelConfig(arch="x", input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, frames=1,
+                       threshold=0.5, calibration=knots).calibration == knots
+    with pytest.raises(ValueError, match="increasing"):
+        ModelConfig(arch="x", input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, frames=1,
+                    threshold=0.5, calibration=((0.0, 1.0), (1.0, 0.0)))
