@@ -381,7 +381,7 @@ class WorkerLoop:
         sources = np.array([r["source"] for r in kept])[train_owners] if kept else None
         net = ray.train.torch.prepare_model(FrameNet(self.model), move_to_device=False)
         params = [p for p in FrameNet(self.model).parameters() if p.requires_grad]
-        trunk = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        trunk = [p for p in self.model.param_groups()["trunk"] if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(round(cfg.warmup_epochs * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -599,7 +599,7 @@ class WorkerLoop:
             return
         for p in self.model.parameters():
             p.requires_grad_(False)
-        for p in list(self.model.lstm.parameters()) + list(self.model.video_head.parameters()):
+        for p in self.model.param_groups()["sequence_head"]:
             p.requires_grad_(True)
         self._event(type="info", message="phase 2: computing frame features")
         train, val = self._sequence_units()
