@@ -42,7 +42,12 @@ from deepaudit.jobs.options import check_device_here
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
 from deepaudit.models.registry import check_threshold
-from deepaudit.pipeline.dataset import LOST_ALONE_REASON, LOST_REASON, StageConfigs, audit_dataset
+from deepaudit.pipeline.dataset import (
+    LOST_ALONE_REASON,
+    LOST_REASON,
+    audit_dataset,
+    stage_configs,
+)
 from deepaudit.pipeline.evidence import (
     EvidenceConfig,
     drop_staging,
@@ -53,10 +58,9 @@ from deepaudit.pipeline.evidence import (
 from deepaudit.pipeline.incremental import prepare_incremental
 from deepaudit.pipeline.ledger import LedgerPolicy
 from deepaudit.pipeline.manifest import read_input
-from deepaudit.pipeline.media import DecodeConfig
 from deepaudit.pipeline.plan import StagePlan, plan_for_cluster
 from deepaudit.pipeline.schema import STATUS_ERROR, STATUSES
-from deepaudit.pipeline.stages import ClassifyConfig, CropConfig
+from deepaudit.pipeline.stages import ClassifyConfig
 from deepaudit.pipeline.writer import (
     ROLL_ROWS,
     ROLL_SECONDS,
@@ -133,20 +137,6 @@ class AuditConfig:
     def resolve_model(self) -> ModelHandle:
         """The model this audit scores with: the card's, with ``threshold`` if given."""
         return resolve_model(self.model).with_threshold(self.threshold)
-
-    def stage_configs(self, handle: ModelHandle, evidence: EvidenceConfig | None,
-                      crop_batch: int | None = None, threads: int = 0) -> StageConfigs:
-        """The two stages' own configs (``audit`` and ``check`` build their stages from
-        these). ``crop_batch`` and ``threads`` come from the actor plan when there is one."""
-        return StageConfigs(
-            decode=DecodeConfig(frames=self.frames or handle.config.frames,
-                                max_side=self.max_side),
-            detector=self.detector,
-            crop=CropConfig(size=handle.config.input_size),
-            classify=ClassifyConfig(device=self.device,
-                                    crop_batch=self.crop_batch or crop_batch or 64,
-                                    threads=threads, perturb=self.perturb),
-            handle=handle, storage=self.storage, evidence=evidence)
 
 
 def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceConfig | None:
@@ -358,7 +348,11 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
     configure_ray_data()
     total = manifest.num_rows if total is None else total
     try:
-        stages = cfg.stage_configs(handle, evidence, plan.crop_batch, plan.torch_threads)
+        stages = stage_configs(handle, frames=cfg.frames, max_side=cfg.max_side,
+                               detector=cfg.detector, device=cfg.device,
+                               crop_batch=cfg.crop_batch or plan.crop_batch or 64,
+                               threads=plan.torch_threads, perturb=cfg.perturb,
+                               storage=cfg.storage, evidence=evidence)
         ds = audit_dataset(manifest, plan, stages, isolate=isolate)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             with signals.deferred() if signals else contextlib.nullcontext():

@@ -64,28 +64,29 @@ class Checker:
                  frames: int | None = None, device: str = "auto",
                  evidence_dir: str | None = DEFAULT_EVIDENCE_DIR, evidence_frames: int = 3,
                  run_id: str | None = None) -> None:
-        from deepaudit.jobs.audit import AuditConfig
+        from deepaudit.infra.storage import StorageConfig
+        from deepaudit.models.checkpoint import resolve_model
         from deepaudit.models.face_detector import FaceDetectorConfig
+        from deepaudit.pipeline.dataset import stage_configs
         from deepaudit.pipeline.evidence import EvidenceConfig
         from deepaudit.pipeline.stages import ClassifyStage, DecodeCropStage
         from deepaudit.pipeline.writer import new_run_id
 
-        # The audit's own configuration, composed, so a file is checked exactly as it is
-        # audited; only the detector may use a few threads in this one process.
-        threads = max(1, min(4, os.cpu_count() or 1))
-        audit = AuditConfig(manifest="-", output=".", model=model, threshold=threshold,
-                            frames=frames, device=device,
-                            detector=FaceDetectorConfig(threads=threads))
-        self.handle = audit.resolve_model()
+        self.handle = resolve_model(model).with_threshold(threshold)
         self.run_id = run_id or "check-" + new_run_id()
         self.evidence_root = (str(Path(evidence_dir).expanduser().absolute())
                               if evidence_dir else None)
         # The evidence cap counts over the checker's life: effectively none.
         evidence = (EvidenceConfig(root=self.evidence_root, run_id=self.run_id,
-                                   storage=audit.storage, max_items=2**62,
+                                   storage=StorageConfig(), max_items=2**62,
                                    top_k=evidence_frames)
                     if self.evidence_root else None)
-        stages = audit.stage_configs(self.handle, evidence)
+        # The audit's own stage configs, so a file is checked exactly as it is audited;
+        # only the detector may use a few threads in this one process.
+        threads = max(1, min(4, os.cpu_count() or 1))
+        stages = stage_configs(self.handle, frames=frames, device=device,
+                               detector=FaceDetectorConfig(threads=threads),
+                               evidence=evidence)
         self.decode = DecodeCropStage(stages.decode, stages.detector, stages.crop,
                                       stages.storage)
         self.classify = ClassifyStage(stages.handle, stages.classify, stages.evidence)

@@ -132,6 +132,23 @@ class StageConfigs:
     evidence: EvidenceConfig | None = None
 
 
+def stage_configs(handle: ModelHandle, *, frames: int | None = None, max_side: int = 1920,
+                  detector: FaceDetectorConfig | None = None, device: str = "auto",
+                  crop_batch: int = 64, threads: int = 0, perturb: str | None = None,
+                  storage: StorageConfig | None = None,
+                  evidence: EvidenceConfig | None = None) -> StageConfigs:
+    """The two stages' configs for ``handle`` (``audit`` and ``check`` both build their
+    stages from these). ``crop_batch`` and ``threads`` come from the actor plan when there
+    is one; ``frames`` overrides the card's."""
+    return StageConfigs(
+        decode=DecodeConfig(frames=frames or handle.config.frames, max_side=max_side),
+        detector=detector or FaceDetectorConfig(),
+        crop=CropConfig(size=handle.config.input_size),
+        classify=ClassifyConfig(device=device, crop_batch=crop_batch, threads=threads,
+                                perturb=perturb),
+        handle=handle, storage=storage or StorageConfig(), evidence=evidence)
+
+
 def audit_dataset(manifest: pa.Table, plan: StagePlan, stages: StageConfigs,
                   isolate: bool = False):
     """The audit pipeline: manifest rows → :class:`DecodeCropStage` → :class:`ClassifyStage`.
