@@ -295,8 +295,7 @@ def pipeline_runs(clips: list[Path], small: int, frames: int, flag_model: str, c
                 t0 = time.perf_counter()
                 summary = run_audit(AuditConfig(
                     manifest=str(manifest), output=str(Path(tmp) / out), model=flag_model,
-                    frames=frames, threshold=1e-6, evidence=with_ev, evidence_max=n,
-                    progress=False))
+                    frames=frames, threshold=1e-6, evidence=with_ev, evidence_max=n))
                 seconds_taken = time.perf_counter() - t0
                 assert summary["status"]["ok"] == summary["fakes"] == n, summary
                 return seconds_taken, summary

@@ -321,8 +321,7 @@ def main(
     n_clips = write_manifest(manifest, rows, images, clips, clip_every)
 
     cfg = AuditConfig(manifest=str(manifest), output=str(workdir / "out"),
-                      model=model or None, num_cpus=num_cpus or None, evidence=False,
-                      progress=False)
+                      model=model or None, num_cpus=num_cpus or None, evidence=False)
     if roll_rows:
         cfg = replace(cfg, roll_rows=roll_rows)
     if roll_seconds:

@@ -100,7 +100,6 @@ class AuditConfig:
     # can lose at most. docs/robustness.md has the measurement behind the defaults.
     roll_rows: int = ROLL_ROWS
     roll_seconds: float = ROLL_SECONDS
-    progress: bool = True
     # Evidence for flagged items (Grad-CAM strips under OUT/evidence/): on/off, the run's
     # cap (split over classifier actors: ceil(cap / actors) each), frames per item.
     evidence: bool = True
@@ -165,12 +164,12 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     storage = cfg.storage
     if cfg.address == "local":
         check_device_here(cfg.device)  # a cluster's GPUs are checked once it is joined
+    check_writable(cfg.output, storage, what="--output")  # before anything is read
+    if cfg.ledger:
+        check_writable(cfg.ledger, storage, what="--ledger")
     listed = ListingStats()
     manifest = read_input(cfg.manifest, storage, cfg.listing, listed)
     handle = cfg.resolve_model()
-    check_writable(cfg.output, storage, what="--output")
-    if cfg.ledger:
-        check_writable(cfg.ledger, storage, what="--ledger")
     run_id = cfg.run_id or new_run_id()
     run_dir = join(cfg.output, "runs", run_id)
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,

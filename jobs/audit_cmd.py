@@ -358,7 +358,7 @@ def audit_command(
     Exit code: 0 done, 1 the run failed, 2 usage error; with --fail-on, 4 an item was
     flagged fake (fake, any), else 3 an item could not be audited (error, any)."""
     from deepaudit.infra.listing import MEDIA_TYPES, ListingConfig
-    from deepaudit.infra.storage import StorageConfig, check_readable, check_writable
+    from deepaudit.infra.storage import StorageConfig, check_readable
     from deepaudit.jobs.audit import AuditConfig
     from deepaudit.jobs.interrupt import AuditInterrupted
     from deepaudit.pipeline.ledger import LedgerPolicy
@@ -372,7 +372,7 @@ def audit_command(
             num_cpus=num_cpus, storage=storage, decode_actors=decode_actors,
             classify_actors=classify_actors, batch_size=batch_size, torch_threads=torch_threads,
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
-            progress=progress, evidence=evidence, evidence_max=evidence_max, ledger=ledger,
+            evidence=evidence, evidence_max=evidence_max, ledger=ledger,
             roll_rows=roll_rows, roll_seconds=roll_seconds, min_cpus=min_cpus, min_gpus=min_gpus,
             retry_lost=retry_lost,
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
@@ -380,13 +380,11 @@ def audit_command(
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ()),
                                   media_types=tuple(media_type or MEDIA_TYPES)),
         )
-        # Before any work or progress bar: the device, then inputs and outputs.
+        # Before any work or progress bar: the device, then the input (run_audit checks
+        # the outputs before it reads anything).
         if address == "local":
             check_device_here(device)
         check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))
-        check_writable(output, storage, what="--output")
-        if ledger:
-            check_writable(ledger, storage, what="--ledger")
         summary = _run_with_progress(cfg, progress and not json_out)
     except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)

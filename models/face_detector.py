@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-LANDMARK_NAMES = ("right_eye", "left_eye", "nose", "mouth_right", "mouth_left")
-
 
 @dataclass(frozen=True)
 class FaceDetectorConfig:
@@ -46,7 +44,8 @@ class FaceDetectorConfig:
 
 @dataclass(frozen=True)
 class Face:
-    """One detection in frame pixels: box corners, confidence and 5 landmarks (x, y)."""
+    """One detection in frame pixels: box corners, confidence and 5 landmarks (x, y):
+    right eye, left eye, nose, mouth right, mouth left."""
 
     x1: float
     y1: float

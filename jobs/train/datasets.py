@@ -175,7 +175,6 @@ def _is_shared_manifest(path: str, storage: StorageConfig) -> bool:
     return {"relative_path", "label", "source_repo"} <= set(header)
 
 
-_FFPP_IDS = re.compile(r"(?:^|__)(\d{3})(?:_(\d{3}))?(?:__|$)")
 _SHARED_SOURCES = {
     "mosahil147/deepfake-datasets": "ffpp",
     "easontan03/fake-face-detection": "ciplab",

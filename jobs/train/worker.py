@@ -2,9 +2,9 @@
 
 Two phases, both here, both data-parallel (DDP over gloo on CPU, NCCL on GPU):
 
-1. **Frames**: the ResNeXt trunk and the per-frame head learn from single face crops
-   (images and video frames), augmented on the fly, with optional self-blended fakes
-   made from real crops. Validation: frame-level loss and ROC AUC.
+1. **Frames**: the CNN trunk (the recipe's architecture) and the per-frame head learn
+   from single face crops (images and video frames), augmented on the fly, with optional
+   self-blended fakes made from real crops. Validation: frame-level loss and ROC AUC.
 2. **Sequences**: the trunk is frozen; frame features of every item are computed once
    (a few augmented views each), and the LSTM and the video head learn from them:
    videos (random sorted subsets of their frames), images as one-frame sequences (the

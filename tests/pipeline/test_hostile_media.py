@@ -260,8 +260,7 @@ def test_a_real_audit_gives_one_too_large_row_each(ray_local, tiny_model, media,
         w.writeheader()
         w.writerows(rows)
     summary = run_audit(AuditConfig(manifest=str(manifest), output=str(tmp_path / "out"),
-                                    model=str(tiny_model), frames=4, evidence=False,
-                                    progress=False))
+                                    model=str(tiny_model), frames=4, evidence=False))
     by_id = {r["media_id"]: r for r in read_verdicts(summary["output"]).to_pylist()}
     assert summary["rows_out"] == summary["rows_in"] == len(rows) == len(by_id)
     assert summary["state"] == "completed" and summary["error_codes"] == {"too_large": 5}

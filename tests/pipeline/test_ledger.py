@@ -193,7 +193,7 @@ def test_abort_publishes_nothing(tmp_path):
 
 def _audit(manifest: str, out: str, ledger: str, model, frames: int = 2, **kw) -> dict:
     return run_audit(AuditConfig(manifest=manifest, output=out, model=str(model), frames=frames,
-                                 ledger=ledger, progress=False, **kw))
+                                 ledger=ledger, **kw))
 
 
 def _ledger_dupes(ledger: Ledger) -> int:

@@ -31,7 +31,7 @@ def test_three_runs_plain_dataset_read_is_exactly_the_entries(ray_local, tiny_mo
         shutil.copy(media[name], arch / f"{name}{media[name].suffix}")
     out, led = tmp_path / "out", tmp_path / "ledger"
     summaries = [run_audit(AuditConfig(manifest=str(arch), output=str(out), model=str(tiny_model),
-                                       frames=2, ledger=str(led), progress=False))
+                                       frames=2, ledger=str(led)))
                  for _ in range(3)]
     # Run 1 audits 5; the errored two are retried by runs 2 and 3 (max 3 attempts).
     assert [s["items"]["audited"] for s in summaries] == [5, 2, 2]
