@@ -16,21 +16,16 @@ from rich.table import Table
 
 from deepaudit.jobs.logs import setup_logging
 from deepaudit.jobs.options import check_device_here, check_endpoint
+from deepaudit.models.quality import quality_text
 
 console = Console(stderr=True)
 
 
 def _quality_line(quality: dict | None) -> str:
-    """The model's measured out-of-domain AUC, and its caveat in yellow."""
-    from rich.markup import escape
-
-    if not quality:
-        return "-"
-    auc = quality.get("ood_auc")
-    text = escape(quality.get("summary") or (
-        "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"))
-    caveat = quality.get("caveat")
-    return text + (f"\n[yellow]{escape(caveat)}[/yellow]" if caveat else "")
+    """The model's measured quality (:func:`quality_text`), and its caveat in yellow."""
+    caveat = (quality or {}).get("caveat")
+    return escape(quality_text(quality)) + (f"\n[yellow]{escape(caveat)}[/yellow]"
+                                            if caveat else "")
 
 
 def print_summary(summary: dict, out: Console | None = None) -> None:

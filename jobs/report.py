@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import typer
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+from deepaudit.models.quality import quality_text
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +241,6 @@ def _present(rows: pa.Table, names: list[str]) -> list[str]:
     return [n for n in names if n in rows.column_names]
 
 
-def _quality_html(quality: dict | None) -> str:
-    if not quality:
-        return "-"
-    auc = quality.get("ood_auc")
-    text = "not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"
-    return _e(text)
-
-
 def _summary_section(s: dict) -> str:
     ev = s.get("evidence") or {}
     trained = s.get("model_trained")
@@ -256,7 +249,7 @@ def _summary_section(s: dict) -> str:
         ("state", f'<span class="badge {_e(s.get("state"))}">{_e(s.get("state"))}</span>'),
         ("model", f'<span class="id">{_e(s.get("model"))}</span>'
                   + ("" if trained else ' <span class="badge">untrained</span>')),
-        ("model quality", _quality_html(s.get("model_quality"))),
+        ("model quality", _e(quality_text(s.get("model_quality")))),
         ("threshold", _fmt(s.get("threshold"))),
         ("manifest", f'<span class="id">{_e(s.get("manifest"))}</span>'),
         ("output", f'<span class="id">{_e(s.get("output"))}</span>'),

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deepaudit.models.quality import model_quality
 from deepaudit.models.registry import ModelConfig, create_model, get_config, list_models
 
 DEFAULT_MODEL = "clip_effnet_fused"
@@ -97,45 +98,6 @@ def save_checkpoint(
     card_path = weights_path.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return weights_path, card_path
-
-
-# Below this ROC AUC on media from sources the model never trained on, every verdict
-# surface carries a caveat.
-QUALITY_BAR = 0.80
-
-
-def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str, Any]:
-    """What a verdict's reader should know about the model: its measured out-of-domain ROC
-    AUC (``card["metrics"]["out_of_domain"]``), its leave-one-source-out mean AUC on the
-    training collection (``card["metrics"]["leave_one_source_out"]``), a one-line
-    ``summary`` of both, and a one-line caveat when either is below :data:`QUALITY_BAR`
-    or the out-of-domain AUC was never measured."""
-    metrics = (card or {}).get("metrics") or {}
-    ood = metrics.get("out_of_domain") or {}
-    auc = ood.get("roc_auc")
-    loso_block = metrics.get("leave_one_source_out") or {}
-    loso = loso_block.get("mean_auc")
-    parts = ["not measured" if auc is None else f"ROC AUC {auc:.2f} on unseen sources"]
-    if loso is not None:
-        scope = loso_block.get("scope")
-        parts.append(f"leave-one-source-out mean {loso:.2f}" + (f" ({scope})" if scope else ""))
-    out = {"ood_auc": auc, "ood_data": ood.get("data"), "loso_auc": loso, "bar": QUALITY_BAR,
-           "summary": "; ".join(parts), "caveat": None}
-    if not trained:
-        out["caveat"] = "untrained model: its scores are not evidence"
-    elif auc is None:
-        out["caveat"] = ("no accuracy on unseen sources was measured for this model: treat "
-                         "its verdicts as unverified leads")
-    elif auc < QUALITY_BAR:
-        out["caveat"] = (f"this model's ROC AUC on media from sources it never trained on is "
-                         f"{auc:.2f} (below {QUALITY_BAR:.2f}): a verdict is a lead for human "
-                         "review, not a finding")
-    elif loso is not None and loso < QUALITY_BAR:
-        # The out-of-domain set is small; the held-out-source mean is the sterner estimate.
-        out["caveat"] = (f"this model's mean ROC AUC on training sources held out one at a "
-                         f"time is {loso:.2f} (below {QUALITY_BAR:.2f}): a verdict is a lead "
-                         "for human review, not a finding")
-    return out
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def test_recipes_parse_and_the_command_line_wins(tmp_path):
 
 
 def test_model_quality_caveats():
-    from deepaudit.models.checkpoint import QUALITY_BAR, model_quality
+    from deepaudit.models.quality import QUALITY_BAR, model_quality
 
     low = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.71, "data": "x"}}})
     assert low["ood_auc"] == 0.71 and "0.71" in low["caveat"] and "below 0.80" in low["caveat"]

@@ -1,0 +1,35 @@
+"""The one line a model's quality is shown as (models/quality.py), in the run summary
+table and the HTML report alike."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from deepaudit.jobs.audit_cmd import print_summary
+from deepaudit.jobs.report import _summary_section
+from deepaudit.models.quality import model_quality, quality_text
+
+
+def test_quality_text_from_a_card_an_old_summary_and_none():
+    card = {"metrics": {"out_of_domain": {"roc_auc": 0.87},
+                        "leave_one_source_out": {"mean_auc": 0.78, "scope": "6 sources"}}}
+    assert quality_text(model_quality(card)) == (
+        "ROC AUC 0.87 on unseen sources; leave-one-source-out mean 0.78 (6 sources)")
+    assert quality_text({"ood_auc": 0.7}) == "ROC AUC 0.70 on unseen sources"  # no "summary"
+    assert quality_text({"ood_auc": None}) == "not measured"
+    assert quality_text(None) == "-"
+
+
+def test_summary_table_and_report_show_the_same_line():
+    quality = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.9},
+                                         "leave_one_source_out": {"mean_auc": 0.7}}})
+    summary = {"run_id": "r", "state": "completed", "model": "m@1", "model_trained": True,
+               "model_quality": quality, "rows_in": 1, "rows_out": 1,
+               "status": {"ok": 1}, "verdicts": {"fake": 1}, "error_codes": {}, "wall_s": 1.0,
+               "throughput_items_per_s": 1.0, "cluster": {"where": "local", "gpus": 0},
+               "evidence": None, "output": "out", "items": {}}
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    line = quality_text(quality)
+    assert "leave-one-source-out mean 0.70" in line
+    assert line in console.export_text() and line in _summary_section(summary)
