@@ -119,8 +119,6 @@ class AuditConfig:
     retry_lost: bool = True
 
     def __post_init__(self) -> None:
-        if self.frames is not None and self.frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {self.frames}")
         if self.roll_rows < 1 or self.roll_seconds <= 0:
             raise ValueError(f"--roll-rows must be >= 1 and --roll-seconds > 0, got "
                              f"{self.roll_rows} and {self.roll_seconds}")
@@ -134,8 +132,9 @@ class AuditConfig:
         ClassifyConfig(device=self.device, perturb=self.perturb)  # validates both
 
     def resolve_model(self) -> ModelHandle:
-        """The model this audit scores with: the card's, with ``threshold`` if given."""
-        return resolve_model(self.model).with_threshold(self.threshold)
+        """The model this audit scores with: the card's, with ``threshold`` and ``frames``
+        in place of the card's when given."""
+        return resolve_model(self.model).with_overrides(self.threshold, self.frames)
 
 
 def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceConfig | None:
@@ -167,9 +166,9 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
     check_writable(cfg.output, storage, what="--output")  # before anything is read
     if cfg.ledger:
         check_writable(cfg.ledger, storage, what="--ledger")
+    handle = cfg.resolve_model()  # the card with --threshold/--frames, validated
     listed = ListingStats()
     manifest = read_input(cfg.manifest, storage, cfg.listing, listed)
-    handle = cfg.resolve_model()
     run_id = cfg.run_id or new_run_id()
     run_dir = join(cfg.output, "runs", run_id)
     inc = prepare_incremental(manifest, cfg.ledger, cfg.ledger_policy, handle.model_id, run_id,
@@ -262,7 +261,7 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "model_trained": handle.trained,
         "model_quality": handle.quality,
         "threshold": handle.config.threshold,
-        "frames": cfg.frames or handle.config.frames,
+        "frames": handle.config.frames,
         "rows_in": manifest.num_rows,
         "rows_out": len(writer.seen),
         "items": inc.items(audited=len(writer.seen), failed=writer.status.get(STATUS_ERROR, 0)),
@@ -347,7 +346,7 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
     configure_ray_data()
     total = manifest.num_rows if total is None else total
     try:
-        stages = stage_configs(handle, frames=cfg.frames, max_side=cfg.max_side,
+        stages = stage_configs(handle, max_side=cfg.max_side,
                                detector=cfg.detector, device=cfg.device,
                                crop_batch=cfg.crop_batch or plan.crop_batch or 64,
                                threads=plan.torch_threads, perturb=cfg.perturb,

@@ -72,7 +72,7 @@ class Checker:
         from deepaudit.pipeline.stages import ClassifyStage, DecodeCropStage
         from deepaudit.pipeline.writer import new_run_id
 
-        self.handle = resolve_model(model).with_threshold(threshold)
+        self.handle = resolve_model(model).with_overrides(threshold, frames)
         self.run_id = run_id or "check-" + new_run_id()
         self.evidence_root = (str(Path(evidence_dir).expanduser().absolute())
                               if evidence_dir else None)
@@ -84,7 +84,7 @@ class Checker:
         # The audit's own stage configs, so a file is checked exactly as it is audited;
         # only the detector may use a few threads in this one process.
         threads = max(1, min(4, os.cpu_count() or 1))
-        stages = stage_configs(self.handle, frames=frames, device=device,
+        stages = stage_configs(self.handle, device=device,
                                detector=FaceDetectorConfig(threads=threads),
                                evidence=evidence)
         self.decode = DecodeCropStage(stages.decode, stages.detector, stages.crop,

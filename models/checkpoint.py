@@ -134,6 +134,15 @@ class ModelHandle:
             return self
         return replace(self, config=self.config.with_threshold(threshold))
 
+    def with_overrides(self, threshold: float | None = None,
+                       frames: int | None = None) -> ModelHandle:
+        """This model with the command line's ``--threshold`` and ``--frames`` in place of
+        the card's (``None``: the card's). Audit, evaluate and check all apply them here;
+        ModelConfig validates the result."""
+        changes = {k: v for k, v in (("threshold", threshold), ("frames", frames))
+                   if v is not None}
+        return replace(self, config=replace(self.config, **changes)) if changes else self
+
     def load(self, device: str | torch.device = "cpu") -> nn.Module:
         """Build the model, load and verify its weights, and return it in ``eval()`` mode
         on ``device``. Without weights the model is seeded (0), so it is deterministic."""

@@ -33,6 +33,13 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
+def check_frames(frames: int) -> int:
+    """The one rule for frames sampled per video (cards, --frames, the registry's)."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames per video (--frames) must be an integer >= 1, got {frames!r}")
+    return frames
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What a model needs around it: its builder name and arguments, the crop size and
@@ -52,6 +59,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        check_frames(self.frames)
         if self.calibration is not None:
             x, y = self.calibration
             if len(x) != len(y) or len(x) < 2 or list(x) != sorted(x) or list(y) != sorted(y):

@@ -132,16 +132,17 @@ class StageConfigs:
     evidence: EvidenceConfig | None = None
 
 
-def stage_configs(handle: ModelHandle, *, frames: int | None = None, max_side: int = 1920,
+def stage_configs(handle: ModelHandle, *, max_side: int = 1920,
                   detector: FaceDetectorConfig | None = None, device: str = "auto",
                   crop_batch: int = 64, threads: int = 0, perturb: str | None = None,
                   storage: StorageConfig | None = None,
                   evidence: EvidenceConfig | None = None) -> StageConfigs:
     """The two stages' configs for ``handle`` (``audit`` and ``check`` both build their
     stages from these). ``crop_batch`` and ``threads`` come from the actor plan when there
-    is one; ``frames`` overrides the card's."""
+    is one. Frames per video and the crop size are the handle's (its card's, or the
+    command line's through :meth:`ModelHandle.with_overrides`)."""
     return StageConfigs(
-        decode=DecodeConfig(frames=frames or handle.config.frames, max_side=max_side),
+        decode=DecodeConfig(frames=handle.config.frames, max_side=max_side),
         detector=detector or FaceDetectorConfig(),
         crop=CropConfig(size=handle.config.input_size),
         classify=ClassifyConfig(device=device, crop_batch=crop_batch, threads=threads,

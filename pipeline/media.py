@@ -53,7 +53,9 @@ class MediaError(Exception):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    frames: int = 16
+    # Frames sampled per video: the model card's, validated there (ModelConfig); the
+    # audit passes it in (pipeline.dataset.stage_configs), so it has no default here.
+    frames: int
     # Decoded frames are scaled so their long side is at most this (faces are cropped
     # from these frames; detection runs on a smaller copy).
     max_side: int = 1920
@@ -77,8 +79,6 @@ class DecodeConfig:
         if self.ffmpeg_threads < 0:
             raise ValueError(f"ffmpeg_threads must be >= 0 (0: ffmpeg decides), got "
                              f"{self.ffmpeg_threads}")
-        if self.frames < 1:
-            raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.max_side < 64:
             raise ValueError(f"max_side must be >= 64, got {self.max_side}")
         if self.max_pixels < 1 or self.max_frames < 1 or self.timeout_s <= 0:
@@ -338,8 +338,8 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale))) // 2 * 2, max(2, int(round(height * scale))) // 2 * 2
 
 
-def _run(args: list[str], timeout: float, location: str = "",
-         config: DecodeConfig | None = None) -> tuple[bytes, str]:
+def _run(args: list[str], timeout: float, location: str,
+         config: DecodeConfig) -> tuple[bytes, str]:
     """Run ffmpeg; returns (stdout, stderr). Output with a failed exit is still output
     (a truncated input gives its first frames); no output at all is an error."""
     def once() -> tuple[bytes, str]:
@@ -353,7 +353,7 @@ def _run(args: list[str], timeout: float, location: str = "",
         return proc.stdout, proc.stderr.decode("utf-8", "replace")
 
     try:
-        return _retrying(location, config or DecodeConfig(), once)
+        return _retrying(location, config, once)
     except subprocess.CalledProcessError as exc:
         raise _ffmpeg_error("decode_failed", exc) from None
 

@@ -48,6 +48,7 @@ def test_bad_input_matrix_rows_out_equal_rows_in(ray_local, tiny_model, media, t
     table = read_verdicts(summary["output"])
     assert table.num_rows == len(rows) == summary["rows_in"] == summary["rows_out"]
     assert summary["state"] == "completed" and summary["lost_rows"] == 0
+    assert summary["frames"] == 4  # --frames over the card's 8
     # The documented schema, then the manifest's extra column.
     assert table.schema.names[: len(VERDICT_SCHEMA)] == VERDICT_SCHEMA.names
     assert table.schema.names[len(VERDICT_SCHEMA):] == ["camera"]

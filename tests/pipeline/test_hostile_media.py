@@ -211,16 +211,16 @@ def test_a_billion_frames_under_a_raised_limit_still_ends_quickly(hostile):
 
 
 def test_size_limits_are_configurable(media):
-    with open_source(str(media["face_video"]), StorageConfig(), DecodeConfig()) as src:
-        info = probe(src, "x.mp4", DecodeConfig(max_frames=50, max_pixels=1_000_000))
+    with open_source(str(media["face_video"]), StorageConfig(), DecodeConfig(4)) as src:
+        info = probe(src, "x.mp4", DecodeConfig(4, max_frames=50, max_pixels=1_000_000))
         assert info.n_frames == 50 and info.width * info.height <= 1_000_000
         with pytest.raises(MediaError, match="too_large: the video claims 50 frames"):
-            probe(src, "x.mp4", DecodeConfig(max_frames=49))
+            probe(src, "x.mp4", DecodeConfig(4, max_frames=49))
         limit = f"too_large: {info.width}x{info.height} exceeds the 0.076799 MP limit"
         with pytest.raises(MediaError, match=limit):
-            probe(src, "x.mp4", DecodeConfig(max_pixels=info.width * info.height - 1))
+            probe(src, "x.mp4", DecodeConfig(4, max_pixels=info.width * info.height - 1))
     with pytest.raises(ValueError):
-        DecodeConfig(max_frames=0)
+        DecodeConfig(4, max_frames=0)
 
 
 def test_one_deadline_covers_every_ffmpeg_run_of_an_item(media):

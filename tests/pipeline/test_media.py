@@ -61,7 +61,7 @@ def test_single_threaded_ffmpeg_decodes_the_same_frames(media, seek_spacing_s):
     assert i1 == i2 and len(i1) == 4
     assert np.array_equal(f1, f2)
     with pytest.raises(ValueError, match="ffmpeg_threads"):
-        DecodeConfig(ffmpeg_threads=-1)
+        DecodeConfig(4, ffmpeg_threads=-1)
 
 
 def test_retinaface_finds_one_face_and_alignment_levels_eyes(media):

@@ -1,0 +1,33 @@
+"""Frames per video has one home: the model card, with --frames applied in one place
+(ModelHandle.with_overrides) and validated once, by ModelConfig; the stages' configs
+(pipeline.dataset.stage_configs) take it from the handle."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepaudit.jobs.audit import AuditConfig
+from deepaudit.models.checkpoint import resolve_model
+from deepaudit.pipeline.dataset import stage_configs
+
+
+def test_frames_and_crop_size_come_from_the_card():
+    card = resolve_model("resnext_lstm_tiny")
+    stages = stage_configs(card)
+    assert stages.decode.frames == card.config.frames == 8
+    assert stages.crop.size == card.config.input_size
+
+
+def test_the_override_is_applied_once_and_validated_there():
+    card = resolve_model("resnext_lstm_tiny")
+    over = card.with_overrides(threshold=0.3, frames=3)
+    assert (over.config.frames, over.config.threshold) == (3, 0.3)
+    assert card.with_overrides() is card
+    assert stage_configs(over).decode.frames == 3
+    audit = AuditConfig(manifest="m.csv", output="out", model="resnext_lstm_tiny", frames=5)
+    assert audit.resolve_model().config.frames == 5
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="frames per video"):
+            card.with_overrides(frames=bad)
+    with pytest.raises(ValueError, match="frames per video"):
+        AuditConfig(manifest="m.csv", output="out", frames=0).resolve_model()
