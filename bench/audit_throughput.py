@@ -77,7 +77,7 @@ def cpu_seconds() -> float:
 
 
 def make_clips(folder: Path, n: int, seconds: float) -> list[Path]:
-    from deepaudit.jobs.demo_media import make_test_clip
+    from deepaudit.pipeline.demo_media import make_test_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     clips = []

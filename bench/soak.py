@@ -1,7 +1,7 @@
 """Soak: does the driver's memory stay flat, and throughput steady, as the archive grows?
 
 Builds a Parquet manifest of ``--rows`` rows from a few small real media made locally
-(``deepaudit.jobs.demo_media``: the bundled face photos as JPEG/PNG, one face swap still,
+(``deepaudit.pipeline.demo_media``: the bundled face photos as JPEG/PNG, one face swap still,
 a faceless photo, and short Ken Burns clips), repeated under distinct media ids
 (``soak-000000``, ...): mostly images, one row in ``--clip-every`` a clip. Then runs ONE
 audit of it on a local Ray (default model, no evidence) and watches the driver:
@@ -131,7 +131,7 @@ def make_media(folder: Path, clip_seconds: float) -> tuple[list[Path], list[Path
 def _make_media(folder: Path, clip_seconds: float) -> None:
     import cv2
 
-    from deepaudit.jobs.demo_media import (
+    from deepaudit.pipeline.demo_media import (
         blend_face,
         face_photos,
         make_test_clip,

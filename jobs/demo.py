@@ -15,7 +15,7 @@ from deepaudit.pipeline.writer import read_verdicts
 
 def run_demo(workdir: Path, seconds: float = 4.0, model: str | None = None,
              console: Console | None = None) -> dict:
-    from deepaudit.jobs.demo_media import build_demo_archive
+    from deepaudit.pipeline.demo_media import build_demo_archive
 
     console = console or Console(stderr=True)
     workdir = workdir.absolute()

@@ -132,7 +132,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     """Generated media: good items and every kind of bad input the audit must survive."""
     import cv2
 
-    from deepaudit.jobs.demo_media import face_photos, make_test_clip, no_face_photos
+    from deepaudit.pipeline.demo_media import face_photos, make_test_clip, no_face_photos
 
     d = tmp_path_factory.mktemp("media")
     m: dict[str, Path] = {}

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from deepaudit.jobs.demo_media import encode_clip, face_photos, ken_burns_frames
 from deepaudit.models.face_detector import RetinaFaceDetector
+from deepaudit.pipeline.demo_media import encode_clip, face_photos, ken_burns_frames
 
 
 def _face_boxes() -> dict[str, tuple[float, float, float, float]]:

@@ -17,7 +17,7 @@ from deepaudit.models.sbi import SBIConfig, face_mask, self_blend
 @pytest.fixture(scope="module")
 def crop() -> np.ndarray:
     """A 96 px face crop of a bundled photo (as the audit would cut it, roughly)."""
-    from deepaudit.jobs.demo_media import face_photos
+    from deepaudit.pipeline.demo_media import face_photos
 
     photo = face_photos()["astronaut"]  # 512x512, face near the top centre
     return cv2.resize(np.ascontiguousarray(photo[20:280, 120:380]), (96, 96),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import retinaface
 
-from deepaudit.jobs.demo_media import (
+from deepaudit.pipeline.demo_media import (
     blend_face,
     build_demo_archive,
     encode_clip,
