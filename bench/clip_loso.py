@@ -106,7 +106,7 @@ def run_candidate(name: str, spec: dict, bank: dict, ks=(1, 2, 4, 8)) -> dict:
     import torch
 
     from deepaudit.jobs.metrics import roc_auc
-    from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
+    from deepaudit.models.clip_branch import ClipProbe, fit_probe
 
     meta, cls = bank["meta"], bank["cls"]
     src = np.array([m["source"] for m in meta])

@@ -310,13 +310,42 @@ def _calibrate(card_path: Path, labels: list[int], scores: list[float], cfg: Eva
     }
 
 
+def reviewed_manifest(reviews: str, output: str, storage=None) -> str:
+    """Write ``OUTPUT/reviewed_manifest.csv``: the latest review of each item reviewed in
+    ``reviews`` (an audit output or ledger) as ``uri,label,media_id``, fake or real
+    (unsure left out); return its path."""
+    import csv
+    import io
+
+    from deepaudit.infra.storage import filesystem_for, join
+    from deepaudit.pipeline.reviews import latest_reviews, read_reviews
+
+    latest = [r for r in latest_reviews(read_reviews(reviews, storage)).to_pylist()
+              if r["review"] in ("fake", "real") and r.get("uri")]
+    if not latest:
+        raise ValueError(f"--reviews {reviews}: no item there is reviewed fake or real yet "
+                         "(review items in deepaudit serve first)")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["uri", "label", "media_id"])
+    for r in latest:
+        w.writerow([r["uri"], r["review"], r["media_id"]])
+    path = join(output, "reviewed_manifest.csv")
+    fs, where = filesystem_for(path, storage)
+    fs.makedirs(where.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(where, "w") as f:
+        f.write(buf.getvalue())
+    return path
+
+
 def evaluate_command(
-    manifest: Annotated[str, typer.Argument(
-        metavar="MANIFEST",
+    manifest: Annotated[Optional[str], typer.Argument(
+        metavar="[MANIFEST]",
         help="Labelled manifest (csv/tsv/jsonl/parquet, local or s3://) with 'uri' and 'label' "
-             "(fake/real/1/0; other values count as unlabelled).")],
+             "(fake/real/1/0; other values count as unlabelled). Or give --reviews.")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for metrics.json, "
-                                        "roc.png, hist.png and the audit run (audit/).")],
+                                        "roc.png, hist.png and the audit run (audit/).")]
+        = "",
     model: Annotated[Optional[str], typer.Option(
         help="Registered name or checkpoint (.json card / .safetensors). Default: the shipped "
              "default weights.")] = None,
@@ -341,11 +370,16 @@ def evaluate_command(
     address: Annotated[str, typer.Option(help="'local', 'auto' or ray://HOST:PORT.")] = "local",
     num_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs for a local Ray.")] = None,
     s3_endpoint: S3Endpoint = None,
+    reviews: Annotated[Optional[str], typer.Option(
+        metavar="OUT", help="Measure the model on the items reviewed in this audit output or "
+        "ledger (deepaudit serve's reviews: fake or real, unsure left out) instead of a "
+        "manifest.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]
         = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
-    """Audit a labelled manifest and report detection metrics (optionally calibrate)."""
+    """Audit a labelled manifest (or your reviewed items) and report detection metrics
+    (optionally calibrate)."""
     import sys
 
     from rich.console import Console
@@ -361,6 +395,12 @@ def evaluate_command(
         from deepaudit.infra.storage import StorageConfig
 
         storage = StorageConfig(endpoint_url=s3_endpoint)
+        if not output:
+            raise ValueError("give --output (-o): the folder for metrics.json and the audit")
+        if (manifest is None) == (reviews is None):
+            raise ValueError("give a labelled MANIFEST or --reviews OUT (one of them)")
+        if reviews is not None:
+            manifest = reviewed_manifest(reviews, output, storage)
         # The manifest first, before the model, torch or Ray are touched.
         validate_eval_manifest(manifest, storage)
         cfg = EvalConfig.build(

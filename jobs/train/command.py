@@ -146,6 +146,9 @@ def run_train(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     if is_fused(cfg.model):
         return run_fused(cfg, on_event)
+    if cfg.reviews:
+        raise ValueError("--reviews adapts a fused detector's CLIP probe: use a fused recipe "
+                         "(e.g. --config recipes/clip_effnet_fused.toml)")
     import pyarrow.compute as pc
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -553,6 +556,10 @@ def train_command(
              "items. Every fake left out of training plus --sbi trains on self-blended "
              "fakes alone (the SBI paper's protocol) and validates on real manipulations.")
         ] = None,
+    reviews: Annotated[Optional[list[str]], typer.Option(hidden=True,
+        help="An audit output or ledger whose reviews (deepaudit serve) join the training "
+             "split as labelled items (fake/real; unsure left out), to adapt a fused "
+             "detector's CLIP probe to your archive; repeatable.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -566,7 +573,7 @@ def train_command(
     patch-size, seq-views, balance, epoch-crops, head-epochs, early-stop, patience,
     val-fraction, folds, fold, seed, gpu, cpus-per-worker, loader-workers, num-cpus,
     min-face-px, min-detect-side, decode-actors, checkpoint-storage, dtype, limit,
-    exclude, exclude-from-training. docs/training.md explains each.
+    exclude, exclude-from-training, reviews. docs/training.md explains each.
     """
     import sys
 
@@ -594,7 +601,8 @@ def train_command(
             min_detect_side=min_detect_side, decode_actors=decode_actors,
             checkpoint_storage=checkpoint_storage, s3_endpoint=s3_endpoint, resume=resume,
             dtype=dtype, limit=limit, exclude=tuple(exclude or ()),
-            exclude_from_training=tuple(exclude_from_training or ()))
+            exclude_from_training=tuple(exclude_from_training or ()),
+            reviews=tuple(reviews or ()))
         cfg = train_config(given, config, _explicit_options(ctx))
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)

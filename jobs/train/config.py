@@ -81,6 +81,10 @@ class TrainConfig:
     clip_max_per_source: int | None = None
     clip_frames: int | None = None
     clip_cnn_weight: float | None = None  # None: chosen on validation within sources
+    # Audit outputs or ledgers whose reviews join the training split (fused recipes), and
+    # the share of the probe's training weight those reviewed items carry.
+    reviews: tuple[str, ...] = ()
+    review_weight: float = 0.25
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import check_threshold, list_models
@@ -146,6 +150,8 @@ class TrainConfig:
                 "use --checkpoint-storage s3://... for checkpoints on a cluster")
         if self.clip_cnn_weight is not None and not 0.0 <= self.clip_cnn_weight <= 1.0:
             bad(f"clip_cnn_weight must be in [0, 1], got {self.clip_cnn_weight}")
+        if not 0.0 < self.review_weight < 1.0:
+            bad(f"review_weight must be in (0, 1), got {self.review_weight}")
         if self.clip_l2 < 0:
             bad(f"clip_l2 must be >= 0, got {self.clip_l2}")
         if self.clip_frames is not None and self.clip_frames < 1:

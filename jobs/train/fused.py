@@ -53,6 +53,43 @@ def _cap(items: list[dict], cap: int | None, seed: int) -> list[dict]:
     return [it for it in items if it["item_key"] in keep]
 
 
+def reviewed_items(targets, storage) -> tuple[list[dict], dict]:
+    """Labelled rows (datasets.LABELLED_SCHEMA) from the latest review of each item in
+    ``targets`` (audit outputs or ledgers): fake or real; unsure left out."""
+    from deepaudit.infra.mediatypes import media_type_by_name
+    from deepaudit.pipeline.reviews import latest_reviews, read_reviews
+
+    rows, counts = [], {"fake": 0, "real": 0, "unsure": 0}
+    for target in targets:
+        latest = latest_reviews(read_reviews(target, storage)).to_pylist()
+        for r in latest:
+            counts[r["review"]] = counts.get(r["review"], 0) + 1
+            if r["review"] not in ("fake", "real") or not r.get("uri"):
+                continue
+            key = f"review:{r['media_id']}"
+            rows.append({"uri": r["uri"], "media_id": key, "label": int(r["review"] == "fake"),
+                         "group": key, "links": [], "sequence": None, "source": "reviews",
+                         "method": None,
+                         "media_type": media_type_by_name(r["uri"]) or "video"})
+    return rows, counts
+
+
+def _with_reviews(table, rows: list[dict]):
+    """The split table plus reviewed items, all in the training split."""
+    import pyarrow as pa
+
+    from deepaudit.jobs.train.datasets import LABELLED_SCHEMA
+
+    known = set(table["uri"].to_pylist())
+    rows = [r for r in rows if r["uri"] not in known]  # a labelled item keeps its split
+    if not rows:
+        return table
+    extra = pa.Table.from_pylist(rows, schema=LABELLED_SCHEMA)
+    extra = extra.append_column("component", pa.array([r["group"] for r in rows]))
+    extra = extra.append_column("split", pa.array(["train"] * len(rows)))
+    return pa.concat_tables([table, extra.select(table.column_names).cast(table.schema)])
+
+
 def _item_logits(meta: list[dict], logits: np.ndarray, k: int | None) -> dict[str, float]:
     from deepaudit.models.fused import evenly_spaced
 
@@ -118,6 +155,12 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     labelled = load_inputs(list(cfg.inputs), storage, cfg.limit, cfg.exclude)
     table, record = split_table(labelled.table, cfg.split_config())
+    review_counts = None
+    if cfg.reviews:
+        rows, review_counts = reviewed_items(cfg.reviews, storage)
+        table = _with_reviews(table, rows)
+        emit({"type": "info", "message": f"reviews: {review_counts} (fake and real ones "
+              "join the training split)"})
     cnn_split = ((cnn_handle.card.get("training_data") or {}).get("split") or {}).get("groups")
     leak = 0
     if cnn_split:
@@ -154,8 +197,13 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         meta, cls = [meta[j] for j in keep], cls[keep]
     labels = np.array([m["label"] for m in meta])
     sources = np.array([m["source"] for m in meta])
-    probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels,
-                      balanced_weights(labels, sources), l2=cfg.clip_l2)
+    weights = balanced_weights(labels, sources)
+    reviewed = sources == "reviews"
+    if reviewed.any() and not reviewed.all():  # the user's own archive: a fixed share
+        total, rest = weights.sum(), ~reviewed
+        weights[reviewed] *= cfg.review_weight * total / weights[reviewed].sum()
+        weights[rest] *= (1 - cfg.review_weight) * total / weights[rest].sum()
+    probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels, weights, l2=cfg.clip_l2)
 
     emit({"type": "info", "message": f"scoring {len(val)} validation items, both branches"})
     val_bank = build_bank(val, crop_arrays, crops.key,
@@ -228,6 +276,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
                         "probe_items": len(train), "probe_crops": len(meta),
                         "bank": asdict(bank_cfg)},
         "val_items": len(val), "crop_settings": cache_cfg.settings(), "split": record,
+        "reviews": {"from": list(cfg.reviews), "latest": review_counts,
+                    "weight": cfg.review_weight} if cfg.reviews else None,
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("output", "resume")},
     }
     weights, card = save_checkpoint(
