@@ -71,6 +71,10 @@ def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
         if fmt in ("csv", "tsv"):
             return pacsv.read_csv(
                 io.BytesIO(data),
+                # One thread: a command that fails on the manifest then exits with no Arrow
+                # thread pool alive (a pool torn down under load at exit aborted with
+                # "terminate called without an active exception"). Manifests parse fast.
+                read_options=pacsv.ReadOptions(use_threads=False),
                 # A quoted value may hold newlines; without newlines_in_values, a file over
                 # one block (1 MB) splits rows at such a newline and fails to parse.
                 parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
@@ -83,10 +87,11 @@ def _read_raw(uri: str, storage: StorageConfig) -> pa.Table:
                 ),
             )
         if fmt == "jsonl":
-            return pajson.read_json(io.BytesIO(data))
+            return pajson.read_json(io.BytesIO(data),
+                                    read_options=pajson.ReadOptions(use_threads=False))
         # ParquetFile reads repeated column names (read_table does not), so they get the
         # clear error of validate_manifest.
-        return pq.ParquetFile(io.BytesIO(data)).read()
+        return pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise ManifestError(f"cannot parse manifest {uri} as {fmt}: {exc}") from exc
 
