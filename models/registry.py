@@ -65,6 +65,11 @@ class ModelConfig:
             if len(x) != len(y) or len(x) < 2 or list(x) != sorted(x) or list(y) != sorted(y):
                 raise ValueError("calibration must be two increasing sequences of equal length")
 
+    def verdict(self, p_fake: float) -> str:
+        """The card's rule from a (calibrated) score to a verdict: fake at or above the
+        threshold."""
+        return "fake" if p_fake >= self.threshold else "real"
+
     def with_threshold(self, threshold: float | None) -> ModelConfig:
         """This config with another decision threshold (``None``: unchanged)."""
         return self if threshold is None else replace(self, threshold=float(threshold))

@@ -272,7 +272,7 @@ class ClassifyStage:
             row["p_fake"] = p
             row["margin"] = margin(p, self.threshold)
             if self.handle.trained:
-                row["verdict"] = "fake" if p >= self.threshold else "real"
+                row["verdict"] = self.handle.config.verdict(p)
             else:
                 row["verdict"] = None  # an untrained model's score is no verdict
                 row["error"] = "untrained_model: score withheld from verdict"
