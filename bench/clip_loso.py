@@ -5,7 +5,7 @@ source against reals it never saw: the source's own reals, and for fake-only sou
 (StyleGAN3, the other GAN faces, DFDC clips) the CelebA and CelebA-HQ photos, which are
 then left out of training too. Crops come from the audit's own decode/detect/align stage
 (the training crop cache at 224 px) and CLIP features from the float tower, cached
-(``jobs/train/clip_features.py``). Prints one JSON line per candidate and appends it to
+(``training/clip_features.py``). Prints one JSON line per candidate and appends it to
 ``bench/results/clip_loso.jsonl``; ``--report`` also scores ``../shared/data`` with the
 chosen candidate trained on everything (reported, never used to choose).
 
@@ -72,7 +72,7 @@ def select_items(cache_items, seed: int = 0) -> list[dict]:
 
 def item_scores(meta: list[dict], logits: np.ndarray, rows: np.ndarray, k: int) -> dict:
     """Mean frame logit per item over its first-``k`` evenly spaced bank frames."""
-    from deepaudit.jobs.train.clip_features import evenly_spaced
+    from deepaudit.training.clip_features import evenly_spaced
 
     per: dict[str, list] = {}
     for i in rows:
@@ -105,8 +105,8 @@ def weights_for(spec: dict, lab, src, view):
 def run_candidate(name: str, spec: dict, bank: dict, ks=(1, 2, 4, 8)) -> dict:
     import torch
 
-    from deepaudit.jobs.metrics import roc_auc
     from deepaudit.models.clip_branch import ClipProbe, fit_probe
+    from deepaudit.models.metrics import roc_auc
 
     meta, cls = bank["meta"], bank["cls"]
     src = np.array([m["source"] for m in meta])
@@ -152,9 +152,9 @@ def load_bank(data: str, augment: bool, perturb: str | None = None, thin: bool =
     import pyarrow.compute as pc  # noqa: F401
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.train.clip_features import BankConfig, build_bank
-    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.train.datasets import load_inputs
+    from deepaudit.training.clip_features import BankConfig, build_bank
+    from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.training.datasets import load_inputs
 
     labelled = load_inputs([data], StorageConfig())
     cache = build_crop_cache(labelled.table, CropCacheConfig(frames=16, size=224))
@@ -224,8 +224,8 @@ def score_report(name: str, bank: dict, data: str) -> dict:
     """Train ``name`` on the whole training bank and score ``data`` (plain and JPEG 50)."""
     import torch
 
-    from deepaudit.jobs.metrics import roc_auc
     from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
+    from deepaudit.models.metrics import roc_auc
 
     spec = CANDIDATES[name]
     meta, cls = bank["meta"], bank["cls"]

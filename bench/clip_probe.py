@@ -69,10 +69,10 @@ def main(
     import pyarrow.compute as pc
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.metrics import roc_auc
-    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.train.datasets import SplitConfig, load_inputs, split_table
+    from deepaudit.models.metrics import roc_auc
     from deepaudit.pipeline.media import sample_indices
+    from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.training.datasets import SplitConfig, load_inputs, split_table
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

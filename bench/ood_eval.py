@@ -37,14 +37,14 @@ def main(
     import pyarrow.compute as pc
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.metrics import binary_metrics, roc_auc
-    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.train.datasets import load_inputs
     from deepaudit.models.checkpoint import resolve_model
+    from deepaudit.models.metrics import binary_metrics, roc_auc
     from deepaudit.models.perturb import apply_perturbation, parse_perturbations
     from deepaudit.pipeline.media import sample_indices
     from deepaudit.pipeline.schema import CROP_SCHEMA, table_from_rows
     from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage
+    from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.training.datasets import load_inputs
 
     t0 = time.perf_counter()
     handle = resolve_model(model)

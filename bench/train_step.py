@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import typer
 
-from deepaudit.jobs.train.worker import FrameNet
 from deepaudit.models.augment import AugmentConfig, augment
 from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.models.registry import create_model, get_config
+from deepaudit.training.worker import FrameNet
 
 
 def main(

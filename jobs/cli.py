@@ -14,7 +14,7 @@ from deepaudit.jobs.query import query_command
 from deepaudit.jobs.report import report_command
 from deepaudit.jobs.serve import serve_command
 from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command
-from deepaudit.jobs.train.command import train_command
+from deepaudit.jobs.train_cmd import train_command
 
 app = typer.Typer(
     name="deepaudit",

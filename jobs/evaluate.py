@@ -101,7 +101,7 @@ def _calibration_card(model: str | None) -> Path:
 
 
 def _block(labels: list[int], scores: list[float], threshold: float) -> dict | None:
-    from deepaudit.jobs.metrics import binary_metrics
+    from deepaudit.models.metrics import binary_metrics
 
     return binary_metrics(labels, scores, threshold).to_dict() if labels else None
 
@@ -162,7 +162,7 @@ def robustness(runs: dict[str, list[dict]], threshold: float) -> dict:
     """AUC, and recall and FPR at ``threshold``, per perturbation (``runs`` maps a
     perturbation's name to its verdict rows; ``none`` is the baseline), on the labelled
     items scored in every run, with each one's AUC change against the baseline."""
-    from deepaudit.jobs.metrics import binary_metrics
+    from deepaudit.models.metrics import binary_metrics
     from deepaudit.pipeline.manifest import parse_label
 
     def scored(rows: list[dict]) -> dict[str, tuple[int, float]]:
@@ -221,8 +221,8 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
     """Audit ``cfg.manifest`` with the model and write the metrics; return them."""
     from deepaudit.infra.storage import check_writable, filesystem_for, join
     from deepaudit.jobs.audit import run_audit
-    from deepaudit.jobs.metrics import histogram_png, roc_png
     from deepaudit.models.checkpoint import set_card_out_of_domain, set_card_threshold
+    from deepaudit.models.metrics import histogram_png, roc_png
     from deepaudit.models.perturb import parse_perturbations
     from deepaudit.pipeline.manifest import parse_label
     from deepaudit.pipeline.writer import read_verdicts
@@ -292,7 +292,7 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
 
 def _calibrate(card_path: Path, labels: list[int], scores: list[float], cfg: EvalConfig,
                summary: dict) -> dict:
-    from deepaudit.jobs.metrics import binary_metrics, threshold_at_fpr
+    from deepaudit.models.metrics import binary_metrics, threshold_at_fpr
 
     if 0 not in labels:
         raise ValueError("calibration needs scored real items (label real/0) in the manifest")

@@ -1,7 +1,7 @@
 """``deepaudit report OUT``: one self-contained HTML page about an audit run.
 
 The page needs no network to view: CSS is inline, every picture (matplotlib plots from
-:mod:`deepaudit.jobs.metrics`, evidence thumbnails) is a base64 ``data:`` URI, there is
+:mod:`deepaudit.models.metrics`, evidence thumbnails) is a base64 ``data:`` URI, there is
 no script, and a Content-Security-Policy forbids fetching anything else. Every string
 that comes from the data (media ids, URIs, error messages) is HTML-escaped.
 
@@ -295,7 +295,7 @@ def _count(rows: pa.Table, col: str) -> dict:
 def histogram_figure(scores: list[float], labels, threshold: float | None) -> bytes | None:
     """The run's score histogram (PNG; split by label when there are labels), or None when
     nothing was scored. The report and ``deepaudit serve`` draw it with this function."""
-    from deepaudit.jobs.metrics import histogram_png
+    from deepaudit.models.metrics import histogram_png
 
     if not scores:
         return None
@@ -311,7 +311,7 @@ def labelled_pairs(scores: list[float], labels) -> tuple[list[int], list[float]]
 def roc_figure(scores: list[float], labels) -> bytes | None:
     """The ROC curve (PNG) of the labelled, scored items, or None without both classes.
     The report and ``deepaudit serve`` draw it with this function."""
-    from deepaudit.jobs.metrics import roc_png
+    from deepaudit.models.metrics import roc_png
 
     y, x = labelled_pairs(scores, labels)
     if not (0 < sum(y) < len(y)):
@@ -330,7 +330,7 @@ def _histogram_section(s: dict, scores: list[float], labels) -> str:
 
 
 def _metrics_sections(s: dict, scores: list[float], labels) -> str:
-    from deepaudit.jobs.metrics import binary_metrics
+    from deepaudit.models.metrics import binary_metrics
 
     if labels is None:
         return ('<section id="metrics-note"><h2>ROC and confusion matrix</h2><p class="note">'

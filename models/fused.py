@@ -83,7 +83,7 @@ class FusedDetector(DetectorMixin, nn.Module):
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
         self.register_buffer("cdf_clip", levels.clone())
         # The CNN branch's weight in the average of the two CDF values (fitted by the
-        # fused recipe on validation, within sources; see jobs/train/fused.py).
+        # fused recipe on validation, within sources; see training/fused.py).
         self.register_buffer("cnn_weight", torch.tensor(0.5))
 
     def preprocessing(self) -> dict[str, BranchPreprocess]:

@@ -1,6 +1,7 @@
 """The package's layering (docs/design.md, "Where code lives"), read from the source:
-nothing in pipeline/, models/ or infra/ imports jobs/; infra/ imports no other folder;
-the stages import no Ray; no module imports another module's private name."""
+nothing in pipeline/, models/, infra/ or training/ imports jobs/; training/ is imported
+only by commands; infra/ imports no other folder; the stages import no Ray; no module
+imports another module's private name; jobs/ holds commands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("pipeline", "models", "jobs", "infra")
+FOLDERS = ("pipeline", "models", "jobs", "infra", "training")
 
 
 def _modules() -> list[tuple[str, Path, ast.Module]]:
@@ -35,11 +36,20 @@ def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
 MODULES = _modules()
 
 
-@pytest.mark.parametrize("folder", ["pipeline", "models", "infra"])
+@pytest.mark.parametrize("folder", ["pipeline", "models", "infra", "training"])
 def test_library_folders_never_import_jobs(folder):
     bad = [f"{path.relative_to(REPO)}: {module}"
            for f, path, tree in MODULES if f == folder
            for module, _ in _imports(tree) if module.startswith("deepaudit.jobs")]
+    assert bad == []
+
+
+@pytest.mark.parametrize("folder", ["pipeline", "models", "infra"])
+def test_the_runtime_never_imports_training(folder):
+    """Auditing needs no training code: only the train command reaches training/."""
+    bad = [f"{path.relative_to(REPO)}: {module}"
+           for f, path, tree in MODULES if f == folder
+           for module, _ in _imports(tree) if module.startswith("deepaudit.training")]
     assert bad == []
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from deepaudit.infra.listing import listing_table
 from deepaudit.infra.mediatypes import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_type_by_name
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.train.datasets import load_inputs
 from deepaudit.pipeline.media import DecodeConfig, decode_sampled, open_source, probe
+from deepaudit.training.datasets import load_inputs
 
 # Encoders for containers whose default codec would not fit a tiny test clip.
 CODECS = {".webm": ["-c:v", "libvpx"], ".ogv": ["-c:v", "libtheora"], ".wmv": ["-c:v", "wmv2"],

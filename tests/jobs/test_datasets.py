@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from deepaudit.jobs.train.datasets import (
+from deepaudit.training.datasets import (
     LABELLED_SCHEMA,
     DatasetError,
     SplitConfig,
@@ -145,7 +145,7 @@ def test_exclude_drops_a_source_or_one_label_of_it_and_counts_them(tmp_path):
 
 
 def test_exclude_from_training_keeps_validation_whole():
-    from deepaudit.jobs.train.datasets import drop_from_training
+    from deepaudit.training.datasets import drop_from_training
 
     t = pa.table({"source": ["a", "a", "a", "b"], "label": [0, 1, 1, 1],
                   "split": ["train", "train", "val", "train"]})

@@ -1,4 +1,4 @@
-"""``deepaudit evaluate``: a real (tiny) audit, metrics that agree with jobs.metrics on the
+"""``deepaudit evaluate``: a real (tiny) audit, metrics that agree with models.metrics on the
 verdicts, unscored items counted, plots written, and --calibrate writing the card."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
 from deepaudit.jobs.evaluate import EvalConfig, compute_metrics, run_evaluate
-from deepaudit.jobs.metrics import binary_metrics, threshold_at_fpr
+from deepaudit.models.metrics import binary_metrics, threshold_at_fpr
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 
@@ -56,7 +56,7 @@ def test_compute_metrics_by_hand():
 
 
 def test_youden_threshold_by_hand():
-    from deepaudit.jobs.metrics import threshold_max_youden
+    from deepaudit.models.metrics import threshold_max_youden
 
     # Scores 0.9 F, 0.8 F, 0.7 R, 0.4 R, 0.35 F, 0.1 R: J = TPR - FPR peaks (2/3) at 0.8.
     labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.7, 0.9]
@@ -104,7 +104,7 @@ def test_evaluate_runs_the_audit_and_calibrates_the_card(ray_local, tiny_card, m
     assert c["unscored_codes"] == {"no_face": 1, "not_media": 1}
     assert c["by_label"]["real"] == {"ok": 3, "no_face": 1}
 
-    # The figures are jobs.metrics' on the audit's own verdict rows.
+    # The figures are models.metrics' on the audit's own verdict rows.
     from deepaudit.pipeline.writer import read_verdicts
 
     verdicts = read_verdicts(result["audit_run"]).to_pylist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepaudit.jobs.metrics import (
+from deepaudit.models.metrics import (
     average_precision,
     binary_metrics,
     histogram_png,

@@ -15,10 +15,10 @@ import torch
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.train.command import run_train
-from deepaudit.jobs.train.config import TrainConfig
-from deepaudit.jobs.train.worker import CropDataset, FrameNet, SequenceNet, lr_lambda
 from deepaudit.models.registry import create_model
+from deepaudit.training.config import TrainConfig
+from deepaudit.training.run import run_train
+from deepaudit.training.worker import CropDataset, FrameNet, SequenceNet, lr_lambda
 
 from ..toy_data import build_toy_set
 
@@ -48,8 +48,8 @@ def test_train_config_refuses_impossible_values(tmp_path):
 def test_real_only_training_split_needs_self_blended_fakes():
     import pyarrow as pa
 
-    from deepaudit.jobs.train.command import check_usable
-    from deepaudit.jobs.train.datasets import DatasetError
+    from deepaudit.training.datasets import DatasetError
+    from deepaudit.training.run import check_usable
 
     items = pa.table({"split": ["train", "train", "val", "val"], "label": [0, 0, 0, 1]})
     with pytest.raises(DatasetError, match="both real and fake items"):
@@ -109,7 +109,7 @@ def test_train_help_is_short_and_every_recipe_key_is_documented():
 
     from typer.main import get_command
 
-    from deepaudit.jobs.train.config import TrainConfig
+    from deepaudit.training.config import TrainConfig
 
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0
@@ -146,8 +146,8 @@ def test_train_cli_reports_bad_inputs(tmp_path):
 def test_crop_cache_reuses_crops_and_records_failures(ray_local, toy, media, tmp_path):
     import pyarrow as pa
 
-    from deepaudit.jobs.train.crop_cache import CropCacheConfig, build_crop_cache, load_crops
-    from deepaudit.jobs.train.datasets import LABELLED_SCHEMA
+    from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.training.datasets import LABELLED_SCHEMA
 
     picks = [toy / "real/astronaut-00.jpg", toy / "fake/astronaut-00.jpg",
              toy / "real/astronaut-clip.mp4", media["no_face_image"], media["not_media"]]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepaudit.jobs.train.config import TrainConfig, read_recipe, train_config
-from deepaudit.jobs.train.worker import CropDataset, balanced_draw
 from deepaudit.models.efficientnet_lite import EfficientNetLite, round_channels
 from deepaudit.models.pretrained import imagenet_file, is_trunk_init, load_trunk, trunk_state
 from deepaudit.models.registry import create_model, get_config
+from deepaudit.training.config import TrainConfig, read_recipe, train_config
+from deepaudit.training.worker import CropDataset, balanced_draw
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -156,7 +156,7 @@ def test_summary_table_and_report_show_the_caveat():
 def test_train_command_line_options_beat_the_recipe(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import deepaudit.jobs.train.command as train
+    import deepaudit.training.run as train
     from deepaudit.jobs.cli import app
 
     seen = []

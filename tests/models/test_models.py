@@ -298,8 +298,8 @@ def test_one_frame_items_show_one_number_and_name_their_head():
 
 
 def test_calibration_is_monotone_keeps_the_ranking_and_matches_observed_rates():
-    from deepaudit.jobs.metrics import roc_auc
     from deepaudit.models.detector import calibrate, fit_calibration, reliability_table
+    from deepaudit.models.metrics import roc_auc
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 2000)

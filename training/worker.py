@@ -34,22 +34,22 @@ import torch
 from torch import Tensor, nn
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.metrics import (
+from deepaudit.models.augment import AugmentConfig, augment
+from deepaudit.models.checkpoint import ModelHandle
+from deepaudit.models.cnn_lstm import CNNLSTM
+from deepaudit.models.losses import BinaryLoss, LossConfig
+from deepaudit.models.metrics import (
     binary_metrics,
     roc_auc,
     threshold_at_fpr,
     threshold_max_youden,
 )
-from deepaudit.jobs.train.crop_cache import load_crops
-from deepaudit.models.augment import AugmentConfig, augment
-from deepaudit.models.checkpoint import ModelHandle
-from deepaudit.models.cnn_lstm import CNNLSTM
-from deepaudit.models.losses import BinaryLoss, LossConfig
 from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.models.pretrained import is_trunk_init, load_trunk
 from deepaudit.models.registry import ModelConfig, create_model
 from deepaudit.models.sbi import SBIConfig, self_blend
 from deepaudit.pipeline.media import sample_indices
+from deepaudit.training.crop_cache import load_crops
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.pt"

@@ -72,7 +72,7 @@ class TrainConfig:
     exclude: tuple[str, ...] = ()  # SOURCE or SOURCE:fake|real (datasets.excluded)
     exclude_from_training: tuple[str, ...] = ()  # the same rules, training split only
     recipe_file: str | None = None  # the --config file this run came from
-    # Fused detectors only (recipe keys; jobs/train/fused.py): the CNN branch's trained
+    # Fused detectors only (recipe keys; training/fused.py): the CNN branch's trained
     # checkpoint, the CLIP probe's blocks, L2 penalty and items per source and label, and
     # the CLIP frames per video on CPU.
     cnn_from: str | None = None
@@ -163,7 +163,7 @@ class TrainConfig:
         self.split_config()  # validates
 
     def split_config(self):
-        from deepaudit.jobs.train.datasets import SplitConfig
+        from deepaudit.training.datasets import SplitConfig
 
         return SplitConfig(self.val_fraction, self.folds, self.fold, self.seed)
 

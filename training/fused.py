@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepaudit.jobs.train.config import TrainConfig
+from deepaudit.training.config import TrainConfig
 
 QUANTILES = 101
 CLIP_PROVENANCE = (
@@ -83,7 +83,7 @@ def _with_reviews(table, rows: list[dict]):
     """The split table plus reviewed items, all in the training split."""
     import pyarrow as pa
 
-    from deepaudit.jobs.train.datasets import LABELLED_SCHEMA
+    from deepaudit.training.datasets import LABELLED_SCHEMA
 
     known = set(table["uri"].to_pylist())
     rows = [r for r in rows if r["uri"] not in known]  # a labelled item keeps its split
@@ -113,21 +113,21 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     import torch
 
     from deepaudit.infra.storage import StorageConfig, check_writable
-    from deepaudit.jobs.metrics import roc_auc, threshold_at_fpr
-    from deepaudit.jobs.train.clip_features import BankConfig, build_bank
-    from deepaudit.jobs.train.crop_cache import (
-        CropCacheConfig,
-        build_crop_cache,
-        default_cache_root,
-        load_crops,
-    )
-    from deepaudit.jobs.train.datasets import load_inputs, split_table
     from deepaudit.models.checkpoint import resolve_model, save_checkpoint
     from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
     from deepaudit.models.clip_vit import CONVERTED_SHA256, ONNX_SHA256, WHEEL_SPEC
     from deepaudit.models.detector import calibrate, fit_calibration, reliability_table
     from deepaudit.models.face_detector import FaceDetectorConfig
+    from deepaudit.models.metrics import roc_auc, threshold_at_fpr
     from deepaudit.models.registry import create_model, get_config
+    from deepaudit.training.clip_features import BankConfig, build_bank
+    from deepaudit.training.crop_cache import (
+        CropCacheConfig,
+        build_crop_cache,
+        default_cache_root,
+        load_crops,
+    )
+    from deepaudit.training.datasets import load_inputs, split_table
 
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
@@ -309,7 +309,7 @@ WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def within_source_auc(scores: np.ndarray, labels: list[int], sources: list[str]) -> dict:
     """ROC AUC inside each validation source that has both labels: real against fake of
     the same source, so telling sources apart earns nothing."""
-    from deepaudit.jobs.metrics import roc_auc
+    from deepaudit.models.metrics import roc_auc
 
     out = {}
     for src in sorted(set(sources)):
@@ -338,7 +338,7 @@ def choose_weight(u_cnn: np.ndarray, u_clip: np.ndarray, labels: list[int],
 
 
 def _metrics(preds: list[dict], t: float) -> dict:
-    from deepaudit.jobs.metrics import binary_metrics
+    from deepaudit.models.metrics import binary_metrics
 
     def block(rows: list[dict]) -> dict | None:
         if not rows:

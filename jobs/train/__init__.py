@@ -1,2 +1,0 @@
-"""``deepaudit train``: the command, its config and recipes, the Ray Train worker, the
-training inputs and the crop cache."""
