@@ -111,7 +111,7 @@ def test_job_spec_and_runtime_env(monkeypatch, tmp_path):
     (pkg,) = shipped["py_modules"]
     assert (Path(pkg) / "jobs" / "cli.py").is_file()
     assert (Path(pkg) / "pipeline" / "ledger.py").is_file()
-    assert (Path(pkg) / "jobs" / "train" / "worker.py").is_file()
+    assert (Path(pkg) / "training" / "worker.py").is_file()
     assert not list(Path(pkg).rglob("__pycache__"))
     for bad in ({"args": ()}, {"args": ("submit",)},
                 {"args": ("audit", "x.csv"), "env_names": ("AWS_SECRET_ACCESS_KEY=abc",)},
