@@ -13,8 +13,6 @@ reviewed flags), ``#errors``, ``#throughput``.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 from dataclasses import dataclass
@@ -29,11 +27,21 @@ import typer
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, join
 from deepaudit.models.quality import quality_text
+from deepaudit.pipeline.render import (
+    CSS,
+    esc,
+    fmt,
+    histogram_figure,
+    html_table,
+    img_tag,
+    labelled_pairs,
+    labels_scores,
+    present_columns,
+    roc_figure,
+)
 
 log = logging.getLogger(__name__)
 
-FAKE_LABELS = {"fake", "1", "true", "deepfake", "manipulated", "synthetic"}
-REAL_LABELS = {"real", "0", "false", "original", "pristine", "authentic"}
 COLUMNS = [
     "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "margin",
     "threshold", "n_frames_sampled", "n_frames_with_face", "evidence", "decode_ms",
@@ -121,37 +129,6 @@ def _latest_run_with_rows(fs, base: str) -> tuple[dict, list[str]] | None:
     return None
 
 
-def label_value(label) -> int | None:
-    """1 fake, 0 real, None unlabelled/unknown."""
-    if label is None:
-        return None
-    text = str(label).strip().lower()
-    return 1 if text in FAKE_LABELS else 0 if text in REAL_LABELS else None
-
-
-def _e(value) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _img(png: bytes, alt: str, mime: str = "image/png", cls: str = "plot") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:{mime};base64,{data}">'
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return _e(v)
-
-
-def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
 def _thumbnail(uri: str | None, media_id: str, run_id: str, out: str,
                storage: StorageConfig, width: int = 600) -> bytes | None:
     """A JPEG thumbnail of an evidence strip: at its recorded URI, else where it would be
@@ -184,84 +161,27 @@ def _thumbnail(uri: str | None, media_id: str, run_id: str, out: str,
     return None
 
 
-CSS = """
-:root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --fake:#c0392b;
-        --real:#1e8449; --warn:#b54708; }
-* { box-sizing: border-box; }
-body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-       color:var(--fg); background:var(--bg); }
-main { max-width:1180px; margin:0 auto; padding:24px; }
-h1 { margin:0 0 4px; font-size:24px; } h2 { font-size:18px; margin:0 0 12px; }
-.sub { color:var(--muted); margin-bottom:16px; }
-section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px 20px;
-          margin:0 0 16px; }
-.grid { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:16px; }
-.grid > section { margin:0; }
-table { border-collapse:collapse; width:100%; }
-th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
-         vertical-align:top; }
-th { color:var(--muted); font-weight:600; font-size:12px; text-transform:uppercase; }
-td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
-.kv td:first-child { color:var(--muted); width:34%; }
-.id { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px; word-break:break-all; }
-.badge { display:inline-block; padding:1px 8px; border-radius:10px; font-size:12px;
-         font-weight:600; color:#fff; background:var(--muted); }
-.badge.fake { background:var(--fake); } .badge.real { background:var(--real); }
-.badge.completed { background:var(--real); } .badge.failed { background:var(--fake); }
-.banner { border-left:4px solid var(--warn); background:#fffaeb; padding:10px 14px;
-          margin:0 0 16px; border-radius:4px; }
-.bar { height:10px; background:#98a2b3; border-radius:2px; display:inline-block; }
-.bar.ok, .bar.real { background:var(--real); } .bar.fake, .bar.error { background:var(--fake); }
-.bar.no_face { background:var(--warn); }
-img.plot { max-width:100%; height:auto; }
-img.thumb { max-width:600px; width:100%; border:1px solid var(--line); border-radius:4px; }
-.cm td, .cm th { text-align:center; width:33%; }
-.cm td.hit { background:#ecfdf3; font-weight:700; } .cm td.miss { background:#fef3f2; }
-.note { color:var(--muted); }
-.flagged-item { display:grid; grid-template-columns:360px 1fr; gap:16px; padding:12px 0;
-                border-bottom:1px solid var(--line); }
-.flagged-item .kv td:first-child { width:96px; }
-.flagged-item:last-child { border-bottom:0; }
-.err { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px; word-break:break-word; }
-"""
-
-
-def labels_scores(rows: pa.Table) -> tuple[list[float], list[int | None] | None]:
-    """The scored rows' p_fake and, when the rows carry real/fake labels, their labels."""
-    scored = [r for r in rows.select(_present(rows, ["p_fake", "label"])).to_pylist()
-              if r.get("p_fake") is not None]
-    scores = [float(r["p_fake"]) for r in scored]
-    if "label" not in rows.column_names:
-        return scores, None
-    labels = [label_value(r.get("label")) for r in scored]
-    return scores, (labels if any(v is not None for v in labels) else None)
-
-
-def _present(rows: pa.Table, names: list[str]) -> list[str]:
-    return [n for n in names if n in rows.column_names]
-
-
 def _summary_section(s: dict) -> str:
     ev = s.get("evidence") or {}
     trained = s.get("model_trained")
     rows = [
-        ("run id", f'<span class="id">{_e(s.get("run_id"))}</span>'),
-        ("state", f'<span class="badge {_e(s.get("state"))}">{_e(s.get("state"))}</span>'),
-        ("model", f'<span class="id">{_e(s.get("model"))}</span>'
+        ("run id", f'<span class="id">{esc(s.get("run_id"))}</span>'),
+        ("state", f'<span class="badge {esc(s.get("state"))}">{esc(s.get("state"))}</span>'),
+        ("model", f'<span class="id">{esc(s.get("model"))}</span>'
                   + ("" if trained else ' <span class="badge">untrained</span>')),
-        ("model quality", _e(quality_text(s.get("model_quality")))),
-        ("threshold", _fmt(s.get("threshold"))),
-        ("manifest", f'<span class="id">{_e(s.get("manifest"))}</span>'),
-        ("output", f'<span class="id">{_e(s.get("output"))}</span>'),
-        ("started / finished", f'{_e(s.get("started_at"))}<br>{_e(s.get("finished_at"))}'),
-        ("items in / out", f'{_e(s.get("rows_in"))} / {_e(s.get("rows_out"))}'
-                           + (f' ({_e(s.get("lost_rows"))} lost)' if s.get("lost_rows") else "")),
-        ("flagged fake", _e(s.get("fakes"))),
-        ("evidence written", f'{_e(ev.get("written", 0))}'
-                             + (f' (cap {_e(ev.get("max"))})' if ev.get("enabled") else " (off)")),
+        ("model quality", esc(quality_text(s.get("model_quality")))),
+        ("threshold", fmt(s.get("threshold"))),
+        ("manifest", f'<span class="id">{esc(s.get("manifest"))}</span>'),
+        ("output", f'<span class="id">{esc(s.get("output"))}</span>'),
+        ("started / finished", f'{esc(s.get("started_at"))}<br>{esc(s.get("finished_at"))}'),
+        ("items in / out", f'{esc(s.get("rows_in"))} / {esc(s.get("rows_out"))}'
+                           + (f' ({esc(s.get("lost_rows"))} lost)' if s.get("lost_rows") else "")),
+        ("flagged fake", esc(s.get("fakes"))),
+        ("evidence written", f'{esc(ev.get("written", 0))}'
+                             + (f' (cap {esc(ev.get("max"))})' if ev.get("enabled") else " (off)")),
     ]
     if s.get("run_error"):
-        rows.append(("run error", f'<span class="err">{_e(s["run_error"])}</span>'))
+        rows.append(("run error", f'<span class="err">{esc(s["run_error"])}</span>'))
     body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
     return f'<section id="summary"><h2>Run summary</h2><table class="kv">{body}</table></section>'
 
@@ -272,11 +192,11 @@ def _counts_section(s: dict, rows: pa.Table) -> str:
         trs = []
         for name, n in counts.items():
             width = round(160 * n / total)
-            trs.append(f'<tr data-{key}="{_e(name)}"><td>{_e(name)}</td>'
-                       f'<td class="num count">{_e(n)}</td>'
-                       f'<td><span class="bar {_e(name)}" style="width:{width}px"></span>'
+            trs.append(f'<tr data-{key}="{esc(name)}"><td>{esc(name)}</td>'
+                       f'<td class="num count">{esc(n)}</td>'
+                       f'<td><span class="bar {esc(name)}" style="width:{width}px"></span>'
                        "</td></tr>")
-        return (f"<h3>{_e(title)}</h3><table><thead><tr><th>{_e(key)}</th><th class=num>items"
+        return (f"<h3>{esc(title)}</h3><table><thead><tr><th>{esc(key)}</th><th class=num>items"
                 f"</th><th></th></tr></thead><tbody>{''.join(trs)}</tbody></table>")
 
     status = s.get("status") or _count(rows, "status")
@@ -292,39 +212,12 @@ def _count(rows: pa.Table, col: str) -> dict:
     return out
 
 
-def histogram_figure(scores: list[float], labels, threshold: float | None) -> bytes | None:
-    """The run's score histogram (PNG; split by label when there are labels), or None when
-    nothing was scored. The report and ``deepaudit serve`` draw it with this function."""
-    from deepaudit.models.metrics import histogram_png
-
-    if not scores:
-        return None
-    return histogram_png(scores, labels, threshold, title=f"p_fake ({len(scores)} items)")
-
-
-def labelled_pairs(scores: list[float], labels) -> tuple[list[int], list[float]]:
-    """(labels, scores) of the items with a real/fake label."""
-    pairs = [(lab, sc) for lab, sc in zip(labels or [], scores) if lab is not None]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def roc_figure(scores: list[float], labels) -> bytes | None:
-    """The ROC curve (PNG) of the labelled, scored items, or None without both classes.
-    The report and ``deepaudit serve`` draw it with this function."""
-    from deepaudit.models.metrics import roc_png
-
-    y, x = labelled_pairs(scores, labels)
-    if not (0 < sum(y) < len(y)):
-        return None
-    return roc_png(y, x, title=f"ROC ({len(y)} labelled items)")
-
-
 def _histogram_section(s: dict, scores: list[float], labels) -> str:
     png = histogram_figure(scores, labels, s.get("threshold"))
     if png is None:
         body = '<p class="note">No item was scored, so there is no score histogram.</p>'
     else:
-        body = _img(png, "histogram of p_fake")
+        body = img_tag(png, "histogram of p_fake")
         body += '<p class="note">Dashed line: the decision threshold.</p>'
     return f'<section id="histogram"><h2>Score histogram</h2>{body}</section>'
 
@@ -347,7 +240,7 @@ def _metrics_sections(s: dict, scores: list[float], labels) -> str:
         roc = ('<p class="note">A ROC curve needs both real and fake labelled items; '
                f"this run has {m.n_real} real and {m.n_fake} fake.</p>")
     else:
-        roc = _img(png, "ROC curve")
+        roc = img_tag(png, "ROC curve")
     (tn, fp), (fn, tp) = m.confusion_matrix()
     cm = (
         '<table class="cm"><thead><tr><th>true \\ predicted</th><th>real</th><th>fake</th>'
@@ -356,15 +249,15 @@ def _metrics_sections(s: dict, scores: list[float], labels) -> str:
         f'<td class="miss" data-cell="fn">{fn}</td><td class="hit" data-cell="tp">{tp}</td>'
         "</tr></tbody></table>"
     )
-    stats = [["accuracy", _fmt(m.accuracy)], ["precision", _fmt(m.precision)],
-             ["recall (TPR)", _fmt(m.recall)], ["false positive rate", _fmt(m.fpr)],
-             ["F1", _fmt(m.f1)], ["ROC AUC", _fmt(m.roc_auc)],
-             ["average precision", _fmt(m.average_precision)]]
+    stats = [["accuracy", fmt(m.accuracy)], ["precision", fmt(m.precision)],
+             ["recall (TPR)", fmt(m.recall)], ["false positive rate", fmt(m.fpr)],
+             ["F1", fmt(m.f1)], ["ROC AUC", fmt(m.roc_auc)],
+             ["average precision", fmt(m.average_precision)]]
     return (
         f'<div class="grid"><section id="roc"><h2>ROC curve</h2>{roc}{caveat}</section>'
         f'<section id="confusion"><h2>Confusion matrix</h2><p class="note">{m.n} labelled, '
         f"scored items at threshold {thr:.3f}.</p>{cm}"
-        f'{_table(["metric", "value"], stats, "kv")}</section></div>'
+        f'{html_table(["metric", "value"], stats, "kv")}</section></div>'
     )
 
 
@@ -382,22 +275,22 @@ def _flagged_section(data: RunData, storage: StorageConfig, top: int) -> str:
     for rank, r in enumerate(flagged, 1):
         thumb = _thumbnail(r.get("evidence"), r["media_id"], data.summary["run_id"], data.out,
                            storage)
-        pic = (_img(thumb, f"evidence for {r['media_id']}", "image/jpeg", "thumb") if thumb
+        pic = (img_tag(thumb, f"evidence for {r['media_id']}", "image/jpeg", "thumb") if thumb
                else '<p class="note">no evidence for this item (over the evidence cap, '
                     "evidence off, or its files are gone)</p>")
         label = r.get("label")
         facts = [
             ("rank", str(rank)),
-            ("media id", f'<span class="id">{_e(r["media_id"])}</span>'),
-            ("uri", f'<span class="id">{_e(r.get("uri"))}</span>'),
-            ("p_fake", f'<b>{_fmt(r.get("p_fake"))}</b> (margin {_fmt(r.get("margin"))})'),
-            ("frames with a face", f'{_e(r.get("n_frames_with_face"))} of '
-                                   f'{_e(r.get("n_frames_sampled"))} sampled'),
+            ("media id", f'<span class="id">{esc(r["media_id"])}</span>'),
+            ("uri", f'<span class="id">{esc(r.get("uri"))}</span>'),
+            ("p_fake", f'<b>{fmt(r.get("p_fake"))}</b> (margin {fmt(r.get("margin"))})'),
+            ("frames with a face", f'{esc(r.get("n_frames_with_face"))} of '
+                                   f'{esc(r.get("n_frames_sampled"))} sampled'),
         ]
         if label is not None:
-            facts.append(("label", _e(label)))
+            facts.append(("label", esc(label)))
         if r.get("evidence"):
-            facts.append(("evidence", f'<span class="id">{_e(r["evidence"])}</span>'))
+            facts.append(("evidence", f'<span class="id">{esc(r["evidence"])}</span>'))
         kv = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
         items.append(f'<div class="flagged-item"><table class="kv">{kv}</table>'
                      f"<div>{pic}</div></div>")
@@ -436,17 +329,18 @@ def _reviews_section(data: RunData, storage: StorageConfig) -> str:
 
 def _errors_section(s: dict, rows: pa.Table, limit: int) -> str:
     codes = s.get("error_codes") or {}
-    code_rows = [[_e(k), f'<span class="num">{_e(v)}</span>'] for k, v in codes.items()]
+    code_rows = [[esc(k), f'<span class="num">{esc(v)}</span>'] for k, v in codes.items()]
     not_ok = rows.filter(pc.not_equal(rows.column("status"), "ok"))
     n_bad = not_ok.num_rows
-    bad = not_ok.slice(0, limit).select(_present(rows, ["media_id", "status", "error"])).to_pylist()
-    body = _table(["error code", "items"], code_rows) if code_rows else \
+    shown = present_columns(rows, ["media_id", "status", "error"])
+    bad = not_ok.slice(0, limit).select(shown).to_pylist()
+    body = html_table(["error code", "items"], code_rows) if code_rows else \
         '<p class="note">No errors.</p>'
     if bad:
-        shown = [[f'<span class="id">{_e(r["media_id"])}</span>', _e(r["status"]),
-                  f'<span class="err">{_e((r.get("error") or "")[:400])}</span>']
+        shown = [[f'<span class="id">{esc(r["media_id"])}</span>', esc(r["status"]),
+                  f'<span class="err">{esc((r.get("error") or "")[:400])}</span>']
                  for r in bad]
-        body += "<h3>Items not scored</h3>" + _table(["media id", "status", "error"], shown,
+        body += "<h3>Items not scored</h3>" + html_table(["media id", "status", "error"], shown,
                                                        "error-rows")
         if n_bad > limit:
             body += f'<p class="note">{n_bad - limit} more not shown.</p>'
@@ -456,7 +350,7 @@ def _errors_section(s: dict, rows: pa.Table, limit: int) -> str:
 def _cluster_text(c) -> str:
     if not isinstance(c, dict):
         return "–"
-    return _e(f"{c.get('where')}: {c.get('cpus', 0):g} CPUs, {c.get('gpus', 0):g} GPUs")
+    return esc(f"{c.get('where')}: {c.get('cpus', 0):g} CPUs, {c.get('gpus', 0):g} GPUs")
 
 
 def _plan_text(p) -> str:
@@ -471,7 +365,7 @@ def _plan_text(p) -> str:
                 f"videos; torch threads {p['torch_threads']}")
     except (KeyError, TypeError, ValueError):
         text = json.dumps(p)
-    return _e(text)
+    return esc(text)
 
 
 def _throughput_section(s: dict, rows: pa.Table) -> str:
@@ -489,10 +383,10 @@ def _throughput_section(s: dict, rows: pa.Table) -> str:
             continue
         v = np.array([x for x in rows.column(col).to_pylist() if x is not None], dtype=float)
         if v.size:
-            stage.append([_e(col.replace("_ms", "")), f"{np.median(v):.0f}",
+            stage.append([esc(col.replace("_ms", "")), f"{np.median(v):.0f}",
                           f"{np.percentile(v, 90):.0f}", f"{v.max():.0f}"])
     body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
-    table = _table(["stage", "median ms / item", "p90 ms", "max ms"], stage) if stage else ""
+    table = html_table(["stage", "median ms / item", "p90 ms", "max ms"], stage) if stage else ""
     return (f'<section id="throughput"><h2>Throughput</h2><table class="kv">{body}</table>'
             f"{table}</section>")
 
@@ -514,7 +408,7 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
         banners.append(data.note[0].upper() + data.note[1:] + ".")
     if s.get("state") == "failed":
         banners.append("The run failed; rows it could not finish are error rows.")
-    banner = "".join(f'<div class="banner">{_e(b)}</div>' for b in banners)
+    banner = "".join(f'<div class="banner">{esc(b)}</div>' for b in banners)
     parts = [
         _summary_section(s),
         _counts_section(s, data.rows),
@@ -530,9 +424,9 @@ def render_report(data: RunData, storage: StorageConfig | None = None, top: int 
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>deepaudit report {_e(s.get('run_id'))}</title><style>{CSS}</style></head>"
+        f"<title>deepaudit report {esc(s.get('run_id'))}</title><style>{CSS}</style></head>"
         f"<body><main><h1>deepaudit report</h1><div class=sub>run "
-        f"<span class=id>{_e(s.get('run_id'))}</span> &middot; {_e(s.get('output'))}</div>"
+        f"<span class=id>{esc(s.get('run_id'))}</span> &middot; {esc(s.get('output'))}</div>"
         f"{banner}{''.join(parts)}</main></body></html>\n"
     )
 

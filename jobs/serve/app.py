@@ -96,7 +96,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
         raise ValueError(token_problem(token))
     hosts = HostCheck(host, allowed_hosts)
     css = (HERE / "static" / "serve.css").read_text()
-    from deepaudit.jobs.report import CSS as REPORT_CSS
+    from deepaudit.pipeline.render import CSS as REPORT_CSS
 
     stylesheet = REPORT_CSS + css
     max_upload = max_upload_mb * 2**20

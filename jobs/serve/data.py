@@ -551,7 +551,7 @@ class Archive:
         return self.cache.get(("run", run_id), make)
 
     def scores(self, run_id: str) -> tuple[list[float], list | None]:
-        from deepaudit.jobs.report import label_value
+        from deepaudit.pipeline.render import label_value
 
         cur = self.cursor()
         t = cur.sql("SELECT p_fake, label FROM items WHERE run_id = ? AND p_fake IS NOT NULL",

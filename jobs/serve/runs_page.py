@@ -27,7 +27,7 @@ def routes(site: Site) -> list[Route]:
                            models_quality=site.quality_for([model]))
 
     def run_figure(request: Request):
-        from deepaudit.jobs.report import histogram_figure, roc_figure
+        from deepaudit.pipeline.render import histogram_figure, roc_figure
 
         run_id, kind = request.path_params["run_id"], request.path_params["kind"]
         if kind not in ("histogram", "roc"):

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from deepaudit.jobs.audit import AuditConfig, run_audit
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.report import label_value, load_run, render_report
+from deepaudit.jobs.report import load_run, render_report
+from deepaudit.pipeline.render import label_value
 
 from ..browser import chrome
 
