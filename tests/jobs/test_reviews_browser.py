@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from deepaudit.jobs.serve.app import create_app
 from deepaudit.jobs.serve.data import open_archive
@@ -23,6 +23,10 @@ def test_review_an_item_in_chromium(tmp_path):
     with running(create_app(open_archive(str(out)), reviewer="ann")) as url:
         driver = chrome()
         find = lambda css: driver.find_elements("css selector", css)  # noqa: E731
+
+        def wait(cond) -> None:
+            WebDriverWait(driver, 30).until(lambda d: cond())
+
         try:
             driver.get(f"{url}/items?sort=manifest_row&order=asc")
             find('#items tbody tr td.media a')[2].click()
@@ -30,7 +34,9 @@ def test_review_an_item_in_chromium(tmp_path):
             find("#review-real")[0].click()  # the reviewer disagrees with "fake"
             find("#review-note-input")[0].send_keys("<b>a real person</b>, checked the source")
             find("#review-submit")[0].click()
-            assert driver.current_url.endswith("/runs/run-1/items/2#review")
+            # The post answers with a redirect: wait for the new page, not the old one.
+            wait(lambda: driver.current_url.endswith("/runs/run-1/items/2#review")
+                 and find("#review-value"))
             assert find("#review-value")[0].text == "real"
             assert find("#review-state")[0].text == "overturned"
             assert find("#review-note")[0].text == "<b>a real person</b>, checked the source"
@@ -42,12 +48,14 @@ def test_review_an_item_in_chromium(tmp_path):
             driver.get(f"{url}/items")
             Select(find('select[name="review"]')[0]).select_by_value("overturned")
             find("#apply")[0].click()
+            wait(lambda: "review=overturned" in driver.current_url)
             (row,) = find("#items tbody tr")
             assert row.find_element("css selector", "td.media a").get_attribute(
                 "href").endswith("/runs/run-1/items/2")
             assert row.find_element("css selector", "td.review").text == "overturned"
             Select(find('select[name="review"]')[0]).select_by_value("unreviewed")
             find("#apply")[0].click()
+            wait(lambda: "review=unreviewed" in driver.current_url)
             assert len(find("#items tbody tr")) == 11
             assert driver.execute_script("return window.__pwned === undefined")
         finally:
