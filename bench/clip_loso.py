@@ -72,7 +72,7 @@ def select_items(cache_items, seed: int = 0) -> list[dict]:
 
 def item_scores(meta: list[dict], logits: np.ndarray, rows: np.ndarray, k: int) -> dict:
     """Mean frame logit per item over its first-``k`` evenly spaced bank frames."""
-    from deepaudit.training.clip_features import evenly_spaced
+    from deepaudit.models.fused import evenly_spaced
 
     per: dict[str, list] = {}
     for i in rows:

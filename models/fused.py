@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deepaudit.models.clip_branch import CLIP_PREPROCESS, ClipProbe
+from deepaudit.models.clip_branch import CLIP_PREPROCESS, ClipProbe, probe_inputs
 from deepaudit.models.clip_vit import LAYERS, load_tower
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.detector import DetectorMixin, Scores
@@ -107,7 +107,8 @@ class FusedDetector(DetectorMixin, nn.Module):
         with torch.inference_mode():
             for c in crops.split(chunk):
                 cls = tower(norm(c), blocks=self.probe.blocks)[0]
-                out.append(self.probe.linear(_probe_features(cls)).squeeze(-1).float())
+                out.append(self.probe.linear(
+                    probe_inputs(cls, range(1, cls.shape[1] + 1))).squeeze(-1).float())
         return torch.cat(out) if out else torch.zeros(0)
 
     def raw_scores(self, crops: Tensor, lengths: Sequence[int], chunk: int = 64) -> Scores:
@@ -155,7 +156,6 @@ class FusedDetector(DetectorMixin, nn.Module):
         map equals its frame map: the item's logit is the mean of its frames' logits."""
         from torch.nn import functional as F
 
-        from deepaudit.models.clip_branch import probe_inputs
         from deepaudit.models.gradcam import Explanation
 
         device = next(self.parameters()).device
@@ -197,12 +197,6 @@ class FusedDetector(DetectorMixin, nn.Module):
                                    frame_p=frame_p[k0:k1], video_p=float(frame_p[k0:k1].mean())))
             k0 = k1
         return out
-
-
-def _probe_features(cls: Tensor) -> Tensor:
-    from deepaudit.models.clip_branch import probe_inputs
-
-    return probe_inputs(cls, tuple(range(1, cls.shape[1] + 1)))
 
 
 def _cnn_config(pre: BranchPreprocess):

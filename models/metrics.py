@@ -167,6 +167,23 @@ def binary_metrics(
     )
 
 
+def slice_metrics(preds: list[dict], threshold: float) -> dict:
+    """Item metrics at ``threshold`` (rows with ``label``, ``p_fake``, ``media_type`` and
+    ``source``): overall, per media type and per source; a slice with no rows is None."""
+
+    def block(rows: list[dict]) -> dict | None:
+        if not rows:
+            return None
+        return binary_metrics([r["label"] for r in rows], [r["p_fake"] for r in rows],
+                              threshold).to_dict()
+
+    out = {"overall": block(preds), "by_media_type": {}, "by_source": {}}
+    for key, name in (("media_type", "by_media_type"), ("source", "by_source")):
+        for value in sorted({r[key] for r in preds}):
+            out[name][value] = block([r for r in preds if r[key] == value])
+    return out
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

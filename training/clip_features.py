@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from deepaudit.models.augment import jpeg_roundtrip
 from deepaudit.models.clip_vit import CONVERTED_SHA256, LAYERS, cache_dir
+from deepaudit.models.fused import evenly_spaced
 from deepaudit.models.perturb import Perturbation, apply_perturbation
 from deepaudit.models.sbi import self_blend
 
@@ -46,13 +46,6 @@ class BankConfig:
     jpeg_max: int = 95
     perturb: str | None = None  # evaluation only: e.g. "jpeg:50"
     seed: int = 0
-
-
-def evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` positions spread over ``range(n)`` (all of them when ``n <= k``)."""
-    if n <= k:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
 
 def bank_key(crop_key: str, cfg: BankConfig) -> str:
@@ -141,7 +134,3 @@ def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
     wanted = {i["item_key"] for i in items}
     keep = [j for j, m in enumerate(meta) if m["item_key"] in wanted]
     return {"meta": [meta[j] for j in keep], "cls": cls[keep]}
-
-
-def threads(n: int) -> None:
-    torch.set_num_threads(n)

@@ -118,7 +118,7 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     from deepaudit.models.clip_vit import CONVERTED_SHA256, ONNX_SHA256, WHEEL_SPEC
     from deepaudit.models.detector import calibrate, fit_calibration, reliability_table
     from deepaudit.models.face_detector import FaceDetectorConfig
-    from deepaudit.models.metrics import roc_auc, threshold_at_fpr
+    from deepaudit.models.metrics import roc_auc, slice_metrics, threshold_at_fpr
     from deepaudit.models.registry import create_model, get_config
     from deepaudit.training.clip_features import BankConfig, build_bank
     from deepaudit.training.crop_cache import (
@@ -263,7 +263,7 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     preds = [{"item_key": k, "label": lab, "source": r["source"], "media_type": r["media_type"],
               "p_fake": float(v), "p_cnn": float(a), "p_clip": float(b)}
              for k, lab, r, v, a, b in zip(keys, y, val, p, c_cnn, c_clip)]
-    metrics = _metrics(preds, t)
+    metrics = {"val": slice_metrics(preds, t)}
     metrics["threshold"] = {"value": t, "rule": rule}
     metrics["branches_val_auc"] = {"cnn": roc_auc(y, c_cnn), "clip": roc_auc(y, c_clip),
                                    "fused": roc_auc(y, fused_raw)}
@@ -335,19 +335,3 @@ def choose_weight(u_cnn: np.ndarray, u_clip: np.ndarray, labels: list[int],
     best = max(scored, key=lambda w: (round(table[w]["mean"], 6), -abs(w - 0.5)))
     return best, {"rule": "best mean within-source validation AUC over the grid",
                   "grid": {str(k): v for k, v in table.items()}}
-
-
-def _metrics(preds: list[dict], t: float) -> dict:
-    from deepaudit.models.metrics import binary_metrics
-
-    def block(rows: list[dict]) -> dict | None:
-        if not rows:
-            return None
-        return binary_metrics([r["label"] for r in rows], [r["p_fake"] for r in rows],
-                              t).to_dict()
-
-    out = {"overall": block(preds), "by_media_type": {}, "by_source": {}}
-    for key, name in (("media_type", "by_media_type"), ("source", "by_source")):
-        for value in sorted({r[key] for r in preds}):
-            out[name][value] = block([r for r in preds if r[key] == value])
-    return {"val": out}

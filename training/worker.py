@@ -39,8 +39,8 @@ from deepaudit.models.checkpoint import ModelHandle
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.losses import BinaryLoss, LossConfig
 from deepaudit.models.metrics import (
-    binary_metrics,
     roc_auc,
+    slice_metrics,
     threshold_at_fpr,
     threshold_max_youden,
 )
@@ -744,18 +744,7 @@ class WorkerLoop:
         """Item-level validation metrics at the card's threshold ``t``: overall, per media
         type and per source (what ``deepaudit evaluate`` would report on the validation
         set; optimistic at a threshold chosen on it)."""
-
-        def block(rows: list[dict]) -> dict | None:
-            if not rows:
-                return None
-            return binary_metrics([r["label"] for r in rows], [r["p_fake"] for r in rows],
-                                  t).to_dict()
-
-        out = {"overall": block(preds), "by_media_type": {}, "by_source": {}}
-        for key, name in (("media_type", "by_media_type"), ("source", "by_source")):
-            for value in sorted({r[key] for r in preds}):
-                out[name][value] = block([r for r in preds if r[key] == value])
-        return out
+        return slice_metrics(preds, t)
 
 
 def train_loop_per_worker(config: dict) -> None:
