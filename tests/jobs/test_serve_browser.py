@@ -58,6 +58,10 @@ def test_serve_in_chromium(audited, tiny_model, media, tmp_path):
         driver = chrome()
         driver.set_window_size(1360, 1000)
         find = lambda css: driver.find_elements("css selector", css)  # noqa: E731
+
+        def wait(cond) -> None:  # a click navigates: read the new page, not the old one
+            WebDriverWait(driver, 30).until(lambda d: cond())
+
         try:
             driver.get(f"{url}/runs")
             (row,) = find(f'tr[data-run="{summary["run_id"]}"]')
@@ -65,7 +69,7 @@ def test_serve_in_chromium(audited, tiny_model, media, tmp_path):
             assert "ROC AUC" in quality or "not measured" in quality
             _shot(driver, "runs")
             row.find_element("css selector", "a").click()
-            assert summary["run_id"] in driver.title
+            wait(lambda: summary["run_id"] in driver.title)
             loaded = driver.execute_script(
                 "return Array.from(document.images).map(i => i.complete && i.naturalWidth)")
             assert len(loaded) == 2 and all(w and w > 100 for w in loaded), loaded  # hist, ROC
@@ -75,13 +79,16 @@ def test_serve_in_chromium(audited, tiny_model, media, tmp_path):
             assert len(find("#items tbody tr")) == 7
             Select(find('select[name="verdict"]')[0]).select_by_value("fake")
             find("#apply")[0].click()
+            wait(lambda: "verdict=fake" in driver.current_url)
             rows = find("#items tbody tr")
             assert len(rows) == summary["fakes"] == 4
             assert {r.get_attribute("data-verdict") for r in rows} == {"fake"}
             find('th a[data-sort="p_fake"]')[0].click()  # already p_fake desc: now ascending
+            wait(lambda: "order=asc" in driver.current_url)
             ps = [float(r.get_attribute("data-p")) for r in find("#items tbody tr")]
             assert ps == sorted(ps) and "order=asc" in driver.current_url
             find('th a[data-sort="p_fake"]')[0].click()
+            wait(lambda: "order=desc" in driver.current_url)
             ps = [float(r.get_attribute("data-p")) for r in find("#items tbody tr")]
             assert ps == sorted(ps, reverse=True)
             driver.get(f"{url}/items")
@@ -89,6 +96,7 @@ def test_serve_in_chromium(audited, tiny_model, media, tmp_path):
             # Open the top flagged item: evidence, frame plot and face boxes load.
             driver.get(f"{url}/items?verdict=fake&sort=p_fake")
             find("#items tbody tr td.media a")[0].click()
+            wait(lambda: find("#evidence-img"))
             for img in ("#evidence-img", "#faces-img", "#frames img"):
                 (el,) = find(img)
                 assert driver.execute_script(
