@@ -25,7 +25,7 @@ import typer
 from deepaudit.models.augment import AugmentConfig, augment
 from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.models.registry import create_model, get_config
-from deepaudit.training.worker import FrameNet
+from deepaudit.training.phase1 import FrameNet
 
 
 def main(

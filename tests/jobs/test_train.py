@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 from deepaudit.jobs.cli import app
 from deepaudit.models.registry import create_model
 from deepaudit.training.config import TrainConfig
+from deepaudit.training.loop import lr_lambda
+from deepaudit.training.phase1 import CropDataset, FrameNet
+from deepaudit.training.phase2 import SequenceNet
 from deepaudit.training.run import run_train
-from deepaudit.training.worker import CropDataset, FrameNet, SequenceNet, lr_lambda
 
 from ..toy_data import build_toy_set
 

@@ -13,7 +13,7 @@ from deepaudit.models.efficientnet_lite import EfficientNetLite, round_channels
 from deepaudit.models.pretrained import imagenet_file, is_trunk_init, load_trunk, trunk_state
 from deepaudit.models.registry import create_model, get_config
 from deepaudit.training.config import TrainConfig, read_recipe, train_config
-from deepaudit.training.worker import CropDataset, balanced_draw
+from deepaudit.training.phase1 import CropDataset, balanced_draw
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

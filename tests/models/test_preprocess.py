@@ -15,7 +15,7 @@ from deepaudit.models.checkpoint import resolve_model
 from deepaudit.models.preprocess import CropNormaliser
 from deepaudit.pipeline.schema import CROP_SCHEMA, table_from_rows
 from deepaudit.pipeline.stages import ClassifyConfig, ClassifyStage
-from deepaudit.training.worker import CropDataset, collate
+from deepaudit.training.phase1 import CropDataset, collate
 
 REPO = Path(__file__).resolve().parents[2]
 
