@@ -282,7 +282,7 @@ def pipeline_runs(clips: list[Path], small: int, frames: int, flag_model: str, c
     import ray
 
     from deepaudit.infra.ray_runtime import connect
-    from deepaudit.jobs.audit import AuditConfig, run_audit
+    from deepaudit.pipeline.audit import AuditConfig, run_audit
 
     connect("local", num_cpus=cores)
     time.sleep(5.0)  # let Ray's own start-up finish, as on a running cluster

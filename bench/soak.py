@@ -311,7 +311,7 @@ def main(
 ) -> None:
     import ray
 
-    from deepaudit.jobs.audit import AuditConfig, run_audit
+    from deepaudit.pipeline.audit import AuditConfig, run_audit
 
     if rows < WINDOWS:
         raise typer.BadParameter(f"--rows must be at least {WINDOWS}")

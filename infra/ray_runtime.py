@@ -236,3 +236,14 @@ def release_resource_request() -> None:
         request_resources(bundles=[])
     except Exception as exc:  # noqa: BLE001 - best effort at the end of a run
         log.debug("could not clear the resource request: %s", exc)
+
+
+def check_device_here(device: str) -> None:
+    """``--device cuda`` on a machine whose torch sees no CUDA device is a usage error,
+    found before any work (a classifier actor would otherwise fail on every item)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device on this machine; use "
+                             "--device auto (a GPU when there is one) or --device cpu")

@@ -1,6 +1,6 @@
-"""``deepaudit audit``: the command, its progress bar and the run summary it prints.
-The audit itself is :func:`deepaudit.jobs.audit.run_audit` (imported when it runs, so that
-``deepaudit --help`` stays fast)."""
+"""``deepaudit audit``: options in, :func:`deepaudit.pipeline.audit.run_audit` out (imported
+when it runs, so that ``deepaudit --help`` stays fast), then the summary
+(:mod:`deepaudit.pipeline.terminal`) and the exit code."""
 
 from __future__ import annotations
 
@@ -12,74 +12,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from deepaudit.jobs.logs import setup_logging
-from deepaudit.jobs.options import check_device_here, check_endpoint
-from deepaudit.models.quality import quality_text
+from deepaudit.jobs.options import check_endpoint
+from deepaudit.pipeline.terminal import print_summary, print_top_flagged, run_with_progress
 
 console = Console(stderr=True)
-
-
-def _quality_line(quality: dict | None) -> str:
-    """The model's measured quality (:func:`quality_text`), and its caveat in yellow."""
-    caveat = (quality or {}).get("caveat")
-    return escape(quality_text(quality)) + (f"\n[yellow]{escape(caveat)}[/yellow]"
-                                            if caveat else "")
-
-
-def print_summary(summary: dict, out: Console | None = None) -> None:
-    """The run summary as a table."""
-    out = out or Console()
-    e = lambda v: escape(str(v))  # noqa: E731 - ids, paths, codes and errors are data
-    t = Table(title=f"deepaudit run {e(summary['run_id'])} ({summary['state']})",
-              show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    trained = "" if summary["model_trained"] else "  [red]UNTRAINED: verdicts withheld[/red]"
-    rows = [
-        ("model", f"{e(summary['model'])}{trained}"),
-        ("model quality", _quality_line(summary.get("model_quality"))),
-        ("items in / out", f"{summary['rows_in']} / {summary['rows_out']}"),
-        *_skipped_row(summary),
-        *_items_row(summary),
-        ("status", ", ".join(f"{k} {v}" for k, v in summary["status"].items())),
-        ("verdicts", ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())),
-        ("error codes", ", ".join(f"{e(k)} {v}" for k, v in summary["error_codes"].items())
-         or "-"),
-        ("wall time", f"{summary['wall_s']:.1f} s"),
-        ("throughput", f"{summary['throughput_items_per_s']:.3f} items/s"),
-        ("cluster", f"{e(summary['cluster']['where'])}, {summary['cluster']['gpus']:.0f} GPU"),
-        ("evidence", _evidence_line(summary.get("evidence"))),
-        ("output", e(summary["output"])),
-    ]
-    if summary.get("interrupted"):
-        i = summary["interrupted"]
-        rows.append(("interrupted", f"[yellow]{i['signal']}: {i['done']} done, "
-                     f"{i['not_done']} not done[/yellow]"))
-    if summary.get("lost_rows") or summary.get("retried_alone"):
-        at = [k for k, _ in rows].index("error codes") + 1
-        rows.insert(at, ("lost", f"{summary.get('lost_rows', 0)} (after running "
-                         f"{summary.get('retried_alone', 0)} item(s) again, each alone)"))
-    if summary.get("run_error"):
-        rows.append(("run error", f"[red]{e(summary['run_error'])}[/red]"))
-    for k, v in rows:
-        t.add_row(k, str(v))
-    out.print(t)
-
-
-def print_top_flagged(summary: dict, n: int, out: Console | None = None) -> None:
-    """The ``n`` flagged items with the highest p_fake: id, p_fake and evidence path."""
-    top = (summary.get("top_flagged") or [])[:n]
-    if not top:
-        return
-    out = out or Console()
-    t = Table("media_id", "p_fake", "evidence", title=f"top {len(top)} flagged (of "
-              f"{summary['verdicts'].get('fake', 0)})", title_justify="left")
-    for r in top:
-        t.add_row(escape(str(r["media_id"])), f"{r['p_fake']:.3f}",
-                  escape(str(r["evidence"] or "-")))
-    out.print(t)
 
 
 class FailOn(str, Enum):
@@ -102,111 +40,6 @@ def exit_code(summary: dict, fail_on: FailOn | None) -> int:
     if fail_on in (FailOn.error, FailOn.any) and summary["status"].get("error", 0):
         return EXIT_ERRORS
     return EXIT_OK
-
-
-def _evidence_line(ev: dict | None) -> str:
-    if not ev or not ev.get("enabled"):
-        return "off"
-    missing = ev["flagged_without_evidence"]
-    over = f" ({missing} flagged over the cap)" if missing else ""
-    return f"{ev['written']} written to {escape(str(ev['dir']))}{over}"
-
-
-def _skipped_row(summary: dict) -> list[tuple[str, str]]:
-    """Input files the run did not audit: not media, or filtered out by the options."""
-    sk = summary.get("skipped") or {}
-    parts = [f"{sk['not_media']} not media" if sk.get("not_media") else "",
-             f"{sk['excluded']} by --include/--exclude/--media-type" if sk.get("excluded")
-             else ""]
-    parts = [p for p in parts if p]
-    return [("skipped", ", ".join(parts))] if parts else []
-
-
-def _items_row(summary: dict) -> list[tuple[str, str]]:
-    """The incremental counts: what the ledger made this run audit or skip."""
-    items = summary.get("items")
-    if not items or not items.get("ledger"):
-        return []
-    keys = ("new", "changed", "new_model", "retry", "skipped", "gave_up", "recovered",
-            "audited", "failed")
-    return [("items", ", ".join(f"{k} {items[k]}" for k in keys if k in items))]
-
-
-class RateEta:
-    """Items per second and the time left, measured from the first rows written (Ray's
-    start-up is not part of the rate): shown once a few items or seconds have passed, so
-    the estimate does not jump about on the first batch."""
-
-    def __init__(self, clock=None) -> None:
-        import time
-
-        self.clock = clock or time.monotonic
-        self.first: tuple[float, int] | None = None  # (when, done) of the first rows
-
-    def text(self, done: int, total: int | None) -> str:
-        now = self.clock()
-        if done and self.first is None:
-            self.first = (now, done)
-        if self.first is None:
-            return "starting"
-        t0, d0 = self.first
-        if done - d0 < 3 and now - t0 < 10 and not (total and done >= total):
-            return "measuring"
-        if done == d0:  # everything came in the first rows: no rate to tell
-            return ""
-        rate = (done - d0) / max(now - t0, 1e-6)
-        if rate <= 0:
-            return "0 items/s"
-        left = f", ETA {_clock((total - done) / rate)}" if total and total > done else ""
-        return f"{rate:.2f} items/s{left}"
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _run_with_progress(cfg, show: bool) -> dict:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    from deepaudit.jobs.audit import run_audit
-
-    if not show:
-        return run_audit(cfg)
-    eta = RateEta()
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(eta.text(int(task.completed), task.total), style="progress.remaining")
-
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        RateColumn(),
-        console=console,
-        transient=False,
-    )
-    task = progress.add_task("auditing", total=None)
-
-    def on_rows(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-        if not progress.live.is_started:  # the inputs were read and checked: show the bar
-            progress.start()
-
-    try:
-        return run_audit(cfg, on_rows=on_rows)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
 
 
 # audit --help panels: short lines that fit 80 columns (details in the README).
@@ -353,9 +186,10 @@ def audit_command(
     Exit code: 0 done, 1 the run failed, 2 usage error; with --fail-on, 4 an item was
     flagged fake (fake, any), else 3 an item could not be audited (error, any)."""
     from deepaudit.infra.listing import MEDIA_TYPES, ListingConfig
+    from deepaudit.infra.ray_runtime import check_device_here
     from deepaudit.infra.storage import StorageConfig, check_readable
-    from deepaudit.jobs.audit import AuditConfig
-    from deepaudit.jobs.interrupt import AuditInterrupted
+    from deepaudit.pipeline.audit import AuditConfig, run_audit
+    from deepaudit.pipeline.interrupt import AuditInterrupted
     from deepaudit.pipeline.ledger import LedgerPolicy
     from deepaudit.pipeline.manifest import ManifestError, is_manifest_file
 
@@ -380,7 +214,8 @@ def audit_command(
         if address == "local":
             check_device_here(device)
         check_readable(manifest, storage, what="MANIFEST", is_file=is_manifest_file(manifest))
-        summary = _run_with_progress(cfg, progress and not json_out)
+        summary = run_with_progress(lambda **kw: run_audit(cfg, **kw),
+                                    progress and not json_out, console)
     except (ManifestError, FileNotFoundError, ValueError, TimeoutError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -22,14 +22,3 @@ def check_endpoint(value: str | None) -> str | None:
 S3Endpoint = Annotated[Optional[str], typer.Option(
     "--s3-endpoint", metavar="URL", callback=check_endpoint,
     help="S3 endpoint URL (else AWS_ENDPOINT_URL).")]
-
-
-def check_device_here(device: str) -> None:
-    """``--device cuda`` on a machine whose torch sees no CUDA device is a usage error,
-    found before any work (a classifier actor would otherwise fail on every item)."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: torch sees no CUDA device on this machine; use "
-                             "--device auto (a GPU when there is one) or --device cpu")

@@ -1,6 +1,6 @@
 """Incremental audits: what this run audits given the ledger, and what it records there.
 
-Kept out of :mod:`deepaudit.jobs.audit` on purpose: the audit calls
+Kept out of :mod:`deepaudit.pipeline.audit` on purpose: the audit calls
 :func:`prepare_incremental` before it starts the pipeline, hands
 :meth:`Incremental.on_file_closed` to its verdict writer, and asks
 :meth:`Incremental.items` for the summary's counts.

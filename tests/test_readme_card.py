@@ -9,8 +9,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.models_cmd import ood_figures
 from deepaudit.models.checkpoint import resolve_model
+from deepaudit.pipeline.model_card import ood_figures
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

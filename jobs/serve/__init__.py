@@ -123,17 +123,17 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
     from rich.markup import escape
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.query import QueryError
     from deepaudit.jobs.serve.app import create_app
     from deepaudit.jobs.serve.data import open_archive
     from deepaudit.jobs.serve.server import server_config
+    from deepaudit.pipeline.query import QueryError
 
     try:
         with err.status(f"reading {escape(target)}..."):
             archive = open_archive(target, StorageConfig(endpoint_url=s3_endpoint))
         checker = None
         if check:
-            from deepaudit.jobs.check import Checker
+            from deepaudit.pipeline.check import Checker
 
             with err.status("loading the model and face detector for Check a file..."):
                 checker = Checker(model=model, threshold=threshold,

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
-from deepaudit.jobs.query import QueryError, connect
 from deepaudit.pipeline import reviews as rv
+from deepaudit.pipeline.query import QueryError, connect
 
 log = logging.getLogger(__name__)
 

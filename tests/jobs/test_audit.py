@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.audit import AuditConfig, run_audit
 from deepaudit.pipeline.manifest import read_manifest
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA, VERDICT_SCHEMA
 from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
@@ -120,7 +120,7 @@ import json, sys
 
 import ray
 
-from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.audit import AuditConfig, run_audit
 
 ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
          log_to_driver=False, runtime_env={"worker_process_setup_hook": "crashhook.install"})

@@ -17,12 +17,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit_cmd import print_summary
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.evaluate import validate_eval_manifest
-from deepaudit.jobs.query import run_query
+from deepaudit.pipeline.evaluation import validate_eval_manifest
 from deepaudit.pipeline.manifest import ManifestError, read_manifest
+from deepaudit.pipeline.query import run_query
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+from deepaudit.pipeline.terminal import print_summary
 from deepaudit.pipeline.writer import VerdictWriter
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.evaluate import EvalConfig, compute_metrics, run_evaluate
 from deepaudit.models.metrics import binary_metrics, threshold_at_fpr
+from deepaudit.pipeline.evaluation import EvalConfig, compute_metrics, run_evaluate
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 

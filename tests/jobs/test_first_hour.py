@@ -111,7 +111,7 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(tiny_model, media, tmp_path,
 
 @pytest.mark.ray
 def test_a_run_error_is_plain_text_naming_the_root_cause(ray_local):
-    from deepaudit.jobs.audit import root_cause
+    from deepaudit.pipeline.audit import root_cause
 
     @ray_local.remote
     def broken():
@@ -185,7 +185,7 @@ def test_fail_on_exit_codes():
 def test_a_wide_table_is_printed_whole_into_a_pipe(capsys):
     from rich.table import Table
 
-    from deepaudit.jobs.logs import print_table
+    from deepaudit.pipeline.terminal import print_table
 
     t = Table("slice", *(f"column{i}" for i in range(12)), "FPR", "last")
     t.add_row("media_type=video", *("0.123" for _ in range(12)), "0.050", "end")
@@ -195,7 +195,7 @@ def test_a_wide_table_is_printed_whole_into_a_pipe(capsys):
 
 
 def test_progress_rate_and_eta_settle_after_the_first_rows():
-    from deepaudit.jobs.audit_cmd import RateEta
+    from deepaudit.pipeline.terminal import RateEta
 
     now = [100.0]
     eta = RateEta(clock=lambda: now[0])
@@ -214,7 +214,7 @@ def test_audit_of_a_folder_as_a_user_runs_it(ray_local, tiny_model, media, tmp_p
 
     import pyarrow.parquet as pq
 
-    from deepaudit.jobs.models_cmd import CARD_METADATA_KEY
+    from deepaudit.pipeline.model_card import CARD_METADATA_KEY
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "archive" / "some" / "deep" / "folder" / "of" / "media"

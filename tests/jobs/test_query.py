@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.query import QueryError, run_query
 from deepaudit.pipeline.ledger import Ledger, ledger_rows
 from deepaudit.pipeline.manifest import validate_manifest
+from deepaudit.pipeline.query import QueryError, run_query
 from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
 from deepaudit.pipeline.writer import VerdictWriter
 
@@ -60,7 +60,7 @@ def _write_run(out: str, run_id: str, rows, prefix: str, when: datetime,
         face_boxes=[[]] * len(rows), frame_p_fake=[[]] * len(rows))
     import unittest.mock as mock
 
-    with mock.patch("deepaudit.jobs.audit.datetime") as dt:  # a fixed audited_at per run
+    with mock.patch("deepaudit.pipeline.audit.datetime") as dt:  # a fixed audited_at per run
         dt.now.return_value = when
         w.write(pa.table(cols, schema=STAGE_VERDICT_SCHEMA))
     w.close()

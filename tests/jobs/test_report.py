@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from deepaudit.jobs.audit import AuditConfig, run_audit
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.report import load_run, render_report
+from deepaudit.pipeline.audit import AuditConfig, run_audit
 from deepaudit.pipeline.render import label_value
+from deepaudit.pipeline.report import load_run, render_report
 
 from ..browser import chrome
 

@@ -18,9 +18,9 @@ import requests
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app as cli
-from deepaudit.jobs.query import run_query
 from deepaudit.jobs.serve.app import create_app
 from deepaudit.jobs.serve.data import open_archive
+from deepaudit.pipeline.query import run_query
 from tests.jobs.serve_helpers import SCRIPT_ID, T0, running, verdict_rows, write_run
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
@@ -303,7 +303,7 @@ def test_query_reviews_view_and_latest_review_column(out):
 
 
 def test_report_shows_the_precision_among_reviewed_flags(out):
-    from deepaudit.jobs.report import load_run, render_report
+    from deepaudit.pipeline.report import load_run, render_report
     from deepaudit.pipeline.reviews import ReviewStore, review_row
 
     assert 'id="reviews"' not in render_report(load_run(str(out), "run-1"))

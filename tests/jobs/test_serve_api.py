@@ -408,7 +408,7 @@ def test_a_cursor_naming_no_row_is_400(server):
 def test_upload_guards(out, media, tmp_path):
     """Check a file: CSRF token, size cap, type sniffed by content, per-client rate limit,
     and nothing left in the private upload folder."""
-    from deepaudit.jobs.check import Checker
+    from deepaudit.pipeline.check import Checker
 
     root = tmp_path / "uploads"
     checker = Checker(model="resnext_lstm_tiny", evidence_dir=str(root / "evidence"))

@@ -136,9 +136,9 @@ def test_model_quality_caveats():
 def test_summary_table_and_report_show_the_caveat():
     from rich.console import Console
 
-    from deepaudit.jobs.audit_cmd import print_summary
-    from deepaudit.jobs.report import _summary_section
     from deepaudit.models.checkpoint import model_quality
+    from deepaudit.pipeline.report import _summary_section
+    from deepaudit.pipeline.terminal import print_summary
 
     quality = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.66}}})
     summary = {"run_id": "r", "state": "completed", "model": "m@1", "model_trained": True,

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.evaluate import robustness
 from deepaudit.models.perturb import Perturbation, apply_perturbation, parse_perturbations
+from deepaudit.pipeline.evaluation import robustness
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from deepaudit.jobs.audit_cmd import print_summary
-from deepaudit.jobs.report import _summary_section
 from deepaudit.models.quality import model_quality, quality_text
+from deepaudit.pipeline.report import _summary_section
+from deepaudit.pipeline.terminal import print_summary
 
 
 def test_quality_text_from_a_card_an_old_summary_and_none():

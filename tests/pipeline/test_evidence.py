@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import AuditConfig, evidence_config, run_audit
 from deepaudit.models.checkpoint import resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
+from deepaudit.pipeline.audit import AuditConfig, evidence_config, run_audit
 from deepaudit.pipeline.evidence import (
     EvidenceConfig,
     EvidenceWriter,

@@ -249,7 +249,7 @@ def test_one_deadline_covers_every_ffmpeg_run_of_an_item(media):
 @pytest.mark.timeout(300)
 def test_a_real_audit_gives_one_too_large_row_each(ray_local, tiny_model, media, hostile,
                                                    tmp_path):
-    from deepaudit.jobs.audit import AuditConfig, run_audit
+    from deepaudit.pipeline.audit import AuditConfig, run_audit
     from deepaudit.pipeline.writer import read_verdicts
 
     rows = [{"uri": str(p), "media_id": name} for name, p in sorted(hostile.items())]

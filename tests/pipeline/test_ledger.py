@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepaudit.infra.storage import StorageConfig
-from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.audit import AuditConfig, run_audit
 from deepaudit.pipeline.ledger import (
     LEDGER_SCHEMA,
     Ledger,

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from deepaudit.jobs.audit import AuditConfig, run_audit
+from deepaudit.pipeline.audit import AuditConfig, run_audit
 from deepaudit.pipeline.ledger import LEDGER_SCHEMA, Ledger
 
 

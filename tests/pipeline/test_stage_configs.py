@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepaudit.jobs.audit import AuditConfig
 from deepaudit.models.checkpoint import resolve_model
+from deepaudit.pipeline.audit import AuditConfig
 from deepaudit.pipeline.dataset import stage_configs
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from deepaudit.infra.listing import ListingConfig, ListingStats
+from deepaudit.infra.ray_runtime import check_device_here
 from deepaudit.infra.storage import (
     StorageConfig,
     check_writable,
@@ -36,9 +37,6 @@ from deepaudit.infra.storage import (
     join,
     redact,
 )
-from deepaudit.jobs.interrupt import AuditInterrupted, SignalGuard
-from deepaudit.jobs.models_cmd import CARD_METADATA_KEY, card_summary
-from deepaudit.jobs.options import check_device_here
 from deepaudit.models.checkpoint import ModelHandle, resolve_model
 from deepaudit.models.face_detector import FaceDetectorConfig
 from deepaudit.models.registry import check_threshold
@@ -56,8 +54,10 @@ from deepaudit.pipeline.evidence import (
     staging_root,
 )
 from deepaudit.pipeline.incremental import prepare_incremental
+from deepaudit.pipeline.interrupt import AuditInterrupted, SignalGuard
 from deepaudit.pipeline.ledger import LedgerPolicy
 from deepaudit.pipeline.manifest import read_input
+from deepaudit.pipeline.model_card import CARD_METADATA_KEY, card_summary
 from deepaudit.pipeline.plan import StagePlan, plan_for_cluster
 from deepaudit.pipeline.schema import STATUS_ERROR, STATUSES
 from deepaudit.pipeline.stages import ClassifyConfig
