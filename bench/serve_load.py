@@ -107,7 +107,7 @@ def deep_cursors(out: Path, rows: int, n_random: int, seed: int = 1):
     at random places (each one a distinct request)."""
     import duckdb
 
-    from deepaudit.jobs.serve.data import encode_cursor
+    from deepaudit.serve.data import encode_cursor
 
     con = duckdb.connect()
     t = con.sql("SELECT p_fake, row_number() OVER (ORDER BY run_id, manifest_row) AS _id FROM "

@@ -26,7 +26,7 @@ from pathlib import Path
 from deepaudit.infra.storage import redact
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-SUBPACKAGES = ("pipeline", "jobs", "models", "infra", "training")
+SUBPACKAGES = ("pipeline", "jobs", "models", "infra", "training", "serve")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

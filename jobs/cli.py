@@ -12,7 +12,7 @@ from deepaudit.jobs.manifest_cmd import manifest_command
 from deepaudit.jobs.models_cmd import models_command
 from deepaudit.jobs.query import query_command
 from deepaudit.jobs.report import report_command
-from deepaudit.jobs.serve import serve_command
+from deepaudit.jobs.serve_cmd import serve_command
 from deepaudit.jobs.submit import job_logs_command, job_status_command, submit_command
 from deepaudit.jobs.train_cmd import train_command
 

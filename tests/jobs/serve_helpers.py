@@ -86,7 +86,7 @@ def running(app, **config):
     yields its URL."""
     import uvicorn
 
-    from deepaudit.jobs.serve.server import server_config
+    from deepaudit.serve.server import server_config
 
     port = free_port()
     server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, **config))

@@ -14,12 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app
-from deepaudit.jobs.serve.app import create_app
-from deepaudit.jobs.serve.data import open_archive
 from deepaudit.models import clip_vit
 from deepaudit.models.checkpoint import resolve_model, save_checkpoint
 from deepaudit.models.registry import create_model
 from deepaudit.pipeline.writer import read_verdicts
+from deepaudit.serve.app import create_app
+from deepaudit.serve.data import open_archive
 from tests.jobs.serve_helpers import running
 from tests.jobs.test_reviews import Reviewer
 

@@ -18,9 +18,9 @@ import requests
 from typer.testing import CliRunner
 
 from deepaudit.jobs.cli import app as cli
-from deepaudit.jobs.serve.app import create_app
-from deepaudit.jobs.serve.data import open_archive
 from deepaudit.pipeline.query import run_query
+from deepaudit.serve.app import create_app
+from deepaudit.serve.data import open_archive
 from tests.jobs.serve_helpers import SCRIPT_ID, T0, running, verdict_rows, write_run
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})

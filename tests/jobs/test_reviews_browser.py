@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from deepaudit.jobs.serve.app import create_app
-from deepaudit.jobs.serve.data import open_archive
+from deepaudit.serve.app import create_app
+from deepaudit.serve.data import open_archive
 from tests.jobs.serve_helpers import chrome, running, verdict_rows, write_run
 
 

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.cli import app as cli
-from deepaudit.jobs.serve.app import create_app, sniff
-from deepaudit.jobs.serve.data import ItemQuery, open_archive
 from deepaudit.pipeline.evidence import evidence_dirname, safe_filename
+from deepaudit.serve.app import create_app, sniff
+from deepaudit.serve.data import ItemQuery, open_archive
 from tests.jobs.serve_helpers import (
     IMG_ID,
     SCRIPT_ID,
@@ -397,7 +397,7 @@ def test_filter_masks_page_like_the_export(out, sort_below):
 
 
 def test_a_cursor_naming_no_row_is_400(server):
-    from deepaudit.jobs.serve.data import encode_cursor
+    from deepaudit.serve.data import encode_cursor
 
     for row_id in (0, 10**9):
         r = _get(f"{server}/items", params={"after": encode_cursor("p_fake", "desc", False,

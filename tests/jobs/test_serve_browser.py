@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from deepaudit.jobs.serve.app import create_app
-from deepaudit.jobs.serve.data import open_archive
 from deepaudit.pipeline.audit import AuditConfig, run_audit
 from deepaudit.pipeline.check import Checker
+from deepaudit.serve.app import create_app
+from deepaudit.serve.data import open_archive
 from tests.jobs.serve_helpers import IMG_ID, SCRIPT_ID, chrome, running
 
 

@@ -29,10 +29,10 @@ from typer.testing import CliRunner
 
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.jobs.cli import app as cli
-from deepaudit.jobs.serve.app import create_app
-from deepaudit.jobs.serve.data import open_archive
-from deepaudit.jobs.serve.server import PID_FILE, UPLOAD_PREFIX, sweep_upload_roots
 from deepaudit.pipeline.evidence import evidence_dirname, safe_filename
+from deepaudit.serve.app import create_app
+from deepaudit.serve.data import open_archive
+from deepaudit.serve.server import PID_FILE, UPLOAD_PREFIX, sweep_upload_roots
 from tests.jobs.serve_helpers import T0, running, verdict_rows, write_run
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})

@@ -1,11 +1,11 @@
-"""``deepaudit serve OUT_OR_LEDGER``: browse what an audit found, in a web browser.
+"""``deepaudit serve OUT_OR_LEDGER``: options in, the web app of :mod:`deepaudit.serve`
+out: browse what an audit found, in a web browser.
 
-Pages: the runs; one run (summary, counts, score histogram, ROC with labels: the
-report's figures, from the report's code); the items (filter, sort, keyset pages,
-export as CSV or Parquet); one item (metadata, frame scores, face boxes, evidence,
-history across runs and models); and Check a file (an upload through ``deepaudit
-check``'s code, with the model loaded once at start). Needs ``pip install
-'deepaudit[serve]'``. See docs/serve.md.
+Pages: the runs; one run (summary, counts, score histogram, ROC with labels); the items
+(filter, sort, keyset pages, export as CSV or Parquet); one item (metadata, frame scores,
+face boxes, evidence, history across runs and models); and Check a file (an upload
+through ``deepaudit check``'s code, with the model loaded once at start). Needs
+``pip install 'deepaudit[serve]'``. See docs/serve.md.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def serve_command(
         err.print(f"[red]error:[/red] deepaudit serve needs its extra: pip install "
                   f"'deepaudit\\[serve]' ({escape(str(exc))})", soft_wrap=True)
         raise typer.Exit(2) from None
-    from deepaudit.jobs.serve.security import HostCheck, token_problem
     from deepaudit.pipeline.reviews import ReviewError, check_reviewer
+    from deepaudit.serve.security import HostCheck, token_problem
 
     if token is not None and token_problem(token):
         err.print(f"[red]error:[/red] {escape(token_problem(token))}", soft_wrap=True)
@@ -99,7 +99,7 @@ def serve_command(
     import signal
     import sys
 
-    from deepaudit.jobs.serve.server import make_upload_root
+    from deepaudit.serve.server import make_upload_root
 
     # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default
     # action would then end the process before the upload folder is removed (SIGINT's
@@ -123,10 +123,10 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
     from rich.markup import escape
 
     from deepaudit.infra.storage import StorageConfig
-    from deepaudit.jobs.serve.app import create_app
-    from deepaudit.jobs.serve.data import open_archive
-    from deepaudit.jobs.serve.server import server_config
     from deepaudit.pipeline.query import QueryError
+    from deepaudit.serve.app import create_app
+    from deepaudit.serve.data import open_archive
+    from deepaudit.serve.server import server_config
 
     try:
         with err.status(f"reading {escape(target)}..."):

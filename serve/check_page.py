@@ -16,15 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import NotFound
-from deepaudit.jobs.serve.security import (
+from deepaudit.serve.data import NotFound
+from deepaudit.serve.security import (
     CSRF_COOKIE,
     csrf_problem,
     csrf_token,
     origin_problem,
     sniff,
 )
-from deepaudit.jobs.serve.site import Site
+from deepaudit.serve.site import Site
 
 
 def routes(site: Site) -> list[Route]:

@@ -12,8 +12,8 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from deepaudit.jobs.serve.data import LRU, Archive, NotFound
-from deepaudit.jobs.serve.security import HostCheck, RateLimiter
+from deepaudit.serve.data import LRU, Archive, NotFound
+from deepaudit.serve.security import HostCheck, RateLimiter
 
 HERE = Path(__file__).parent
 

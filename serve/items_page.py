@@ -9,15 +9,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import (
+from deepaudit.pipeline.reviews import review_state
+from deepaudit.serve.data import (
     MEDIA_TYPES,
     REVIEW_FILTERS,
     STATUSES,
     VERDICTS,
     ItemQuery,
 )
-from deepaudit.jobs.serve.site import Site
-from deepaudit.pipeline.reviews import review_state
+from deepaudit.serve.site import Site
 
 
 def routes(site: Site) -> list[Route]:

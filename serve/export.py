@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import ItemQuery, NotFound
-from deepaudit.jobs.serve.site import Site
+from deepaudit.serve.data import ItemQuery, NotFound
+from deepaudit.serve.site import Site
 
 # A CSV cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV
 # injection"): the export prefixes a single quote, which shows the text as it is.

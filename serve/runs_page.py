@@ -6,8 +6,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import NotFound
-from deepaudit.jobs.serve.site import Site
+from deepaudit.serve.data import NotFound
+from deepaudit.serve.site import Site
 
 
 def routes(site: Site) -> list[Route]:

@@ -18,11 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import storage_errors
-from deepaudit.jobs.serve.item_page import item_of, render_item
-from deepaudit.jobs.serve.security import csrf_problem, origin_problem
-from deepaudit.jobs.serve.site import Site
 from deepaudit.pipeline import reviews as rv
+from deepaudit.serve.data import storage_errors
+from deepaudit.serve.item_page import item_of, render_item
+from deepaudit.serve.security import csrf_problem, origin_problem
+from deepaudit.serve.site import Site
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import json
 from starlette.requests import Request
 from starlette.routing import Route
 
-from deepaudit.jobs.serve.data import BadRequest, NotFound, storage_errors
-from deepaudit.jobs.serve.security import CSRF_COOKIE, csrf_token
-from deepaudit.jobs.serve.site import Site
+from deepaudit.serve.data import BadRequest, NotFound, storage_errors
+from deepaudit.serve.security import CSRF_COOKIE, csrf_token
+from deepaudit.serve.site import Site
 
 
 def item_of(site: Site, request: Request) -> dict:
@@ -84,7 +84,7 @@ def routes(site: Site) -> list[Route]:
             return site.png(data, "image/png" if kind.endswith("png")
                             else "application/json")
         if kind == "frames.png":
-            from deepaudit.jobs.serve.figures import frame_scores_png
+            from deepaudit.serve.figures import frame_scores_png
 
             if not item.get("frame_p_fake"):
                 raise NotFound("this item has no frame scores")
@@ -92,7 +92,7 @@ def routes(site: Site) -> list[Route]:
                                              item["frame_p_fake"], item.get("threshold"),
                                              item.get("p_fake")))
         if kind == "faces.jpg":
-            from deepaudit.jobs.serve.figures import faces_jpeg
+            from deepaudit.serve.figures import faces_jpeg
 
             source = site.archive.media_source(item.get("uri"))
             if source is None:

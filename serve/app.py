@@ -33,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from deepaudit.jobs.serve import (
+from deepaudit.pipeline.reviews import ReviewStore, check_reviewer
+from deepaudit.serve import (
     check_page,
     export,
     item_page,
@@ -41,17 +42,16 @@ from deepaudit.jobs.serve import (
     review_page,
     runs_page,
 )
-from deepaudit.jobs.serve.data import Archive, BadRequest, Gone, NotFound, Unavailable
-from deepaudit.jobs.serve.export import neutralise  # noqa: F401 (re-exported)
-from deepaudit.jobs.serve.security import (  # noqa: F401 (sniff: re-exported)
+from deepaudit.serve.data import Archive, BadRequest, Gone, NotFound, Unavailable
+from deepaudit.serve.export import neutralise  # noqa: F401 (re-exported)
+from deepaudit.serve.security import (  # noqa: F401 (sniff: re-exported)
     Guard,
     HostCheck,
     RateLimiter,
     sniff,
     token_problem,
 )
-from deepaudit.jobs.serve.site import Site
-from deepaudit.pipeline.reviews import ReviewStore, check_reviewer
+from deepaudit.serve.site import Site
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -102,7 +102,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     max_upload = max_upload_mb * 2**20
     owns_root = upload_root is None
     if owns_root:
-        from deepaudit.jobs.serve.server import make_upload_root
+        from deepaudit.serve.server import make_upload_root
 
         upload_root = make_upload_root()
     os.makedirs(upload_root, mode=0o700, exist_ok=True)
