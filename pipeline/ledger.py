@@ -101,11 +101,17 @@ def error_code(status: str | None, error: str | None) -> str | None:
 
 def latest_entries(entries: pa.Table, keys: tuple[str, ...] = ("media_id", "model")) -> pa.Table:
     """The latest entry per ``keys``: by ``audited_at``, then by the order parts were read."""
-    if entries.num_rows == 0:
-        return entries
-    n = entries.num_rows
-    t = entries.append_column("_read", pa.array(np.arange(n), pa.int64()))
-    t = t.sort_by([("audited_at", "ascending"), ("_read", "ascending")])
+    return latest_rows(entries, keys, "audited_at")
+
+
+def latest_rows(table: pa.Table, keys: tuple[str, ...], time_column: str) -> pa.Table:
+    """The latest row per ``keys``: by ``time_column``, then by the order rows were read
+    (the ledger's entries, the reviews)."""
+    if table.num_rows == 0:
+        return table
+    n = table.num_rows
+    t = table.append_column("_read", pa.array(np.arange(n), pa.int64()))
+    t = t.sort_by([(time_column, "ascending"), ("_read", "ascending")])
     t = t.append_column("_pos", pa.array(np.arange(n), pa.int64()))
     last = t.group_by(list(keys), use_threads=False).aggregate([("_pos", "max")])
     picked = pc.sort_indices(last["_pos_max"])

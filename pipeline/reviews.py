@@ -22,7 +22,6 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,6 +34,7 @@ from deepaudit.infra.storage import (
     is_s3,
     join,
 )
+from deepaudit.pipeline.ledger import latest_rows
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,7 @@ def empty() -> pa.Table:
 def latest_reviews(reviews: pa.Table) -> pa.Table:
     """The latest review per media id (by ``reviewed_at``, then by the order the rows
     were read: part names sort by time), ordered by media id."""
-    if reviews.num_rows == 0:
-        return reviews
-    n = reviews.num_rows
-    t = reviews.append_column("_read", pa.array(np.arange(n), pa.int64()))
-    t = t.sort_by([("reviewed_at", "ascending"), ("_read", "ascending")])
-    t = t.append_column("_pos", pa.array(np.arange(n), pa.int64()))
-    last = t.group_by(["media_id"], use_threads=False).aggregate([("_pos", "max")])
-    t = t.take(last["_pos_max"]).drop_columns(["_read", "_pos"])
+    t = latest_rows(reviews, ("media_id",), "reviewed_at")
     return t.take(pc.sort_indices(t["media_id"]))
 
 
