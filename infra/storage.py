@@ -172,6 +172,17 @@ class OutputError(ValueError):
     """An output location cannot be written; the message says what is wrong and what to do."""
 
 
+
+def open_readable(uri: str, storage: StorageConfig, what: str,
+                  error: type[Exception] = StorageError):
+    """``(filesystem, path)`` of ``uri`` once :func:`check_readable` passed; its failure is
+    raised as ``error`` (a command's own usage error)."""
+    try:
+        check_readable(uri, storage, what=what)  # credentials, bucket, endpoint
+    except StorageError as exc:
+        raise error(str(exc)) from None
+    return filesystem_for(uri, storage)
+
 def check_writable(uri: str, storage: StorageConfig | None = None, what: str = "output",
                    is_file: bool = False, create: bool = False) -> None:
     """Fail fast, before any work, when ``uri`` (a folder, or with ``is_file`` a file to

@@ -27,10 +27,9 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from deepaudit.infra.storage import (
     StorageConfig,
-    StorageError,
-    check_readable,
     filesystem_for,
     is_s3,
+    open_readable,
 )
 from deepaudit.pipeline.ledger import LEDGER_SCHEMA, Ledger
 from deepaudit.pipeline.schema import VERDICT_SCHEMA
@@ -65,11 +64,7 @@ def open_target(target: str, storage: StorageConfig | None = None):
     import duckdb
 
     storage = storage or StorageConfig()
-    try:
-        check_readable(target, storage, what="TARGET")  # credentials, bucket, endpoint
-    except StorageError as exc:
-        raise QueryError(str(exc)) from None
-    fs, path = filesystem_for(target, storage)
+    fs, path = open_readable(target, storage, "TARGET", QueryError)
     if not fs.exists(path):
         raise QueryError(f"{target} does not exist")
     con = duckdb.connect()

@@ -60,14 +60,10 @@ class RunData:
 
 def load_run(out: str, run_id: str | None = None, storage: StorageConfig | None = None) -> RunData:
     """The summary and verdict rows of one run of ``out`` (the latest by default)."""
-    from deepaudit.infra.storage import StorageError, check_readable
+    from deepaudit.infra.storage import open_readable
 
     storage = storage or StorageConfig()
-    try:
-        check_readable(out, storage, what="OUT")  # credentials, bucket, endpoint
-    except StorageError as exc:
-        raise ReportError(str(exc)) from None
-    fs, base = filesystem_for(out, storage)
+    fs, base = open_readable(out, storage, "OUT", ReportError)
     summary_path = f"{base}/runs/{run_id}/_summary.json" if run_id else f"{base}/_summary.json"
     if not fs.exists(summary_path):
         runs_dir = f"{base}/runs"
