@@ -109,3 +109,49 @@ def test_localise_runs_the_tower_to_the_heads_block():
         ref = head.probabilities(tokens, 112).numpy()
     np.testing.assert_allclose(maps, ref, atol=1e-5)
     assert localise(tower, head, crops[:0]).shape == (0, 112, 112)
+
+
+def test_patch_bank_caches_and_train_mask_head_reports_held_out_iou(tmp_path, monkeypatch):
+    from deepaudit.training.patch_features import (
+        MaskHeadConfig,
+        PatchConfig,
+        build_patch_bank,
+        select_items,
+        train_mask_head,
+    )
+
+    monkeypatch.setenv("DEEPAUDIT_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    items, crops = [], {}
+    for s in ("a", "b"):
+        for label in (0, 1):
+            for i in range(6):
+                key = f"{s}{label}{i}"
+                items.append({"item_key": key, "source": s, "label": label, "group": key,
+                              "media_type": "image", "media_id": key})
+                crops[key] = (rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), [0, 1, 2])
+    calls = []
+
+    def embed(batch):  # stands in for the tower: token = the patch's mean brightness
+        calls.append(len(batch))
+        small = torch.from_numpy(batch).float().mean(-1)[:, None]
+        grid = torch.nn.functional.adaptive_avg_pool2d(small, GRID).flatten(1)[..., None]
+        return (grid.expand(-1, -1, 768) / 255).numpy()[:, None].astype(np.float16)
+
+    cfg = PatchConfig(blocks=(3,), max_reals_per_source=4, max_fakes_per_source=1)
+    chosen = select_items(items, cfg)
+    assert len(chosen) == 2 * (4 + 1) and chosen == select_items(items, cfg)
+    bank = build_patch_bank(chosen, crops, "key", cfg, embed=embed)
+    views = [m["view"] for m in bank["meta"]]
+    assert views.count("sbi") == 8 and views.count("orig") == 10
+    assert bank["tokens"].shape == (18, 1, GRID * GRID, 768)
+    assert bank["masks"].shape == (18, 56, 56)
+    sbi = [i for i, v in enumerate(views) if v == "sbi"]
+    assert bank["masks"][sbi].max() == pytest.approx(1.0, abs=1e-3)  # region over its peak
+    n = sum(calls)
+    build_patch_bank(chosen, crops, "key", cfg, embed=embed)  # cached: nothing embedded
+    assert sum(calls) == n
+    head, metrics = train_mask_head(items, crops, "key", MaskHeadConfig(
+        block=3, hidden=4, epochs=1, val_fraction=0.5, features=cfg), embed=embed)
+    assert head.block == 3 and metrics["block"] == 3 and metrics["iou_size"] == 56
+    assert metrics["n_train_views"] + metrics["val_n_sbi"] + metrics["val_n_real"] == 16
