@@ -10,6 +10,12 @@ frames with Grad-CAM (:mod:`deepaudit.models.gradcam`) and writes, under
   score over the crop | the binary suspect-region mask;
 * ``<run_id>.json``: the same facts as data (frame indices, scores, mask area and box).
 
+**Predicted region**: when the model has a learnt localisation head (a ``localise(crops)``
+method returning ``[k, H, W]`` maps in [0, 1], not None), a fifth column shows its
+predicted manipulated region and the JSON gains ``predicted_region``. That head is a
+model trained on self-blended fakes' blend masks (:mod:`deepaudit.models.mask_head`):
+its region is a model's estimate, not a ground truth.
+
 **Suspect-region mask**: the video score's Grad-CAM map, normalised to its maximum,
 thresholded at :data:`MASK_THRESHOLD` (0.5: a pixel is suspect when its evidence is at
 least half the frame's strongest). It is a Grad-CAM-derived localisation, not a trained
@@ -192,6 +198,27 @@ def title_chars(width: int) -> int:
 
 
 COLUMNS = ("face crop", "Grad-CAM: video score", "Grad-CAM: frame score", "suspect mask")
+REGION_COLUMN = "predicted region (model estimate)"
+REGION_THRESHOLD = 0.5  # the localisation head's probability
+REGION_METHOD = (
+    "a learnt model's estimate of the manipulated region: a mask decoder on the CLIP "
+    "tower's patch tokens, trained on self-blended fakes' blend masks; region = predicted "
+    f"probability >= {REGION_THRESHOLD:g}. Not a ground truth")
+
+
+def _fit_text(text: str, width: int, scale: float = 0.42) -> float:
+    """The largest scale <= ``scale`` at which ``text`` fits ``width`` px."""
+    w = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+    return scale if w <= width else max(0.25, scale * width / w)
+
+
+def _region_panel(crop_bgr: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The crop under the region's probability map, the region's outline in green."""
+    panel = _overlay(crop_bgr, region)
+    inside = (region >= REGION_THRESHOLD).astype(np.uint8)
+    contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(panel, contours, -1, (0, 255, 0), 2)
+    return panel
 
 
 def render_strip(
@@ -203,8 +230,10 @@ def render_strip(
     title: str,
     mask_threshold: float = MASK_THRESHOLD,
     min_panel: int = 192,
+    region: np.ndarray | None = None,
 ) -> bytes:
-    """The evidence strip as PNG bytes: one row per frame, four panels per row.
+    """The evidence strip as PNG bytes: one row per frame, four panels per row, five with
+    ``region`` (a localisation head's ``[k, H, W]`` probabilities: its predicted region).
 
     ``crops`` are RGB uint8 ``[k, H, W, 3]``; the maps ``[k, H, W]`` in [0, 1]. Small crops
     are enlarged to ``min_panel`` px so the tiny test model's strips stay legible."""
@@ -212,17 +241,22 @@ def render_strip(
     if video_cam.shape != (k, h, w) or frame_cam.shape != (k, h, w):
         raise ValueError(
             f"maps {video_cam.shape}/{frame_cam.shape} do not match crops {crops.shape}")
+    if region is not None and region.shape != (k, h, w):
+        raise ValueError(f"region maps {region.shape} do not match crops {crops.shape}")
+    n_cols = 4 if region is None else 5
     if len(frame_indices) != k or len(frame_p) != k:
         raise ValueError("need one frame index and one score per crop")
     side = max(h, min_panel)
     gap, title_h, head_h = 4, 30, 22
-    width = 4 * side + 5 * gap
+    width = n_cols * side + (n_cols + 1) * gap
     height = title_h + head_h + k * (side + gap) + gap
     img = np.full((height, width, 3), 32, np.uint8)
     _text(img, _ascii(title, title_chars(width)), (gap + 2, 20), 0.5)
     thr = f"suspect mask (>= {mask_threshold:g} x max)"
-    for c, name in enumerate(COLUMNS[:3] + (thr,)):
-        _text(img, name, (gap + c * (side + gap) + 2, title_h + 15), 0.42, (200, 200, 200))
+    names = COLUMNS[:3] + (thr,) + ((REGION_COLUMN,) if region is not None else ())
+    for c, name in enumerate(names):
+        _text(img, name, (gap + c * (side + gap) + 2, title_h + 15),
+              _fit_text(name, side - 4), (200, 200, 200))
     up = cv2.INTER_CUBIC if side > h else cv2.INTER_AREA
     for r in range(k):
         crop = cv2.cvtColor(crops[r], cv2.COLOR_RGB2BGR)
@@ -233,6 +267,8 @@ def render_strip(
             _overlay(crop, frame_cam[r]),
             np.repeat((mask.astype(np.uint8) * 255)[:, :, None], 3, axis=2),
         ]
+        if region is not None:
+            panels.append(_region_panel(crop, region[r]))
         y = title_h + head_h + r * (side + gap)
         for c, panel in enumerate(panels):
             interp = cv2.INTER_NEAREST if c == 3 else up
@@ -290,25 +326,49 @@ class EvidenceBuilder:
         with self.autocast():
             maps = self.model.explain(torch.cat(feats), [lengths[j] for j in flagged],
                                       positions, picked)
-        for j, pos, ex in zip(flagged, positions, maps):
+        regions = self._localise(picked)
+        starts = [0, *np.cumsum([len(pos) for pos in positions]).tolist()]  # rows of picked
+        for n, (j, pos, ex) in enumerate(zip(flagged, positions, maps)):
             row = rows[j]
+            region = None if regions is None else regions[starts[n]:starts[n + 1]]
             try:
-                row["evidence"] = self._write(row, arrays[j][list(pos)], ex)
+                row["evidence"] = self._write(row, arrays[j][list(pos)], ex, region)
                 self.written += 1
             except Exception as exc:  # storage or encoding trouble: keep the verdict
                 self.failed += 1
                 log.error("evidence for %r failed: %s: %s", row.get("media_id"),
                           type(exc).__name__, exc)
 
-    def _write(self, row: dict, crops: np.ndarray, ex) -> str:
+    def _localise(self, picked: np.ndarray) -> np.ndarray | None:
+        """The model's predicted-region maps of the picked crops, or None (no
+        localisation head, or it failed: logged, and the strip keeps four columns)."""
+        localise = getattr(self.model, "localise", None)
+        if localise is None:
+            return None
+        try:
+            maps = localise(picked)
+        except Exception as exc:
+            log.error("localisation failed: %s: %s", type(exc).__name__, exc)
+            return None
+        if maps is None:
+            return None
+        maps = np.asarray(maps, np.float32)
+        if maps.shape != picked.shape[:3]:
+            log.error("localisation maps %s do not match crops %s", maps.shape, picked.shape)
+            return None
+        return maps
+
+    def _write(self, row: dict, crops: np.ndarray, ex, region: np.ndarray | None = None
+               ) -> str:
         cfg = self.config
         frame_idx = [int(row["frame_indices"][p]) for p in ex.positions]
         frame_p = [float(row["frame_p_fake"][p]) for p in ex.positions]
         side = max(crops.shape[1], 192)  # render_strip's panel size
+        n_cols = 4 if region is None else 5
         title = strip_title(row["verdict"] or "fake", row["p_fake"], row["threshold"],
-                            str(row["media_id"]), title_chars(4 * side + 5 * 4))
+                            str(row["media_id"]), title_chars(n_cols * side + (n_cols + 1) * 4))
         png = render_strip(crops, ex.video_cam, ex.frame_cam, frame_idx, frame_p, title,
-                           cfg.mask_threshold)
+                           cfg.mask_threshold, region=region)
         frames = []
         for r, (pos, idx, p) in enumerate(zip(ex.positions, frame_idx, frame_p)):
             frames.append({
@@ -327,6 +387,16 @@ class EvidenceBuilder:
                       f"{cfg.mask_threshold:g} x its max (a localisation, not a segmentation)",
             "columns": list(COLUMNS), "frames": frames,
         }
+        if region is not None:
+            meta["columns"].append(REGION_COLUMN)
+            meta["predicted_region"] = {
+                "method": REGION_METHOD, "threshold": REGION_THRESHOLD,
+                "frames": [{"frame_index": idx,
+                            "peak": round(float(region[r].max(initial=0.0)), 4),
+                            **{k.replace("mask_", ""): v for k, v in mask_stats(
+                                region[r] >= REGION_THRESHOLD).items()}}
+                           for r, idx in enumerate(frame_idx)],
+            }
         self.writer.write(row["media_id"], f"{name}.json",
                           json.dumps(meta, indent=2, default=str).encode())
         return uri
