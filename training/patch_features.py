@@ -180,8 +180,7 @@ def build_patch_bank(items: list[dict], crops: dict, crop_key: str, cfg: PatchCo
 def block_tokens(bank: dict, block: int, rows=None) -> np.ndarray:
     """The bank's tokens of one block, ``[n, 196, 768]`` float16."""
     j = bank["blocks"].index(block)
-    rows = slice(None) if rows is None else rows
-    return bank["tokens"][rows, j] if isinstance(rows, slice) else bank["tokens"][rows][:, j]
+    return bank["tokens"][:, j] if rows is None else bank["tokens"][np.asarray(rows), j]
 
 
 def predict(head: MaskHead, tokens: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
