@@ -155,3 +155,19 @@ def test_patch_bank_caches_and_train_mask_head_reports_held_out_iou(tmp_path, mo
         block=3, hidden=4, epochs=1, val_fraction=0.5, features=cfg), embed=embed)
     assert head.block == 3 and metrics["block"] == 3 and metrics["iou_size"] == 56
     assert metrics["n_train_views"] + metrics["val_n_sbi"] + metrics["val_n_real"] == 16
+
+
+def test_partial_blend_keeps_the_sbi_blend_only_inside_its_blob():
+    from deepaudit.models.sbi import self_blend
+    from deepaudit.training.patch_features import partial_blend
+
+    rng = np.random.default_rng(1)
+    crop = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    fake, mask = self_blend(crop, rng, return_mask=True)
+    out, region = partial_blend(crop, fake, mask, rng)
+    assert region.shape == mask.shape and (region <= mask + 1e-6).all()
+    assert 0 < (region >= 0.5 * region.max()).mean() < (mask >= 0.5 * mask.max()).mean()
+    untouched = region < 1e-4
+    np.testing.assert_array_equal(out[untouched], crop[untouched])
+    full = region >= mask - 1e-4  # blob ~1: the SBI fake itself
+    assert np.abs(out[full & (mask > 0.1)].astype(int) - fake[full & (mask > 0.1)]).max() <= 1
