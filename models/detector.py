@@ -36,6 +36,9 @@ class Scores:
     head: list[str]  # [B] which head gave the item's score
     branch_p: dict[str, np.ndarray] = field(default_factory=dict)  # [B] per branch, raw
     cam_features: Tensor | None = None  # [N, F] what explain() reuses
+    # [N] the temporal attention's weight of each frame (0 for frames the head did not
+    # read; each item's weights sum to 1), or None for heads without attention
+    frame_weights: np.ndarray | None = None
 
 
 def calibrate(p: np.ndarray, knots: Sequence[Sequence[float]] | None) -> np.ndarray:

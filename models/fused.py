@@ -26,6 +26,7 @@ from deepaudit.models.clip_vit import LAYERS, load_tower
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.detector import DetectorMixin, Scores
 from deepaudit.models.preprocess import BranchPreprocess
+from deepaudit.models.temporal_attention import AttentionHead, attention_scores
 
 _TOWERS: dict[str, nn.Module] = {}
 _TOWER_LOCK = threading.Lock()
@@ -72,12 +73,15 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def __init__(self, cnn: CNNLSTM, cnn_preprocess: BranchPreprocess,
                  blocks: Sequence[int] = (LAYERS,), clip_frames: int | None = 4,
-                 quantiles: int = 101) -> None:
+                 quantiles: int = 101, temporal_head: bool = False) -> None:
         super().__init__()
         self.cnn = cnn
         self.cnn.config = _cnn_config(cnn_preprocess)  # the branch's own preprocessing
         self.cnn_preprocess = cnn_preprocess
         self.probe = ClipProbe(blocks)
+        # The seeds' head (models/temporal_attention.py): when present, it replaces the
+        # mean of the probe's frame logits as the CLIP branch's item score.
+        self.head = AttentionHead(blocks) if temporal_head else None
         self.clip_frames = clip_frames
         levels = torch.linspace(0.0, 1.0, quantiles)
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
@@ -92,14 +96,16 @@ class FusedDetector(DetectorMixin, nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {f"cnn_{k}": v for k, v in self.cnn.param_groups().items()}
         groups["clip_probe"] = list(self.probe.parameters())
+        if self.head is not None:
+            groups["clip_head"] = list(self.head.parameters())
         return groups
 
     def clip_positions(self, lengths: Sequence[int], device: torch.device) -> list[list[int]]:
         k = None if device.type == "cuda" else self.clip_frames
         return [evenly_spaced(n, k) for n in lengths]
 
-    def clip_logits(self, crops: Tensor, chunk: int = 16) -> Tensor:
-        """Probe logits of uint8 crops ``[N, S, S, 3]`` (the tower runs in fp32)."""
+    def clip_features(self, crops: Tensor, chunk: int = 16) -> Tensor:
+        """The probe's inputs ``[N, D]`` for uint8 crops ``[N, S, S, 3]`` (fp32 tower)."""
         device = next(self.parameters()).device
         tower = shared_tower(device)
         norm = CLIP_PREPROCESS.normaliser(device)
@@ -107,31 +113,87 @@ class FusedDetector(DetectorMixin, nn.Module):
         with torch.inference_mode():
             for c in crops.split(chunk):
                 cls = tower(norm(c), blocks=self.probe.blocks)[0]
-                out.append(self.probe.linear(
-                    probe_inputs(cls, range(1, cls.shape[1] + 1))).squeeze(-1).float())
-        return torch.cat(out) if out else torch.zeros(0)
+                out.append(probe_inputs(cls, range(1, cls.shape[1] + 1)).float())
+        return torch.cat(out) if out else torch.zeros(0, len(self.probe.blocks) * 768)
+
+    def clip_logits(self, crops: Tensor, chunk: int = 16) -> Tensor:
+        """Probe logits of uint8 crops ``[N, S, S, 3]``."""
+        with torch.inference_mode():
+            return self.probe.linear(self.clip_features(crops, chunk)).squeeze(-1)
+
+    def pixel_logits(self, pixels: Tensor) -> Tensor:
+        """Each frame's CLIP-branch logit from float pixels ``[N, 224, 224, 3]`` (0-255),
+        differentiable: what a white-box attack (models/adversarial.py) pushes on. With
+        the attention head, each frame is scored as a one-frame sequence."""
+        from deepaudit.models.adversarial import clip_probe_logits
+
+        norm = CLIP_PREPROCESS.normaliser(pixels.device)
+        if self.head is None:
+            return clip_probe_logits(shared_tower(pixels.device), self.probe, norm)(pixels)
+        cls = shared_tower(pixels.device)(norm(pixels), blocks=self.probe.blocks)[0]
+        feats = probe_inputs(cls, range(1, cls.shape[1] + 1))
+        return self.head(feats[:, None, :], [1] * len(feats))[0]
+
+    def attack(self, crops: np.ndarray, lengths: Sequence[int], eps: float,
+               steps: int = 5) -> np.ndarray:
+        """``evaluate --perturb pgd:EPS``: PGD pushes every frame the CLIP branch reads
+        towards "real" within ``eps`` pixel levels (a forger's white-box evasion)."""
+        from deepaudit.models.adversarial import PGDConfig, pgd_attack
+
+        device = next(self.parameters()).device
+        offsets = np.cumsum([0, *lengths])
+        rows = [int(offsets[b] + p) for b, pos in
+                enumerate(self.clip_positions(lengths, device)) for p in pos]
+        out = np.array(crops, copy=True)
+        for start in range(0, len(rows), 8):
+            idx = rows[start:start + 8]
+            pixels = torch.from_numpy(out[idx]).to(device)
+            out[idx] = pgd_attack(self.pixel_logits, pixels, np.zeros(len(idx)),
+                                  PGDConfig(eps=eps, steps=steps), towards=True)
+        return out
+
+    def clip_item_scores(self, crops: Tensor, lengths: Sequence[int],
+                         positions: Sequence[Sequence[int]]) -> tuple:
+        """(item p ``[B]``, {crop row: frame p}, {crop row: attention weight} or None)
+        of the CLIP branch on the ``positions`` of each item."""
+        offsets = np.cumsum([0, *lengths])
+        rows = [int(offsets[b] + p) for b, pos in enumerate(positions) for p in pos]
+        feats = self.clip_features(crops[rows])
+        bounds = np.cumsum([0, *[len(p) for p in positions]])
+        item, frame, weight = np.zeros(len(lengths)), {}, None
+        if self.head is not None:
+            seqs = [feats[bounds[b]:bounds[b + 1]] for b in range(len(lengths))]
+            logits, frames, weights = attention_scores(self.head, seqs)
+            parts = [f.astype(np.float64) for f in frames]
+            weight = {rows[bounds[b] + j]: float(w)
+                      for b, ws in enumerate(weights) for j, w in enumerate(ws)}
+        else:
+            with torch.inference_mode():
+                flat = self.probe.linear(feats).squeeze(-1).cpu().numpy().astype(np.float64)
+            parts = [flat[bounds[b]:bounds[b + 1]] for b in range(len(lengths))]
+            logits = np.array([p.mean() for p in parts])
+        for b, part in enumerate(parts):
+            item[b] = 1.0 / (1.0 + np.exp(-float(logits[b])))
+            for j, v in enumerate(part):
+                frame[rows[bounds[b] + j]] = 1.0 / (1.0 + np.exp(-v))
+        return item, frame, weight
 
     def raw_scores(self, crops: Tensor, lengths: Sequence[int], chunk: int = 64) -> Scores:
         device = next(self.parameters()).device
-        offsets = np.cumsum([0, *lengths])
         positions = self.clip_positions(lengths, device)
-        rows = [int(offsets[b] + p) for b, pos in enumerate(positions) for p in pos]
-        logits = self.clip_logits(crops[rows]).cpu().numpy().astype(np.float64)
-        clip_item, clip_frame, k0 = np.zeros(len(lengths)), {}, 0
-        for b, pos in enumerate(positions):
-            part = logits[k0:k0 + len(pos)]
-            clip_item[b] = 1.0 / (1.0 + np.exp(-part.mean()))
-            for p, v in zip(pos, part):
-                clip_frame[int(offsets[b] + p)] = 1.0 / (1.0 + np.exp(-v))
-            k0 += len(pos)
+        clip_item, clip_frame, clip_weight = self.clip_item_scores(crops, lengths, positions)
         item_of = np.repeat(np.arange(len(lengths)), lengths)
         frame_clip = np.array([clip_frame.get(i, clip_item[item_of[i]])
                                for i in range(len(item_of))])
+        weights = None if clip_weight is None else np.array(
+            [clip_weight.get(i, 0.0) for i in range(len(item_of))])
         u_clip = cdf(clip_item, self.cdf_clip)
+        head = "clip_attention" if self.head is not None else "clip"
         if self.clip_only:
             return Scores(video_p=u_clip, frame_p=cdf(frame_clip, self.cdf_clip),
-                          head=["clip"] * len(lengths), branch_p={"clip": clip_item},
-                          cam_features=torch.zeros(len(crops), 1))
+                          head=[head] * len(lengths), branch_p={"clip": clip_item},
+                          cam_features=torch.zeros(len(crops), 1), frame_weights=weights)
+        offsets = np.cumsum([0, *lengths])
         cnn = self.cnn.raw_scores(crops, lengths, chunk)
         cnn_item = np.array([cnn.frame_p[offsets[b]] if n == 1 else cnn.video_p[b]
                              for b, n in enumerate(lengths)])
@@ -141,7 +203,7 @@ class FusedDetector(DetectorMixin, nn.Module):
         return Scores(video_p=w * u_cnn + (1 - w) * u_clip, frame_p=frame,
                       head=["fused"] * len(lengths),
                       branch_p={"cnn": cnn_item, "clip": clip_item},
-                      cam_features=cnn.cam_features)
+                      cam_features=cnn.cam_features, frame_weights=weights)
 
     def explain(self, features: Tensor, lengths: Sequence[int],
                 positions: Sequence[Sequence[int]], crops: np.ndarray) -> list:
@@ -151,11 +213,10 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def clip_explain(self, lengths: Sequence[int], positions: Sequence[Sequence[int]],
                      crops: np.ndarray) -> list:
-        """Grad-CAM of the probe's logit on the patch tokens entering its first block,
-        for the picked frames (``crops``: their uint8 crops, in order). A frame's video
-        map equals its frame map: the item's logit is the mean of its frames' logits."""
-        from torch.nn import functional as F
-
+        """Grad-CAM of the CLIP branch's logit on the patch tokens entering the probe's
+        first block, for the picked frames (``crops``: their uint8 crops, in order).
+        Without the attention head a frame's video map equals its frame map (the item's
+        logit is the mean of its frames'); with it, the video map follows the item logit."""
         from deepaudit.models.gradcam import Explanation
 
         device = next(self.parameters()).device
@@ -176,27 +237,48 @@ class FusedDetector(DetectorMixin, nn.Module):
                 if k in self.probe.blocks:
                     cls.append(y[:, 0])
             feats = probe_inputs(torch.stack(cls, 1), tuple(range(1, len(cls) + 1)))
-            logits = self.probe.linear(feats).squeeze(-1)
-            (grad,) = torch.autograd.grad(logits.sum(), acts)
-        tokens, g = acts.detach()[:, 1:], grad[:, 1:]
-        grid = int(round(tokens.shape[1] ** 0.5))
-        cam = torch.relu((tokens * g.mean(dim=1, keepdim=True)).sum(-1)).view(-1, 1, grid, grid)
-        size = crops.shape[1]
-        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        peak = cam.amax(dim=(1, 2))
-        cam = (cam / peak.clamp_min(1e-30)[:, None, None]).clamp_(0, 1)
-        cam = torch.where(peak[:, None, None] > 0, cam, torch.zeros_like(cam)).cpu().numpy()
-        peak = peak.cpu().numpy()
+            if self.head is None:
+                logits = self.probe.linear(feats).squeeze(-1)
+                (grad,) = torch.autograd.grad(logits.sum(), acts)
+                frame_grad, video_p = grad, None
+            else:  # the item's logit weighs its frames: the two maps differ
+                bounds = np.cumsum([0, *[len(p) for p in positions]])
+                seqs = [feats[bounds[b]:bounds[b + 1]] for b in range(len(positions))]
+                padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+                item, frames, _ = self.head(padded, [len(p) for p in positions])
+                logits = torch.cat([frames[b, :len(p)] for b, p in enumerate(positions)])
+                (grad,) = torch.autograd.grad(item.sum(), acts, retain_graph=True)
+                (frame_grad,) = torch.autograd.grad(logits.sum(), acts)
+                video_p = torch.sigmoid(item).detach().cpu().numpy()
+        video_cam, video_peak = _token_cam(acts.detach(), grad, crops.shape[1])
+        frame_cam, frame_peak = ((video_cam, video_peak) if frame_grad is grad
+                                 else _token_cam(acts.detach(), frame_grad, crops.shape[1]))
         frame_p = 1.0 / (1.0 + np.exp(-logits.detach().cpu().numpy()))
         out, k0 = [], 0
         for pos in positions:
             k1 = k0 + len(pos)
+            vp = float(frame_p[k0:k1].mean()) if video_p is None else float(video_p[len(out)])
             out.append(Explanation(positions=tuple(int(p) for p in pos),
-                                   video_cam=cam[k0:k1], frame_cam=cam[k0:k1],
-                                   video_peak=peak[k0:k1], frame_peak=peak[k0:k1],
-                                   frame_p=frame_p[k0:k1], video_p=float(frame_p[k0:k1].mean())))
+                                   video_cam=video_cam[k0:k1], frame_cam=frame_cam[k0:k1],
+                                   video_peak=video_peak[k0:k1], frame_peak=frame_peak[k0:k1],
+                                   frame_p=frame_p[k0:k1], video_p=vp))
             k0 = k1
         return out
+
+
+def _token_cam(acts: Tensor, grad: Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM on ViT tokens ``[K, 1 + G*G, C]`` (class token dropped), upsampled to
+    ``size`` and normalised to each map's peak: (maps ``[K, size, size]``, peaks ``[K]``)."""
+    from torch.nn import functional as F
+
+    tokens, g = acts[:, 1:], grad[:, 1:]
+    grid = int(round(tokens.shape[1] ** 0.5))
+    cam = torch.relu((tokens * g.mean(dim=1, keepdim=True)).sum(-1)).view(-1, 1, grid, grid)
+    cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2))
+    cam = (cam / peak.clamp_min(1e-30)[:, None, None]).clamp_(0, 1)
+    cam = torch.where(peak[:, None, None] > 0, cam, torch.zeros_like(cam))
+    return cam.cpu().numpy(), peak.cpu().numpy()
 
 
 def _cnn_config(pre: BranchPreprocess):

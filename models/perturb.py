@@ -6,7 +6,9 @@ classifier sees it (face detection runs on the original frames), deterministical
 
 Specs: ``jpeg:Q`` (re-encode at quality Q, 1-100), ``resize:S`` (down to S of the side,
 0 < S < 1, and back up), ``blur:SIGMA`` (Gaussian, pixels), ``noise:STD`` (Gaussian, uint8
-units, fixed seed). ``none`` is the unperturbed baseline.
+units, fixed seed), ``pgd:EPS`` (a white-box PGD evasion attack through the detector
+itself, EPS pixel levels in L-inf: models/adversarial.py; the classify stage runs it,
+since it needs the model). ``none`` is the unperturbed baseline.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-KINDS = ("none", "jpeg", "resize", "blur", "noise")
+KINDS = ("none", "jpeg", "resize", "blur", "noise", "pgd")
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,11 @@ class Perturbation:
             raise ValueError(f"unknown perturbation {self.kind!r}; use one of "
                              f"{', '.join(KINDS)} (e.g. jpeg:50,resize:0.5,blur:1.5)")
         ok = {"none": True, "jpeg": 1 <= self.value <= 100, "resize": 0 < self.value < 1,
-              "blur": 0 < self.value <= 20, "noise": 0 < self.value <= 100}[self.kind]
+              "blur": 0 < self.value <= 20, "noise": 0 < self.value <= 100,
+              "pgd": 0 < self.value <= 32}[self.kind]
         if not ok:
             limits = {"jpeg": "1-100", "resize": "between 0 and 1", "blur": "in (0, 20]",
-                      "noise": "in (0, 100]"}[self.kind]
+                      "noise": "in (0, 100]", "pgd": "in (0, 32] pixel levels"}[self.kind]
             raise ValueError(f"{self.kind}:{self.value:g}: the value must be {limits}")
 
     @classmethod
@@ -72,6 +75,8 @@ def apply_perturbation(img: np.ndarray, p: Perturbation) -> np.ndarray:
     """The perturbed copy of an RGB uint8 ``[H, W, 3]`` image (the input is unchanged)."""
     if p.kind == "none":
         return img
+    if p.kind == "pgd":
+        raise ValueError("pgd needs the model: the classify stage applies it (model.attack)")
     h, w = img.shape[:2]
     if p.kind == "jpeg":
         bgr = np.ascontiguousarray(img[..., ::-1])

@@ -52,7 +52,8 @@ class CropNormaliser:
     ``mean`` and ``std`` come from the model's :class:`ModelConfig` (the card) or from a
     branch's :class:`BranchPreprocess`, which may also resize the crops first. Crops may
     be a numpy array or a uint8 tensor on any device; uint8 crosses to ``device`` first
-    (4x less traffic than float32) and is normalised there."""
+    (4x less traffic than float32) and is normalised there. Float pixels (0-255) work too,
+    differentiably (models/adversarial.py attacks through it)."""
 
     def __init__(self, config: ModelConfig | BranchPreprocess,
                  device: str | torch.device = "cpu") -> None:
@@ -75,6 +76,6 @@ class CropNormaliser:
         if self.size is not None and x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(
                 x, size=(self.size, self.size), mode=self.resize, align_corners=False,
-                antialias=True).clamp_(0.0, 255.0)
-        x = x.sub_(self.mean).div_(self.std)
+                antialias=True).clamp(0.0, 255.0)
+        x = (x - self.mean) / self.std  # not in place: float pixels may carry gradients (PGD)
         return x.contiguous(memory_format=torch.channels_last)

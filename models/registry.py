@@ -263,24 +263,36 @@ def _fused_config(name: str, input_size: int, cnn_size: int, frames: int = 16,
     )
 
 
+def _tiny_fused(name: str, **extra: Any) -> ModelConfig:
+    return replace(_fused_config(name, 64, 64, frames=8),
+                   arch_kwargs=dict(variant=0, width=0.25, depth=0.34, head_channels=64,
+                                    hidden_size=16, num_layers=1, bidirectional=False,
+                                    dropout=0.3, cnn_size=64, blocks=(12,), clip_frames=2,
+                                    **extra))
+
+
 # The fused default: the EfficientNet-Lite0 CNN-LSTM (192 px, resized from the 224 px
 # crop) + a probe on the float CLIP ViT-B/16 tower. Crops are cut at CLIP's 224 px.
+# The seeds' heads are options of the same detector (issue 26; bench/heads_loso.py):
+# the BiLSTM with temporal attention over the CLIP frame features
+# (models/temporal_attention.py), and PGD adversarial training of the probe, a recipe
+# choice (adv_eps, adv_steps; models/adversarial.py) under its own name.
 @register_model("clip_effnet_fused", _fused_config("clip_effnet_fused", 224, 192))
-@register_model(
-    "clip_fused_tiny",  # the tiny CNN under the same CLIP tower: for tests
-    replace(_fused_config("clip_fused_tiny", 64, 64, frames=8),
-            arch_kwargs=dict(variant=0, width=0.25, depth=0.34, head_channels=64,
-                             hidden_size=16, num_layers=1, bidirectional=False, dropout=0.3,
-                             cnn_size=64, blocks=(12,), clip_frames=2)),
-)
+@register_model("clip_bilstm_attn",
+                _fused_config("clip_bilstm_attn", 224, 192, temporal_head=True))
+@register_model("clip_fused_pgd", _fused_config("clip_fused_pgd", 224, 192))
+@register_model("clip_fused_tiny", _tiny_fused("clip_fused_tiny"))  # tests: a tiny CNN
+@register_model("clip_attn_tiny", _tiny_fused("clip_attn_tiny", temporal_head=True))
 def _build_fused(*, variant: int, width: float | None, depth: float | None,
                  head_channels: int, hidden_size: int, num_layers: int, bidirectional: bool,
                  dropout: float, cnn_size: int, blocks: tuple[int, ...],
-                 clip_frames: int | None) -> FusedDetector:
-    """CNN-LSTM branch (EfficientNet-Lite trunk) + CLIP probe branch."""
+                 clip_frames: int | None, temporal_head: bool = False) -> FusedDetector:
+    """CNN-LSTM branch (EfficientNet-Lite trunk) + CLIP probe branch (+ optionally the
+    BiLSTM-attention head over the CLIP frame features)."""
     cnn = _build_effnet_lstm(variant=variant, width=width, depth=depth,
                              head_channels=head_channels, hidden_size=hidden_size,
                              num_layers=num_layers, bidirectional=bidirectional,
                              dropout=dropout)
     pre = BranchPreprocess(size=cnn_size, resize="bilinear", mean=HALF, std=HALF)
-    return FusedDetector(cnn, pre, blocks=blocks, clip_frames=clip_frames)
+    return FusedDetector(cnn, pre, blocks=blocks, clip_frames=clip_frames,
+                         temporal_head=temporal_head)

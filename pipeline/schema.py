@@ -74,6 +74,9 @@ VERDICT_FIELDS = [
     ("margin", pa.float32()),  # distance from the threshold, [0, 1]; not a probability
     ("threshold", pa.float32()),
     ("frame_p_fake", pa.list_(pa.float32())),
+    # The temporal attention's weight of each sampled frame (which frames decided), for
+    # heads with attention; null otherwise
+    ("frame_weights", pa.list_(pa.float32())),
     # Which head gave p_fake: "sequence" (the LSTM), "fused" (CNN + CLIP), ...
     ("score_head", pa.string()),
     ("model", pa.string()),
@@ -90,7 +93,7 @@ RUN_FIELDS = [
 _ORDER = [
     "media_id", "uri", "media_type", "status", "error", "verdict", "p_fake", "margin",
     "threshold", "n_frames_sampled", "n_frames_with_face", "n_frames_dropped",
-    "frame_indices", "frame_p_fake", "score_head", "evidence",
+    "frame_indices", "frame_p_fake", "frame_weights", "score_head", "evidence",
     "face_boxes", "model", "model_sha256", "fingerprint", "size_bytes", "width", "height",
     "duration_s", "codec", "decode_mode", "decode_warnings", "dropped_frames", "decode_ms",
     "detect_ms", "classify_ms", "run_id", "audited_at",

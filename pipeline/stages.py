@@ -217,6 +217,9 @@ class ClassifyStage:
         self.size = cfg.input_size
         self.threshold = float(cfg.threshold)
         self.perturbation = Perturbation.parse(config.perturb or "none")
+        if self.perturbation.kind == "pgd" and not hasattr(self.model, "attack"):
+            raise ValueError(f"--perturb {self.perturbation.name}: {handle.model_id} has no "
+                             "white-box attack (pgd needs a detector with a CLIP branch)")
         self.evidence = self._evidence_builder(evidence)
         self._evidence_lock = threading.Lock()
 
@@ -252,11 +255,15 @@ class ClassifyStage:
             if size != self.size:
                 raise ValueError(f"crops are {size}px but the model expects {self.size}px")
             arr = np.frombuffer(crops[i].as_py(), np.uint8).reshape(n, size, size, 3)
-            if self.perturbation.kind != "none":
+            if self.perturbation.kind not in ("none", "pgd"):
                 arr = np.stack([apply_perturbation(c, self.perturbation) for c in arr])
             arrays.append(arr)
             lengths.append(n)
-        scores = self.model.score(np.concatenate(arrays), lengths, self.config.crop_batch)
+        batch = np.concatenate(arrays)
+        if self.perturbation.kind == "pgd":  # white-box: the attack needs the model
+            batch = self.model.attack(batch, lengths, self.perturbation.value)
+            arrays = np.split(batch, np.cumsum(lengths)[:-1])
+        scores = self.model.score(batch, lengths, self.config.crop_batch)
         video_p, frame_p = scores.video_p, scores.frame_p
         ms = (time.perf_counter() - t0) * 1e3 / len(todo)
         offsets = np.cumsum([0] + lengths)
@@ -266,6 +273,9 @@ class ClassifyStage:
             row["classify_ms"] = ms
             row["score_head"] = scores.head[k]
             row["frame_p_fake"] = [float(v) for v in frame_p[offsets[k] : offsets[k + 1]]]
+            if scores.frame_weights is not None:
+                row["frame_weights"] = [
+                    float(v) for v in scores.frame_weights[offsets[k] : offsets[k + 1]]]
             if not math.isfinite(p):
                 row.update(status=STATUS_ERROR, error="classify_failed: non-finite score")
                 continue

@@ -45,7 +45,8 @@ from deepaudit.pipeline.query import QueryError, connect
 
 log = logging.getLogger(__name__)
 
-LIST_COLUMNS = ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames")
+LIST_COLUMNS = ("face_boxes", "frame_indices", "frame_p_fake", "frame_weights",
+                "dropped_frames")
 VERDICTS = ("fake", "real", "none")
 STATUSES = ("ok", "no_face", "error")
 # Columns of the items table shown in the list, in order; every one can be sorted on.

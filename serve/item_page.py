@@ -38,7 +38,12 @@ def render_item(site: Site, request: Request, item: dict, status: int = 200,
         except storage_errors():
             meta = None
     shown = {k: v for k, v in item.items() if k not in
-             ("face_boxes", "frame_indices", "frame_p_fake", "dropped_frames", "_id")}
+             ("face_boxes", "frame_indices", "frame_p_fake", "frame_weights",
+              "dropped_frames", "_id")}
+    if item.get("frame_weights"):  # which frames decided (an attention head's weights)
+        shown["frame_weights"] = ", ".join(
+            f"frame {i}: {w:.2f}" for i, w in zip(item.get("frame_indices") or [],
+                                                   item["frame_weights"]) if w > 0)
     base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
     reachable = site.archive.media_reachable(item.get("uri"))
     review = site.archive.review_of(item["media_id"])

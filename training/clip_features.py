@@ -65,7 +65,7 @@ def _read(path) -> tuple[list[dict], np.ndarray]:
         return json.loads(str(z["meta"])), z["cls"]
 
 
-def _views(items: list[dict], crops: dict, cfg: BankConfig):
+def views(items: list[dict], crops: dict, cfg: BankConfig):
     """Yield ``(row_meta, crop)`` for every view of every item; an item's views depend
     only on the seed and its key, so any subset embeds the same."""
     perturbation = Perturbation.parse(cfg.perturb) if cfg.perturb else None
@@ -118,7 +118,7 @@ def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
             if on_progress:
                 on_progress(len(new_meta))
 
-        for view in _views(todo, crops, cfg):
+        for view in views(todo, crops, cfg):
             pending.append(view)
             if len(pending) == batch:
                 flush()

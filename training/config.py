@@ -85,6 +85,12 @@ class TrainConfig:
     # the share of the probe's training weight those reviewed items carry.
     reviews: tuple[str, ...] = ()
     review_weight: float = 0.25
+    # PGD adversarial training of the CLIP probe (fused recipes; training/adversarial.py):
+    # the L-inf radius in pixel levels (None: off), the steps, and how many training crops
+    # (half real, half fake) are attacked.
+    adv_eps: float | None = None
+    adv_steps: int = 2
+    adv_crops: int = 400
 
     def __post_init__(self) -> None:
         from deepaudit.models.registry import check_threshold, list_models
@@ -152,6 +158,12 @@ class TrainConfig:
             bad(f"clip_cnn_weight must be in [0, 1], got {self.clip_cnn_weight}")
         if not 0.0 < self.review_weight < 1.0:
             bad(f"review_weight must be in (0, 1), got {self.review_weight}")
+        if self.adv_eps is not None:
+            from deepaudit.models.adversarial import PGDConfig
+
+            PGDConfig(eps=self.adv_eps, steps=self.adv_steps)  # validates
+            if self.adv_crops < 2:
+                bad(f"adv_crops must be >= 2, got {self.adv_crops}")
         if self.clip_l2 < 0:
             bad(f"clip_l2 must be >= 0, got {self.clip_l2}")
         if self.clip_frames is not None and self.clip_frames < 1:

@@ -209,21 +209,34 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         weights[reviewed] *= cfg.review_weight * total / weights[reviewed].sum()
         weights[rest] *= (1 - cfg.review_weight) * total / weights[rest].sum()
     probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels, weights, l2=cfg.clip_l2)
+    adv = None
+    if cfg.adv_eps is not None:
+        probe, adv = _adversarial_refit(probe, cfg, meta, cls, labels, sources, weights,
+                                        {r["item_key"]: r for r in train}, crop_arrays,
+                                        bank_cfg, emit)
+    head = None
+    if kwargs.get("temporal_head"):
+        head = _fit_head(kwargs["blocks"], meta, cls, weights, cfg.seed)
 
     emit({"type": "info", "message": f"scoring {len(val)} validation items, both branches"})
     val_bank = build_bank(val, crop_arrays, crops.key,
                           BankConfig(frames=kwargs["clip_frames"] or 8, augment=False,
                                      seed=cfg.seed),
                           on_progress=progress("val", len(val)))
-    with torch.no_grad():
-        vlog = probe(torch.from_numpy(val_bank["cls"].astype(np.float32))).numpy()
-    clip_item = {k: 1.0 / (1.0 + np.exp(-v))
-                 for k, v in _item_logits(val_bank["meta"], vlog, kwargs["clip_frames"]).items()}
+    if head is None:
+        with torch.no_grad():
+            vlog = probe(torch.from_numpy(val_bank["cls"].astype(np.float32))).numpy()
+        val_logits = _item_logits(val_bank["meta"], vlog, kwargs["clip_frames"])
+    else:
+        val_logits = _head_logits(head, val_bank, kwargs["clip_frames"])
+    clip_item = {k: 1.0 / (1.0 + np.exp(-v)) for k, v in val_logits.items()}
 
     model = create_model(mc.arch, **kwargs).eval()
     cnn_model = cnn_handle.load("cpu")
     model.cnn.load_state_dict(cnn_model.state_dict(), strict=True)
     model.probe.load_state_dict(probe.state_dict())
+    if head is not None:
+        model.head.load_state_dict(head.state_dict())
     cnn_item = {}
     for r in val:
         arr, _ = crop_arrays[r["item_key"]]
@@ -280,7 +293,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
                                    f"{CONVERTED_SHA256})",
                         "provenance": CLIP_PROVENANCE,
                         "probe_items": len(train), "probe_crops": len(meta),
-                        "bank": asdict(bank_cfg)},
+                        "bank": asdict(bank_cfg), "adversarial": adv,
+                        "head": "bilstm_attention" if head is not None else "probe_mean"},
         "val_items": len(val), "crop_settings": cache_cfg.settings(), "split": record,
         "reviews": {"from": list(cfg.reviews), "latest": review_counts,
                     "weight": cfg.review_weight} if cfg.reviews else None,
@@ -301,6 +315,74 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
             "val_accuracy": overall.get("accuracy"),
             "branches_val_auc": metrics["branches_val_auc"],
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _adversarial_refit(probe, cfg: TrainConfig, meta, cls, labels, sources, weights,
+                       items: dict, crop_arrays: dict, bank_cfg, emit):
+    """PGD-attack ``cfg.adv_crops`` training crops against ``probe`` and refit it on
+    clean + attacked features (training/adversarial.py)."""
+    from deepaudit.models.adversarial import PGDConfig
+    from deepaudit.training.adversarial import (
+        ADV_SHARE,
+        adversarial_features,
+        pick_rows,
+        refit_probe,
+        view_crop,
+    )
+
+    pgd = PGDConfig(eps=cfg.adv_eps, steps=cfg.adv_steps, seed=cfg.seed)
+    rows = pick_rows(meta, [i for i, s in enumerate(sources) if s != "reviews"],
+                     cfg.adv_crops, cfg.seed)
+    emit({"type": "info", "message": f"PGD: attacking {len(rows)} training crops "
+          f"(eps {pgd.eps:g}, {pgd.steps} steps)"})
+    adv_cls, adv_labels = adversarial_features(
+        probe, meta, rows,
+        lambda m: view_crop(m, items[m["item_key"]], crop_arrays, bank_cfg), pgd,
+        on_progress=lambda n: emit({"type": "clip", "what": "pgd", "done": n,
+                                    "total": len(rows)}))
+    refit = refit_probe(probe, cls, labels, weights, adv_cls, adv_labels, cfg.clip_l2)
+    return refit, {"eps": pgd.eps, "steps": pgd.steps, "step_size": pgd.alpha,
+                   "crops": len(rows), "weight_share": round(ADV_SHARE, 4)}
+
+
+def _sequences(meta: list[dict]) -> dict[tuple[str, str], list[int]]:
+    seqs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for j, m in enumerate(meta):
+        seqs.setdefault((m["item_key"], m["view"]), []).append((m["pos"], j))
+    return {k: [j for _, j in sorted(v)] for k, v in seqs.items()}
+
+
+def _fit_head(blocks, meta: list[dict], cls: np.ndarray, weights: np.ndarray, seed: int):
+    """The BiLSTM-attention head on the bank's frame sequences (one per item and view),
+    each sequence carrying the summed weight of its frames."""
+    import torch
+
+    from deepaudit.models.clip_branch import probe_inputs
+    from deepaudit.models.temporal_attention import AttentionHead, fit_attention_head
+
+    feats = probe_inputs(torch.from_numpy(cls.astype(np.float32)), blocks).numpy()
+    seqs = list(_sequences(meta).values())
+    y = np.array([meta[s[0]]["label"] for s in seqs])
+    w = np.array([weights[s].sum() for s in seqs])
+    torch.manual_seed(seed)
+    return fit_attention_head(AttentionHead(blocks), [feats[s] for s in seqs], y,
+                              w / w.mean(), seed=seed)
+
+
+def _head_logits(head, bank: dict, k: int | None) -> dict[str, float]:
+    """Item logits of the attention head over each item's first-``k`` spread frames."""
+    import torch
+
+    from deepaudit.models.clip_branch import probe_inputs
+    from deepaudit.models.fused import evenly_spaced
+    from deepaudit.models.temporal_attention import attention_scores
+
+    feats = probe_inputs(torch.from_numpy(bank["cls"].astype(np.float32)), head.blocks).numpy()
+    seqs = {key[0]: rows for key, rows in _sequences(bank["meta"]).items()}
+    keys = list(seqs)
+    picked = [[seqs[t][j] for j in evenly_spaced(len(seqs[t]), k)] for t in keys]
+    logits, _, _ = attention_scores(head, [feats[p] for p in picked])
+    return dict(zip(keys, logits.tolist()))
 
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -77,3 +77,50 @@ def test_tiny_fused_recipe_trains_reproducibly_and_audits(ray_local, toy, tmp_pa
     assert all(0.0 <= r["p_fake"] <= 1.0 for r in ok)
     images = [r for r in ok if r["media_type"] == "image"]
     assert images and all(r["frame_p_fake"] == [r["p_fake"]] for r in images)
+
+
+def test_attention_head_with_pgd_trains_audits_and_is_attacked(ray_local, toy, tmp_path):
+    """The seeds' heads through the recipe: the BiLSTM-attention head (clip_attn_tiny) with
+    PGD adversarial training; the audit writes each frame's attention weight and evidence;
+    `evaluate --perturb pgd:4` runs the white-box attack through the detector."""
+    torch.manual_seed(7)
+    cnn_path, _ = save_checkpoint(create_model("effnet_lite_lstm_tiny"),
+                                  tmp_path / "cnn" / "tiny_cnn.safetensors")
+    recipe = tmp_path / "attn.toml"
+    recipe.write_text((ROOT / "recipes" / "tiny_fused.toml").read_text().replace(
+        'model = "clip_fused_tiny"', 'model = "clip_attn_tiny"')
+        + f'cnn_from = "{cnn_path}"\nclip_cnn_weight = 0.0\nadv_eps = 2.0\nadv_steps = 1\n'
+        "adv_crops = 6\n")
+    trained = _train(recipe, toy, tmp_path / "a", tmp_path / "cache")
+    card = json.loads(Path(trained["card"]).read_text())
+    clip = card["training_data"]["clip_branch"]
+    assert card["arch"] == "clip_attn_tiny" and clip["head"] == "bilstm_attention"
+    assert clip["adversarial"]["crops"] == 6 and clip["adversarial"]["eps"] == 2.0
+    assert card["metrics"]["branches_val_auc"]["clip"] >= 0.8
+
+    out = tmp_path / "audit"
+    result = runner.invoke(app, ["audit", str(toy / "labels.csv"), "-o", str(out),
+                                 "--model", trained["card"], "--threshold", "0.01", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    ok = [r for r in read_verdicts(summary["output"]).to_pylist() if r["status"] == "ok"]
+    assert ok and all(r["score_head"] == "clip_attention" for r in ok)
+    for r in ok:
+        w = r["frame_weights"]
+        assert len(w) == len(r["frame_p_fake"]) and abs(sum(w) - 1.0) < 1e-4
+        # On CPU the CLIP branch reads clip_frames (2) frames per video; the rest weigh 0.
+        assert sum(v > 0 for v in w) == min(2, len(w))
+    assert any(r["evidence"] for r in ok)  # Grad-CAM through the attention head
+
+    manifest = tmp_path / "few.csv"
+    lines = (toy / "labels.csv").read_text().splitlines()
+    real = [ln for ln in lines[1:] if ",real," in ln and ".jpg" in ln][:2]
+    fake = [ln for ln in lines[1:] if ",fake," in ln and ".jpg" in ln][:2]
+    manifest.write_text("\n".join([lines[0], *real, *fake]) + "\n")
+    result = runner.invoke(app, ["evaluate", str(manifest), "--model", trained["card"],
+                                 "-o", str(tmp_path / "eval"), "--perturb", "pgd:4",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    runs = metrics["robustness"]["by_perturbation"]
+    assert set(runs) == {"none", "pgd:4"} and metrics["robustness"]["items"] == 4
