@@ -233,6 +233,14 @@ def run_evaluate(cfg: EvalConfig, on_rows: Callable[[int, int], None] | None = N
                          f"(columns: {', '.join(manifest.column_names)})")
     if group_column is None:
         group_column = next((c for c in GROUP_CANDIDATES if c in manifest.column_names), None)
+    if any(p.kind == "pgd" for p in parse_perturbations(cfg.perturbations)):
+        from deepaudit.models.checkpoint import resolve_model
+        from deepaudit.models.registry import get_config
+
+        arch = resolve_model(audit.model).config.arch
+        if "blocks" not in get_config(arch).arch_kwargs:  # no CLIP branch: no attack
+            raise ValueError(f"--perturb pgd needs a detector with a CLIP branch (e.g. "
+                             f"clip_effnet_fused); {arch} has no white-box attack")
 
     summary = run_audit(audit, on_rows=on_rows)
     rows = read_verdicts(summary["output"], storage).to_pylist()

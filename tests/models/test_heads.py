@@ -103,3 +103,14 @@ def test_pgd_stays_in_the_ball_and_moves_the_score_its_way():
 def test_pgd_config_rejects_bad_values(eps, steps):
     with pytest.raises(ValueError, match="PGD"):
         PGDConfig(eps=eps, steps=steps)
+
+
+def test_pgd_is_a_perturbation_the_stage_applies_with_the_model():
+    from deepaudit.models.perturb import Perturbation, apply_perturbation
+
+    p = Perturbation.parse("pgd:2")
+    assert p.name == "pgd:2"
+    with pytest.raises(ValueError, match="needs the model"):
+        apply_perturbation(np.zeros((8, 8, 3), np.uint8), p)
+    with pytest.raises(ValueError, match="pixel levels"):
+        Perturbation.parse("pgd:40")
