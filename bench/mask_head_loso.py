@@ -121,6 +121,8 @@ def main(
         help="Share of SBI views blended only inside a random blob.")] = 0.0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     record: Annotated[bool, typer.Option(help="Append to bench/results/.")] = True,
+    prior_only: Annotated[bool, typer.Option(
+        help="Only the constant-guess baseline per fold (no head is trained).")] = False,
 ) -> None:
     import torch
     from record import append_record  # bench/record.py
@@ -148,6 +150,21 @@ def main(
         f"  embedded {n}", flush=True) if n % 160 == 0 else None)
     print(f"patch bank: {len(bank['meta'])} views, {time.perf_counter() - t0:.0f} s",
           flush=True)
+    if prior_only:
+        src = np.array([m["source"] for m in bank["meta"]])
+        sbi = np.array([m["view"] == "sbi" for m in bank["meta"]])
+        folds = {}
+        for fold, (held, pool) in FOLDS.items():
+            out = np.isin(src, held + pool)
+            folds[fold] = prior_iou(bank, np.where(~out & sbi)[0], np.where(out & sbi)[0])
+        res = {"bench": "mask_head_loso", "baseline": "constant mean training SBI region",
+               "partial": partial, "iou_size": bank["masks"].shape[-1],
+               "mean_prior_iou": round(float(np.mean([f["prior_iou"] for f in folds.values()])), 4),
+               "by_fold": folds}
+        print(json.dumps(res), flush=True)
+        if record:
+            append_record(Path(__file__).parent / "results" / "mask_head_loso.jsonl", res)
+        return
     cfg = MaskHeadConfig(hidden=hidden, epochs=epochs, features=pcfg)
     results = []
     for block in wanted:
