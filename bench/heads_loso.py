@@ -138,6 +138,7 @@ def main(
     pgd_steps: Annotated[int, typer.Option(help="PGD steps.")] = 2,
     pgd_crops: Annotated[int, typer.Option(help="Training crops attacked per fold.")] = 120,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the heads' training and of PGD.")] = 0,
     record: Annotated[bool, typer.Option(help="Append to bench/results/.")] = True,
 ) -> None:
     import torch
@@ -155,7 +156,7 @@ def main(
         crops_of = view_crops(train)
     for name in names:
         pgd = {"eps": pgd_eps, "steps": pgd_steps, "crops": pgd_crops} if name == "pgd" else None
-        res = run_head(name, bank, feats, crops_of, pgd)
+        res = {**run_head(name, bank, feats, crops_of, pgd, seed), "seed": seed}
         print(json.dumps(res), flush=True)
         if record:
             append_record(Path(__file__).parent / "results" / "heads_loso.jsonl", res)

@@ -25,6 +25,7 @@ from deepaudit.models.clip_branch import CLIP_PREPROCESS, ClipProbe, probe_input
 from deepaudit.models.clip_vit import LAYERS, load_tower
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.detector import DetectorMixin, Scores
+from deepaudit.models.mask_head import MaskHead
 from deepaudit.models.preprocess import BranchPreprocess
 from deepaudit.models.temporal_attention import AttentionHead, attention_scores
 
@@ -73,7 +74,8 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def __init__(self, cnn: CNNLSTM, cnn_preprocess: BranchPreprocess,
                  blocks: Sequence[int] = (LAYERS,), clip_frames: int | None = 4,
-                 quantiles: int = 101, temporal_head: bool = False) -> None:
+                 quantiles: int = 101, temporal_head: bool = False,
+                 mask_block: int | None = None) -> None:
         super().__init__()
         self.cnn = cnn
         self.cnn.config = _cnn_config(cnn_preprocess)  # the branch's own preprocessing
@@ -82,6 +84,9 @@ class FusedDetector(DetectorMixin, nn.Module):
         # The seeds' head (models/temporal_attention.py): when present, it replaces the
         # mean of the probe's frame logits as the CLIP branch's item score.
         self.head = AttentionHead(blocks) if temporal_head else None
+        # The learnt localisation head (models/mask_head.py) on the patch tokens after
+        # ``mask_block``: evidence only, it never changes a score.
+        self.mask_head = MaskHead(mask_block) if mask_block else None
         self.clip_frames = clip_frames
         levels = torch.linspace(0.0, 1.0, quantiles)
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
@@ -204,6 +209,16 @@ class FusedDetector(DetectorMixin, nn.Module):
                       head=["fused"] * len(lengths),
                       branch_p={"cnn": cnn_item, "clip": clip_item},
                       cam_features=cnn.cam_features, frame_weights=weights)
+
+    def localise(self, crops: np.ndarray) -> np.ndarray | None:
+        """The mask head's predicted manipulated region of uint8 crops ``[K, S, S, 3]``
+        (float32 ``[K, S, S]`` in [0, 1]), or None without a mask head."""
+        if self.mask_head is None:
+            return None
+        from deepaudit.models.mask_head import localise
+
+        device = next(self.parameters()).device
+        return localise(shared_tower(device), self.mask_head, crops, device)
 
     def explain(self, features: Tensor, lengths: Sequence[int],
                 positions: Sequence[Sequence[int]], crops: np.ndarray) -> list:

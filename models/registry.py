@@ -281,18 +281,22 @@ def _tiny_fused(name: str, **extra: Any) -> ModelConfig:
 @register_model("clip_bilstm_attn",
                 _fused_config("clip_bilstm_attn", 224, 192, temporal_head=True))
 @register_model("clip_fused_pgd", _fused_config("clip_fused_pgd", 224, 192))
+@register_model("clip_fused_mask",  # + the learnt localisation head (models/mask_head.py)
+                _fused_config("clip_fused_mask", 224, 192, mask_block=8))
 @register_model("clip_fused_tiny", _tiny_fused("clip_fused_tiny"))  # tests: a tiny CNN
-@register_model("clip_attn_tiny", _tiny_fused("clip_attn_tiny", temporal_head=True))
+@register_model("clip_heads_tiny",  # tests: every head option at once
+                _tiny_fused("clip_heads_tiny", temporal_head=True, mask_block=8))
 def _build_fused(*, variant: int, width: float | None, depth: float | None,
                  head_channels: int, hidden_size: int, num_layers: int, bidirectional: bool,
                  dropout: float, cnn_size: int, blocks: tuple[int, ...],
-                 clip_frames: int | None, temporal_head: bool = False) -> FusedDetector:
+                 clip_frames: int | None, temporal_head: bool = False,
+                 mask_block: int | None = None) -> FusedDetector:
     """CNN-LSTM branch (EfficientNet-Lite trunk) + CLIP probe branch (+ optionally the
-    BiLSTM-attention head over the CLIP frame features)."""
+    BiLSTM-attention head over the CLIP frame features, and a localisation head)."""
     cnn = _build_effnet_lstm(variant=variant, width=width, depth=depth,
                              head_channels=head_channels, hidden_size=hidden_size,
                              num_layers=num_layers, bidirectional=bidirectional,
                              dropout=dropout)
     pre = BranchPreprocess(size=cnn_size, resize="bilinear", mean=HALF, std=HALF)
     return FusedDetector(cnn, pre, blocks=blocks, clip_frames=clip_frames,
-                         temporal_head=temporal_head)
+                         temporal_head=temporal_head, mask_block=mask_block)

@@ -217,6 +217,16 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     head = None
     if kwargs.get("temporal_head"):
         head = _fit_head(kwargs["blocks"], meta, cls, weights, cfg.seed)
+    mask_head, mask_metrics = None, None
+    if kwargs.get("mask_block"):
+        from deepaudit.training.patch_features import MaskHeadConfig, train_mask_head
+
+        emit({"type": "info", "message": "localisation head: patch tokens of self-blended "
+              "training crops"})
+        mask_head, mask_metrics = train_mask_head(
+            train, crop_arrays, crops.key,
+            MaskHeadConfig(block=int(kwargs["mask_block"]), seed=cfg.seed),
+            on_progress=progress("patches", len(train)))
 
     emit({"type": "info", "message": f"scoring {len(val)} validation items, both branches"})
     val_bank = build_bank(val, crop_arrays, crops.key,
@@ -237,6 +247,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     model.probe.load_state_dict(probe.state_dict())
     if head is not None:
         model.head.load_state_dict(head.state_dict())
+    if mask_head is not None:
+        model.mask_head.load_state_dict(mask_head.state_dict())
     cnn_item = {}
     for r in val:
         arr, _ = crop_arrays[r["item_key"]]
@@ -282,6 +294,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
                                    "fused": roc_auc(y, fused_raw)}
     metrics["fusion"] = {"cnn_weight": weight, **choice}
     metrics["reliability_val"] = reliability_table(p, y)
+    if mask_metrics is not None:  # IoU on self-blended crops of held-out groups
+        metrics["localisation"] = mask_metrics
     metrics["cnn_val_groups_seen_in_training"] = leak
     training_data = {
         "inputs": dict(labelled.layouts), "labelled": labelled.counts(),

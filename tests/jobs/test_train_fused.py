@@ -80,23 +80,25 @@ def test_tiny_fused_recipe_trains_reproducibly_and_audits(ray_local, toy, tmp_pa
 
 
 def test_attention_head_with_pgd_trains_audits_and_is_attacked(ray_local, toy, tmp_path):
-    """The seeds' heads through the recipe: the BiLSTM-attention head (clip_attn_tiny) with
-    PGD adversarial training; the audit writes each frame's attention weight and evidence;
-    `evaluate --perturb pgd:4` runs the white-box attack through the detector."""
+    """The seeds' heads through one recipe (clip_heads_tiny): the BiLSTM-attention head,
+    PGD adversarial training and the localisation head; the audit writes each frame's
+    attention weight and evidence with a predicted region; `evaluate --perturb pgd:4`
+    runs the white-box attack through the detector."""
     torch.manual_seed(7)
     cnn_path, _ = save_checkpoint(create_model("effnet_lite_lstm_tiny"),
                                   tmp_path / "cnn" / "tiny_cnn.safetensors")
     recipe = tmp_path / "attn.toml"
     recipe.write_text((ROOT / "recipes" / "tiny_fused.toml").read_text().replace(
-        'model = "clip_fused_tiny"', 'model = "clip_attn_tiny"')
+        'model = "clip_fused_tiny"', 'model = "clip_heads_tiny"')
         + f'cnn_from = "{cnn_path}"\nclip_cnn_weight = 0.0\nadv_eps = 2.0\nadv_steps = 1\n'
         "adv_crops = 6\n")
     trained = _train(recipe, toy, tmp_path / "a", tmp_path / "cache")
     card = json.loads(Path(trained["card"]).read_text())
     clip = card["training_data"]["clip_branch"]
-    assert card["arch"] == "clip_attn_tiny" and clip["head"] == "bilstm_attention"
+    assert card["arch"] == "clip_heads_tiny" and clip["head"] == "bilstm_attention"
     assert clip["adversarial"]["crops"] == 6 and clip["adversarial"]["eps"] == 2.0
     assert card["metrics"]["branches_val_auc"]["clip"] >= 0.8
+    assert card["metrics"]["localisation"]["block"] == 8
 
     out = tmp_path / "audit"
     result = runner.invoke(app, ["audit", str(toy / "labels.csv"), "-o", str(out),
@@ -110,7 +112,10 @@ def test_attention_head_with_pgd_trains_audits_and_is_attacked(ray_local, toy, t
         assert len(w) == len(r["frame_p_fake"]) and abs(sum(w) - 1.0) < 1e-4
         # On CPU the CLIP branch reads clip_frames (2) frames per video; the rest weigh 0.
         assert sum(v > 0 for v in w) == min(2, len(w))
-    assert any(r["evidence"] for r in ok)  # Grad-CAM through the attention head
+    flagged = [r for r in ok if r["evidence"]]  # Grad-CAM through the attention head
+    assert flagged
+    evidence = json.loads(Path(flagged[0]["evidence"]).with_suffix(".json").read_text())
+    assert "model's estimate" in json.dumps(evidence)  # the localisation head's region
 
     manifest = tmp_path / "few.csv"
     lines = (toy / "labels.csv").read_text().splitlines()
