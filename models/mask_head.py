@@ -27,7 +27,7 @@ class MaskHead(nn.Module):
     ``block`` and ``hidden`` are also buffers, so a state dict alone rebuilds the head
     (:meth:`from_state_dict`)."""
 
-    def __init__(self, block: int = 8, hidden: int = 64) -> None:
+    def __init__(self, block: int = 4, hidden: int = 64) -> None:
         super().__init__()
         if not 1 <= block <= LAYERS:
             raise ValueError(f"mask head block must be in 1..{LAYERS}, got {block}")
@@ -116,7 +116,7 @@ def iou(pred_prob: np.ndarray, target_mask: np.ndarray, threshold: float = 0.5
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float64)
 
 
-def fit_mask_head(tokens: np.ndarray | Tensor, masks: np.ndarray | Tensor, block: int = 8,
+def fit_mask_head(tokens: np.ndarray | Tensor, masks: np.ndarray | Tensor, block: int = 4,
                   hidden: int = 64, epochs: int = 20, batch: int = 32, lr: float = 2e-3,
                   weight_decay: float = 1e-4, dice: float = 1.0, seed: int = 0) -> MaskHead:
     """Train a :class:`MaskHead` on patch tokens ``[N, 196, 768]`` (float16/32) against
