@@ -282,10 +282,10 @@ def _tiny_fused(name: str, **extra: Any) -> ModelConfig:
                 _fused_config("clip_bilstm_attn", 224, 192, temporal_head=True))
 @register_model("clip_fused_pgd", _fused_config("clip_fused_pgd", 224, 192))
 @register_model("clip_fused_mask",  # + the learnt localisation head (models/mask_head.py)
-                _fused_config("clip_fused_mask", 224, 192, mask_block=8))
+                _fused_config("clip_fused_mask", 224, 192, mask_block=4))
 @register_model("clip_fused_tiny", _tiny_fused("clip_fused_tiny"))  # tests: a tiny CNN
 @register_model("clip_heads_tiny",  # tests: every head option at once
-                _tiny_fused("clip_heads_tiny", temporal_head=True, mask_block=8))
+                _tiny_fused("clip_heads_tiny", temporal_head=True, mask_block=4))
 def _build_fused(*, variant: int, width: float | None, depth: float | None,
                  head_channels: int, hidden_size: int, num_layers: int, bidirectional: bool,
                  dropout: float, cnn_size: int, blocks: tuple[int, ...],

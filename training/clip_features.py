@@ -5,7 +5,8 @@ The CLIP tower is frozen, so each crop is embedded once and the features are cac
 recipe then cost seconds. Per crop we keep the CLS token after every block (12 x 768,
 float16): probes on intermediate blocks carry low-level cues the last block loses.
 
-Views of a training crop (all seeded, so a rebuild gives the same bank):
+Views of a training crop (seeded by the item's media id, so a rebuild, or a fresh copy
+of the data, gives the same bank):
 
 * ``orig``: the crop after one JPEG round trip at a random quality, which removes the
   file-format tell of the PNG-only fakes (the training collection's README, confound 1);
@@ -34,7 +35,7 @@ from deepaudit.models.perturb import Perturbation, apply_perturbation
 from deepaudit.models.sbi import self_blend
 
 log = logging.getLogger(__name__)
-BANK_FORMAT = "deepaudit-clip-bank/1"
+BANK_FORMAT = "deepaudit-clip-bank/2"  # /2: views seeded by media_id, not item_key
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def views(items: list[dict], crops: dict, cfg: BankConfig):
     only on the seed and its key, so any subset embeds the same."""
     perturbation = Perturbation.parse(cfg.perturb) if cfg.perturb else None
     for item in items:
-        digest = hashlib.sha256(item["item_key"].encode()).digest()
+        # Seeded by the media id (a path inside the input), never by the item key, which
+        # holds the file's mtime: a fresh copy of the data must give the same views.
+        digest = hashlib.sha256(item["media_id"].encode()).digest()
         rng = np.random.default_rng([cfg.seed, int.from_bytes(digest[:8], "little")])
         arr, _ = crops[item["item_key"]]
         positions = evenly_spaced(len(arr), cfg.frames)
@@ -132,5 +135,8 @@ def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
         np.savez(tmp, meta=json.dumps(meta), cls=cls)
         tmp.replace(path)
     wanted = {i["item_key"] for i in items}
-    keep = [j for j, m in enumerate(meta) if m["item_key"] in wanted]
+    # Rows in a fixed order (not the order in which runs filled the cache), so a probe
+    # fitted on them does not depend on the cache's history.
+    keep = sorted((j for j, m in enumerate(meta) if m["item_key"] in wanted),
+                  key=lambda j: (meta[j]["media_id"], meta[j]["pos"], meta[j]["view"]))
     return {"meta": [meta[j] for j in keep], "cls": cls[keep]}

@@ -179,7 +179,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     crops = build_crop_cache(
         table, cache_cfg, cfg.address, cfg.num_cpus,
         on_items=lambda done, total: emit({"type": "crops", "done": done, "total": total}))
-    usable = crops.items.filter(pc.equal(crops.items["status"], "ok")).to_pylist()
+    usable = sorted(crops.items.filter(pc.equal(crops.items["status"], "ok")).to_pylist(),
+                    key=lambda r: (r["media_id"], r["uri"]))  # not the cache's fill order
     train = _cap([r for r in usable if r["split"] == "train"], cfg.clip_max_per_source,
                  cfg.seed)
     val = [r for r in usable if r["split"] == "val"]

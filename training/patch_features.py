@@ -29,7 +29,7 @@ from deepaudit.models.clip_vit import CONVERTED_SHA256, cache_dir
 from deepaudit.models.mask_head import GRID, MaskHead, downsample, fit_mask_head, iou
 from deepaudit.models.sbi import self_blend
 
-PATCH_FORMAT = "deepaudit-patch-bank/1"
+PATCH_FORMAT = "deepaudit-patch-bank/2"  # /2: seeded by media_id, not item_key
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ def _rank(seed: int, key: str) -> str:
 
 def select_items(items: list[dict], cfg: PatchConfig) -> list[dict]:
     """At most ``max_reals_per_source`` reals and ``max_fakes_per_source`` fakes per
-    source (deterministic: the lowest hashes of seed and item key)."""
+    source (deterministic: the lowest hashes of seed and media id; the item key holds the
+    file's mtime, so a fresh copy of the data would pick others)."""
     out = []
     for label, cap in ((0, cfg.max_reals_per_source), (1, cfg.max_fakes_per_source)):
         by_source: dict[str, list[dict]] = {}
@@ -78,7 +79,7 @@ def select_items(items: list[dict], cfg: PatchConfig) -> list[dict]:
             if item["label"] == label:
                 by_source.setdefault(item["source"], []).append(item)
         for rows in by_source.values():
-            out += sorted(rows, key=lambda r: _rank(cfg.seed, r["item_key"]))[:cap]
+            out += sorted(rows, key=lambda r: _rank(cfg.seed, r["media_id"]))[:cap]
     return out
 
 
@@ -117,9 +118,9 @@ def partial_blend(crop: np.ndarray, fake: np.ndarray, mask: np.ndarray,
 
 
 def _views(items: list[dict], crops: dict, cfg: PatchConfig):
-    """``(meta, crop, target [mask_size]^2 or None)`` per view; seeded by the item key."""
+    """``(meta, crop, target [mask_size]^2 or None)`` per view; seeded by the media id."""
     for item in items:
-        digest = hashlib.sha256(item["item_key"].encode()).digest()
+        digest = hashlib.sha256(item["media_id"].encode()).digest()
         rng = np.random.default_rng([cfg.seed, int.from_bytes(digest[:8], "little")])
         arr, _ = crops[item["item_key"]]
         pos = len(arr) // 2

@@ -98,7 +98,7 @@ def test_attention_head_with_pgd_trains_audits_and_is_attacked(ray_local, toy, t
     assert card["arch"] == "clip_heads_tiny" and clip["head"] == "bilstm_attention"
     assert clip["adversarial"]["crops"] == 6 and clip["adversarial"]["eps"] == 2.0
     assert card["metrics"]["branches_val_auc"]["clip"] >= 0.8
-    assert card["metrics"]["localisation"]["block"] == 8
+    assert card["metrics"]["localisation"]["block"] == 4
 
     out = tmp_path / "audit"
     result = runner.invoke(app, ["audit", str(toy / "labels.csv"), "-o", str(out),
