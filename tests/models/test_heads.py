@@ -114,3 +114,24 @@ def test_pgd_is_a_perturbation_the_stage_applies_with_the_model():
         apply_perturbation(np.zeros((8, 8, 3), np.uint8), p)
     with pytest.raises(ValueError, match="pixel levels"):
         Perturbation.parse("pgd:40")
+
+
+@pytest.mark.skipif(not __import__("deepaudit.models.clip_vit", fromlist=["x"]).wheel_path()
+                    .is_file(), reason="the pinned CLIP wheel is not fetched (make setup)")
+@pytest.mark.parametrize("name", ["clip_fused_tiny", "clip_heads_tiny"])
+def test_a_clip_items_score_is_the_same_to_the_bit_in_any_batch(name):
+    """On CPU the CLIP branch embeds one crop at a time, so an item's p_fake is identical
+    (not merely close) whatever else shares its batch: re-runs of an archive in other
+    batches give byte-identical verdict columns."""
+    from deepaudit.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    model.cnn_weight.fill_(0.0)
+    rng = np.random.default_rng(0)
+    item = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    others = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    alone = np.float32(model.score(item, [3]).video_p[0])
+    for k in (1, 2, 6):
+        mixed = model.score(np.concatenate([others[:k], item]), [1] * k + [3]).video_p[-1]
+        assert np.float32(mixed) == alone
