@@ -140,6 +140,9 @@ def main(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the heads' training and of PGD.")] = 0,
     record: Annotated[bool, typer.Option(help="Append to bench/results/.")] = True,
+    card: Annotated[str | None, typer.Option(
+        help="Write the bilstm_attn result into this model card's "
+             "metrics.leave_one_source_out (a clip_bilstm_attn card).")] = None,
 ) -> None:
     import torch
     from clip_loso import load_bank
@@ -160,6 +163,22 @@ def main(
         print(json.dumps(res), flush=True)
         if record:
             append_record(Path(__file__).parent / "results" / "heads_loso.jsonl", res)
+        if card and name == "bilstm_attn":
+            write_card(card, res)
+
+
+def write_card(path: str, res: dict) -> None:
+    p = Path(path).with_suffix(".json")
+    data = json.loads(p.read_text())
+    data.setdefault("metrics", {})["leave_one_source_out"] = {
+        "mean_auc": res["mean_auc"], "min_auc": res["min_auc"], "by_source": res["by_source"],
+        "head": "bilstm_attn", "frames_per_video": res["k"], "seed": res["seed"],
+        "scope": "CLIP branch with the BiLSTM-attention head; the fused score's CNN weight is 0",
+        "protocol": "bench/heads_loso.py: train on all training sources but one, score the "
+                    "held-out source against reals never seen (its own, or CelebA and "
+                    "CelebA-HQ for fake-only sources)",
+    }
+    p.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def view_crops(train: str):
