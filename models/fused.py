@@ -38,7 +38,10 @@ def shared_tower(device: torch.device) -> nn.Module:
     with _TOWER_LOCK:
         key = str(device)
         if key not in _TOWERS:
-            _TOWERS[key] = load_tower(device)
+            # Never inference tensors, even when the first caller is in inference mode:
+            # Grad-CAM and PGD differentiate through this tower later.
+            with torch.inference_mode(False):
+                _TOWERS[key] = load_tower(device)
         return _TOWERS[key]
 
 
@@ -127,8 +130,9 @@ class FusedDetector(DetectorMixin, nn.Module):
 
     def clip_logits(self, crops: Tensor, chunk: int = 16) -> Tensor:
         """Probe logits of uint8 crops ``[N, S, S, 3]``."""
+        feats = self.clip_features(crops, chunk)
         with torch.inference_mode():
-            return self.probe.linear(self.clip_features(crops, chunk)).squeeze(-1)
+            return self.probe.linear(feats).squeeze(-1)
 
     def pixel_logits(self, pixels: Tensor) -> Tensor:
         """Each frame's CLIP-branch logit from float pixels ``[N, 224, 224, 3]`` (0-255),
