@@ -3,6 +3,7 @@ table and the HTML report alike."""
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from deepaudit.models.quality import model_quality, quality_text
@@ -33,3 +34,32 @@ def test_summary_table_and_report_show_the_same_line():
     line = quality_text(quality)
     assert "leave-one-source-out mean 0.70" in line
     assert line in console.export_text() and line in _summary_section(summary)
+
+
+@pytest.mark.parametrize("figure", ["out_of_domain", "leave_one_source_out"])
+@pytest.mark.parametrize(("auc", "printed", "caveat"), [
+    (0.797, "0.80", False),   # prints 0.80: not "0.80 (below 0.80)"
+    (0.795, "0.80", False),   # 0.795 is stored just above the half: rounds up, like print
+    (0.7949, "0.79", True),
+    (0.80, "0.80", False),
+    (0.7851, "0.79", True),
+])
+def test_the_caveat_compares_the_figure_as_printed(figure, auc, printed, caveat):
+    metrics = ({"out_of_domain": {"roc_auc": auc}} if figure == "out_of_domain" else
+               {"out_of_domain": {"roc_auc": 0.9},
+                "leave_one_source_out": {"mean_auc": auc}})
+    quality = model_quality({"metrics": metrics})
+    assert f"{auc:.2f}" == printed and printed in quality["summary"]
+    assert (quality["caveat"] is not None) == caveat, quality["caveat"]
+    if caveat:
+        assert f"is {printed} (below 0.80)" in quality["caveat"]
+
+
+def test_the_shipped_cards_never_read_below_the_bar_at_the_bar():
+    """Issue 31: clip_bilstm_attn's leave-one-source-out mean 0.797 read "0.80 (below 0.80)"."""
+    from deepaudit.models.checkpoint import resolve_model
+    from deepaudit.models.registry import list_models
+
+    for name in list_models():
+        caveat = resolve_model(name).quality.get("caveat") or ""
+        assert "0.80 (below 0.80)" not in caveat, (name, caveat)
