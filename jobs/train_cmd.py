@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from deepaudit.jobs.options import S3Endpoint
-from deepaudit.training.config import train_config
+from deepaudit.training.config import default_recipe_note, train_config
 
 
 def _explicit_options(ctx: typer.Context) -> set[str]:
@@ -37,8 +37,9 @@ def train_command(
         "--config", "-c", help="A recipe file (TOML; keys are these options' names, e.g. "
         "recipes/effnet_lite0.toml). Options given on the command line override its "
         "keys.")] = None,
-    model: Annotated[str, typer.Option(help="Registered architecture to train.")]
-        = "effnet_lite0_lstm",
+    model: Annotated[str, typer.Option(help="Registered architecture to train (registry "
+        "defaults). Without --config, --model or --init-from: the shipped default's recipe, "
+        "from its model card.")] = "effnet_lite0_lstm",
     init_from: Annotated[Optional[str], typer.Option(
         help="Start from a deepaudit checkpoint (.json card or .safetensors: fine-tuning), "
              "or start the CNN trunk from ImageNet weights: 'imagenet' (the weights package "
@@ -212,6 +213,8 @@ def train_command(
             exclude_from_training=tuple(exclude_from_training or ()),
             reviews=tuple(reviews or ()))
         cfg = train_config(given, config, _explicit_options(ctx))
+        if note := default_recipe_note(cfg):
+            console.print(note)
         with ProgressPrinter(console, bars=progress and not json_out) as printer:
             summary = run_train(cfg, on_event=printer)
     except (DatasetError, ValueError, FileNotFoundError) as exc:

@@ -225,14 +225,60 @@ def read_recipe(path: str | Path) -> dict:
     return values
 
 
+# Keys of a card's ``training_data.recipe`` that say where and on what a run trained, not
+# how: the shipped default's recipe is reused without them.
+NOT_RECIPE = ("inputs", "output", "resume", "recipe_file", "address", "num_cpus", "workers",
+              "use_gpu", "cpus_per_worker", "loader_workers", "cache", "checkpoint_storage",
+              "s3_endpoint", "decode_actors", "limit", "reviews")
+# What picks a recipe without --config: given, the registry's defaults apply instead.
+PICKS_A_MODEL = ("model", "init_from")
+DEFAULT_RECIPE_PREFIX = "the shipped default's card: "
+
+
+def default_recipe() -> tuple[dict, str]:
+    """The shipped default model's recipe and where it came from: its model card's
+    ``training_data.recipe``, less :data:`NOT_RECIPE`. The card is the source because it
+    ships inside the package beside the weights it describes (recipes/ lives only in the
+    repository) and records every value that trained them."""
+    from dataclasses import fields
+
+    from deepaudit.models.checkpoint import resolve_model
+
+    handle = resolve_model(None)
+    recorded = ((handle.card or {}).get("training_data") or {}).get("recipe")
+    if not handle.trained or not isinstance(recorded, dict):
+        raise ValueError(f"the shipped default {handle.name}'s card records no recipe: pass "
+                         "--config recipes/NAME.toml or --model NAME")
+    names = {f.name for f in fields(TrainConfig)} - set(NOT_RECIPE)
+    values = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in recorded.items() if k in names}
+    return values, f"{DEFAULT_RECIPE_PREFIX}{handle.model_id}"
+
+
+def default_recipe_note(cfg: TrainConfig) -> str | None:
+    """The line ``deepaudit train`` prints when ``cfg`` took the shipped default's recipe."""
+    if not (cfg.recipe_file or "").startswith(DEFAULT_RECIPE_PREFIX):
+        return None
+    model_id = cfg.recipe_file.removeprefix(DEFAULT_RECIPE_PREFIX)
+    return (f"no --config: training the shipped default's recipe ({cfg.model}, as its card "
+            f"{model_id} records it); --config or --model picks another")
+
+
 def train_config(cli: dict, recipe: str | Path | None, explicit: set[str]) -> TrainConfig:
     """The run's config: the CLI's defaults, then the recipe's keys, then the options given
-    on the command line."""
+    on the command line. With no recipe and no option that picks a model
+    (:data:`PICKS_A_MODEL`), the recipe is the shipped default's (:func:`default_recipe`);
+    ``recipe_file`` then names its card."""
     values = dict(cli)
     if recipe is not None:
         values.update(read_recipe(recipe))
         values.update({k: v for k, v in cli.items() if k in explicit})
         values["recipe_file"] = str(recipe)
+    elif not explicit & set(PICKS_A_MODEL):
+        shipped, source = default_recipe()
+        values.update(shipped)
+        values.update({k: v for k, v in cli.items() if k in explicit})
+        values["recipe_file"] = source
     if not values.get("inputs"):
         raise ValueError("give at least one training INPUT (or 'inputs' in the --config "
                          "recipe)")
