@@ -42,7 +42,8 @@ from deepaudit.serve import (
     review_page,
     runs_page,
 )
-from deepaudit.serve.data import Archive, BadRequest, Gone, NotFound, Unavailable
+from deepaudit.serve.common import BadRequest, Gone, NotFound, Unavailable
+from deepaudit.serve.data import Archive
 from deepaudit.serve.export import neutralise  # noqa: F401 (re-exported)
 from deepaudit.serve.security import (  # noqa: F401 (sniff: re-exported)
     Guard,

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deepaudit.serve.data import NotFound
+from deepaudit.serve.common import NotFound
 from deepaudit.serve.security import (
     CSRF_COOKIE,
     csrf_problem,

@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from deepaudit.serve.data import ItemQuery, NotFound
+from deepaudit.serve.common import NotFound
+from deepaudit.serve.item_query import ItemQuery
 from deepaudit.serve.site import Site
 
 # A CSV cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV

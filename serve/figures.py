@@ -68,7 +68,7 @@ def faces_jpeg(item: dict, fs, path: str) -> bytes | None:
     a temp file first); None when the media cannot be read from here."""
     import cv2
 
-    from deepaudit.serve.data import storage_errors
+    from deepaudit.serve.common import storage_errors
 
     boxes = item.get("face_boxes") or []
     indices = [b["frame"] for b in boxes] or list(item.get("frame_indices") or [])[:MAX_FRAMES]

@@ -9,7 +9,7 @@ import json
 from starlette.requests import Request
 from starlette.routing import Route
 
-from deepaudit.serve.data import BadRequest, NotFound, storage_errors
+from deepaudit.serve.common import BadRequest, NotFound, storage_errors
 from deepaudit.serve.security import CSRF_COOKIE, csrf_token
 from deepaudit.serve.site import Site
 
@@ -28,7 +28,7 @@ def render_item(site: Site, request: Request, item: dict, status: int = 200,
     """The item page (``status``; with a refused review's message and what was typed)."""
     from deepaudit.pipeline.reviews import REVIEWS, review_state
 
-    ev = site.archive.evidence(item, ".json")
+    ev = site.archive.files.evidence(item, ".json")
     meta = None
     if ev is not None:
         fs, path = ev
@@ -45,11 +45,11 @@ def render_item(site: Site, request: Request, item: dict, status: int = 200,
             f"frame {i}: {w:.2f}" for i, w in zip(item.get("frame_indices") or [],
                                                    item["frame_weights"]) if w > 0)
     base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
-    reachable = site.archive.media_reachable(item.get("uri"))
-    review = site.archive.review_of(item["media_id"])
+    reachable = site.archive.files.media_reachable(item.get("uri"))
+    review = site.archive.reviews.of(item["media_id"])
     csrf = csrf_token(request)
     resp = site.render(request, "item.html", status=status, item=item, shown=shown, base=base,
-                       has_evidence=site.archive.evidence(item, ".png") is not None,
+                       has_evidence=site.archive.files.evidence(item, ".png") is not None,
                        evidence_json=meta, history=site.archive.history(item["media_id"]),
                        ledger=site.archive.ledger_entries(item["media_id"]),
                        n_boxes=len(item.get("face_boxes") or []), reachable=reachable,
@@ -58,7 +58,7 @@ def render_item(site: Site, request: Request, item: dict, status: int = 200,
                        review=review, choices=REVIEWS,
                        review_state=review_state(review and review["review"],
                                                  item.get("verdict")),
-                       reviews=site.archive.review_history(item["media_id"]),
+                       reviews=site.archive.reviews.history(item["media_id"]),
                        reviewer=site.reviewer, csrf=csrf, review_error=review_error,
                        form=form or {})
     resp.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict")
@@ -76,7 +76,7 @@ def routes(site: Site) -> list[Route]:
         item = _item(request)
         kind = request.path_params["kind"]
         if kind in ("evidence.png", "evidence.json"):
-            found = site.archive.evidence(item, kind[len("evidence"):])
+            found = site.archive.files.evidence(item, kind[len("evidence"):])
             if found is None:
                 raise NotFound("this item has no evidence file under its output folder")
             fs, path = found
@@ -99,7 +99,7 @@ def routes(site: Site) -> list[Route]:
         if kind == "faces.jpg":
             from deepaudit.serve.figures import faces_jpeg
 
-            source = site.archive.media_source(item.get("uri"))
+            source = site.archive.files.media_source(item.get("uri"))
             if source is None:
                 raise NotFound("this item's media cannot be read from this server")
             return site.png(faces_jpeg(item, *source), "image/jpeg")

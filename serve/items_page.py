@@ -10,7 +10,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from deepaudit.pipeline.reviews import review_state
-from deepaudit.serve.data import (
+from deepaudit.serve.item_query import (
     MEDIA_TYPES,
     REVIEW_FILTERS,
     STATUSES,
@@ -49,7 +49,7 @@ def routes(site: Site) -> list[Route]:
 
         models = sorted({r["model"] for r in page.rows if r["model"]}) or site.archive.models
         for r in page.rows:  # the latest review of its media id, and what it says of r
-            found = site.archive.review_of(r["media_id"])
+            found = site.archive.reviews.of(r["media_id"])
             r["review_"] = found and {**found, "state": review_state(found["review"],
                                                                      r["verdict"])}
         nav = {

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from deepaudit.pipeline import reviews as rv
-from deepaudit.serve.data import storage_errors
+from deepaudit.serve.common import storage_errors
 from deepaudit.serve.item_page import item_of, render_item
 from deepaudit.serve.security import csrf_problem, origin_problem
 from deepaudit.serve.site import Site
@@ -35,7 +35,7 @@ def routes(site: Site) -> list[Route]:
     def write(row: dict) -> None:
         with site.review_lock:  # the part, then the in-memory state the pages read
             site.review_store.append([row])
-            site.archive.add_reviews(pa.Table.from_pylist([row], schema=rv.REVIEW_SCHEMA))
+            site.archive.reviews.add(pa.Table.from_pylist([row], schema=rv.REVIEW_SCHEMA))
             site.page_cache.clear()  # items pages show and filter by review
 
     async def post_review(request: Request):
@@ -82,12 +82,12 @@ def routes(site: Site) -> list[Route]:
 
     def get_reviews(request: Request):
         item = item_of(site, request)
-        latest = site.archive.review_of(item["media_id"])
+        latest = site.archive.reviews.of(item["media_id"])
         return JSONResponse({
             "media_id": item["media_id"], "verdict": item.get("verdict"),
             "review": latest and _json_row(latest),
             "state": rv.review_state(latest and latest["review"], item.get("verdict")),
-            "history": [_json_row(r) for r in site.archive.review_history(item["media_id"])],
+            "history": [_json_row(r) for r in site.archive.reviews.history(item["media_id"])],
             "reviews_off": site.reviews_off})
 
     return [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.routing import Route
 
-from deepaudit.serve.data import NotFound
+from deepaudit.serve.common import NotFound
 from deepaudit.serve.site import Site
 
 

@@ -12,7 +12,8 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from deepaudit.serve.data import LRU, Archive, NotFound
+from deepaudit.serve.common import LRU, NotFound
+from deepaudit.serve.data import Archive
 from deepaudit.serve.security import HostCheck, RateLimiter
 
 HERE = Path(__file__).parent

@@ -361,7 +361,7 @@ def test_filter_masks_page_like_the_export(out, sort_below):
     Walked forward from the first page and back from the last, both ways of finding a
     filtered page give the export's rows in its order, and the same count."""
     archive = open_archive(str(out))
-    archive.SORT_BELOW = sort_below
+    archive.pages.SORT_BELOW = sort_below
     cases = [{"verdict": "none"}, {"verdict": "fake", "p_min": "0.6", "p_max": "0.95"},
              {"p_min": "0.9"}, {"p_max": "0.9", "sort": "media_id", "order": "desc"},
              {"status": "error", "error_code": "not_media"}, {"q": "CAM1/"},
