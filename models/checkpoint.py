@@ -138,10 +138,15 @@ class ModelHandle:
                        frames: int | None = None) -> ModelHandle:
         """This model with the command line's ``--threshold`` and ``--frames`` in place of
         the card's (``None``: the card's). Audit, evaluate and check all apply them here;
-        ModelConfig validates the result."""
-        changes = {k: v for k, v in (("threshold", threshold), ("frames", frames))
-                   if v is not None}
-        return replace(self, config=replace(self.config, **changes)) if changes else self
+        ModelConfig validates the result. ``--frames N`` means N frames sampled and
+        scored: every branch then reads all of them, on CPU too."""
+        config = self.config.with_threshold(threshold)
+        if frames is not None:
+            kwargs = dict(config.arch_kwargs)
+            if "clip_frames" in kwargs:
+                kwargs["clip_frames"] = frames  # every frame
+            config = replace(config, frames=frames, branch_frames=None, arch_kwargs=kwargs)
+        return self if config == self.config else replace(self, config=config)
 
     def load(self, device: str | torch.device = "cpu") -> nn.Module:
         """Build the model, load and verify its weights, and return it in ``eval()`` mode

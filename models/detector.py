@@ -32,7 +32,7 @@ class Scores:
     """What :meth:`DetectorMixin.score` returns."""
 
     video_p: np.ndarray  # [B] each item's p_fake (calibrated when the card has a map)
-    frame_p: np.ndarray  # [N] each frame's p_fake, same scale
+    frame_p: np.ndarray  # [N] each frame's p_fake, same scale; NaN: no branch scored it
     head: list[str]  # [B] which head gave the item's score
     branch_p: dict[str, np.ndarray] = field(default_factory=dict)  # [B] per branch, raw
     cam_features: Tensor | None = None  # [N, F] what explain() reuses

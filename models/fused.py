@@ -199,11 +199,12 @@ class FusedDetector(DetectorMixin, nn.Module):
         device = next(self.parameters()).device
         positions = self.clip_positions(lengths, device)
         clip_item, clip_frame, clip_weight = self.clip_item_scores(crops, lengths, positions)
-        item_of = np.repeat(np.arange(len(lengths)), lengths)
-        frame_clip = np.array([clip_frame.get(i, clip_item[item_of[i]])
-                               for i in range(len(item_of))])
+        n = int(sum(lengths))
+        # A frame the CLIP branch did not read has no score (NaN, a null in the row):
+        # a frame score is never invented.
+        frame_clip = np.array([clip_frame.get(i, np.nan) for i in range(n)])
         weights = None if clip_weight is None else np.array(
-            [clip_weight.get(i, 0.0) for i in range(len(item_of))])
+            [clip_weight.get(i, 0.0) for i in range(n)])
         u_clip = cdf(clip_item, self.cdf_clip)
         head = "clip_attention" if self.head is not None else "clip"
         if self.clip_only:
@@ -216,6 +217,7 @@ class FusedDetector(DetectorMixin, nn.Module):
                              for b, n in enumerate(lengths)])
         u_cnn = cdf(cnn_item, self.cdf_cnn)
         w = float(self.cnn_weight)
+        # NaN where the CLIP branch did not read the frame: only frames both read are scored.
         frame = w * cdf(cnn.frame_p, self.cdf_cnn) + (1 - w) * cdf(frame_clip, self.cdf_clip)
         return Scores(video_p=w * u_cnn + (1 - w) * u_clip, frame_p=frame,
                       head=["fused"] * len(lengths),

@@ -40,6 +40,22 @@ def check_frames(frames: int) -> int:
     return frames
 
 
+DEVICES = ("cpu", "gpu")
+
+
+def check_branch_frames(branch_frames: dict) -> dict:
+    """``{branch: {"cpu": n, "gpu": n}}`` with integers n >= 0 and some branch reading."""
+    for name, reads in branch_frames.items():
+        if not isinstance(reads, dict) or set(reads) != set(DEVICES) or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in reads.values()):
+            raise ValueError(f"branch_frames[{name!r}] must map cpu and gpu to integers >= 0, "
+                             f"got {reads!r}")
+    for device in DEVICES:
+        if not any(r[device] for r in branch_frames.values()):
+            raise ValueError(f"branch_frames: no branch reads a frame on {device}")
+    return branch_frames
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What a model needs around it: its builder name and arguments, the crop size and
@@ -56,14 +72,29 @@ class ModelConfig:
     # Raw score -> calibrated p_fake, as piecewise-linear knots (x, y) fitted on
     # validation data (models.detector.fit_calibration); None: scores are used as they are.
     calibration: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # Frames per video each branch reads, by where the classifier runs:
+    # {branch: {"cpu": n, "gpu": n}}, 0 for a branch that is not run. The audit decodes
+    # only what the branches read (frames_for). None: every branch reads all ``frames``.
+    branch_frames: dict[str, dict[str, int]] | None = None
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
         check_frames(self.frames)
+        if self.branch_frames is not None:
+            check_branch_frames(self.branch_frames)
         if self.calibration is not None:
             x, y = self.calibration
             if len(x) != len(y) or len(x) < 2 or list(x) != sorted(x) or list(y) != sorted(y):
                 raise ValueError("calibration must be two increasing sequences of equal length")
+
+    def frames_for(self, device: str) -> int:
+        """Frames per video to decode when the classifier runs on ``device`` ("cpu" or
+        "gpu"): the most any branch reads there, at most ``frames``."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if not self.branch_frames:
+            return self.frames
+        return min(self.frames, max(b[device] for b in self.branch_frames.values()))
 
     def verdict(self, p_fake: float) -> str:
         """The card's rule from a (calibrated) score to a verdict: fake at or above the

@@ -261,7 +261,9 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
         "model_trained": handle.trained,
         "model_quality": handle.quality,
         "threshold": handle.config.threshold,
-        "frames": handle.config.frames,
+        # Frames decoded per video: those the model's branches read where it ran.
+        "frames": handle.config.frames_for(
+            "gpu" if plan and classifies_on_gpu(plan, cfg.device) else "cpu"),
         "rows_in": manifest.num_rows,
         "rows_out": len(writer.seen),
         "items": inc.items(audited=len(writer.seen), failed=writer.status.get(STATUS_ERROR, 0)),
@@ -312,6 +314,11 @@ def _evidence_summary(evidence: EvidenceConfig | None, cfg: AuditConfig,
     }
 
 
+def classifies_on_gpu(plan: StagePlan, device: str) -> bool:
+    """Whether the plan's classifier actors run on GPUs (``--device cpu`` keeps them off)."""
+    return plan.classify_gpus > 0 and device != "cpu"
+
+
 def _start_cluster(cfg: AuditConfig, handle: ModelHandle) -> tuple[str, float, float, StagePlan]:
     """Join or start Ray and derive the actor plan from its nodes."""
     from deepaudit.infra.ray_runtime import (
@@ -350,7 +357,8 @@ def _stream_verdicts(manifest: pa.Table, plan: StagePlan, handle: ModelHandle,
                                detector=cfg.detector, device=cfg.device,
                                crop_batch=cfg.crop_batch or plan.crop_batch or 64,
                                threads=plan.torch_threads, perturb=cfg.perturb,
-                               storage=cfg.storage, evidence=evidence)
+                               storage=cfg.storage, evidence=evidence,
+                               gpu=classifies_on_gpu(plan, cfg.device))
         ds = audit_dataset(manifest, plan, stages, isolate=isolate)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             with signals.deferred() if signals else contextlib.nullcontext():

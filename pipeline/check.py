@@ -81,9 +81,12 @@ class Checker:
         # The audit's own stage configs, so a file is checked exactly as it is audited;
         # only the detector may use a few threads in this one process.
         threads = max(1, min(4, os.cpu_count() or 1))
+        import torch
+
+        gpu = device != "cpu" and torch.cuda.is_available()
         stages = stage_configs(self.handle, device=device,
                                detector=FaceDetectorConfig(threads=threads),
-                               evidence=evidence)
+                               evidence=evidence, gpu=gpu)
         self.decode = DecodeCropStage(stages.decode, stages.detector, stages.crop,
                                       stages.storage)
         self.classify = ClassifyStage(stages.handle, stages.classify, stages.evidence)

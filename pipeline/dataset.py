@@ -136,13 +136,15 @@ def stage_configs(handle: ModelHandle, *, max_side: int = 1920,
                   detector: FaceDetectorConfig | None = None, device: str = "auto",
                   crop_batch: int = 64, threads: int = 0, perturb: str | None = None,
                   storage: StorageConfig | None = None,
-                  evidence: EvidenceConfig | None = None) -> StageConfigs:
+                  evidence: EvidenceConfig | None = None, gpu: bool = False) -> StageConfigs:
     """The two stages' configs for ``handle`` (``audit`` and ``check`` both build their
     stages from these). ``crop_batch`` and ``threads`` come from the actor plan when there
     is one. Frames per video and the crop size are the handle's (its card's, or the
-    command line's through :meth:`ModelHandle.with_overrides`)."""
+    command line's through :meth:`ModelHandle.with_overrides`); ``gpu``: the classifier
+    runs on a GPU, so the frames decoded are those its branches read there."""
+    frames = handle.config.frames_for("gpu" if gpu else "cpu")
     return StageConfigs(
-        decode=DecodeConfig(frames=handle.config.frames, max_side=max_side),
+        decode=DecodeConfig(frames=frames, max_side=max_side),
         detector=detector or FaceDetectorConfig(),
         crop=CropConfig(size=handle.config.input_size),
         classify=ClassifyConfig(device=device, crop_batch=crop_batch, threads=threads,

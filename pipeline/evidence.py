@@ -142,9 +142,11 @@ class EvidenceWriter:
 # ------------------------------------------------------------------------------ pictures
 
 
-def top_frames(frame_p: list[float], k: int) -> list[int]:
-    """Positions of the ``k`` highest frame scores, highest first (ties: earlier first)."""
-    order = sorted(range(len(frame_p)), key=lambda i: (-frame_p[i], i))
+def top_frames(frame_p: list[float | None], k: int) -> list[int]:
+    """Positions of the ``k`` highest frame scores, highest first (ties: earlier first);
+    frames without a score (None) are never picked."""
+    scored = [i for i, p in enumerate(frame_p) if p is not None]
+    order = sorted(scored, key=lambda i: (-frame_p[i], i))
     return order[: max(0, k)]
 
 

@@ -36,6 +36,7 @@ def card_summary(handle) -> dict[str, Any]:
         "trained": handle.trained,
         "threshold": handle.config.threshold,
         "frames": handle.config.frames,
+        "branch_frames": handle.config.branch_frames,
         "created_at": card.get("created_at"),
         "training_data": card.get("training_data"),
         "out_of_domain_auc": ood_figures(handle),

@@ -272,7 +272,9 @@ class ClassifyStage:
             row = rows[i]
             row["classify_ms"] = ms
             row["score_head"] = scores.head[k]
-            row["frame_p_fake"] = [float(v) for v in frame_p[offsets[k] : offsets[k + 1]]]
+            # A frame no branch scored stays null (frame_indices says which frame it is).
+            row["frame_p_fake"] = [float(v) if math.isfinite(v) else None
+                                   for v in frame_p[offsets[k] : offsets[k + 1]]]
             if scores.frame_weights is not None:
                 row["frame_weights"] = [
                     float(v) for v in scores.frame_weights[offsets[k] : offsets[k + 1]]]

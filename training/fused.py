@@ -284,7 +284,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     else:
         t, rule = 0.5, "0.5 on calibrated p_fake"
     t = min(max(float(t), 1e-6), 1 - 1e-6)
-    mc = replace(mc, threshold=t, calibration=knots)
+    mc = replace(mc, threshold=t, calibration=knots,
+                 branch_frames=branch_frames(mc.frames, kwargs["clip_frames"], weight))
     model.config = mc
     preds = [{"item_key": k, "label": lab, "source": r["source"], "media_type": r["media_type"],
               "p_fake": float(v), "p_cnn": float(a), "p_clip": float(b)}
@@ -330,6 +331,14 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
             "val_accuracy": overall.get("accuracy"),
             "branches_val_auc": metrics["branches_val_auc"],
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def branch_frames(frames: int, clip_frames: int | None, cnn_weight: float) -> dict:
+    """What the card says each branch reads: the CLIP branch ``clip_frames`` on CPU and
+    every frame on GPU; the CNN every frame, or none at weight 0 (it is not run)."""
+    cnn = 0 if cnn_weight == 0 else frames
+    return {"clip": {"cpu": min(clip_frames or frames, frames), "gpu": frames},
+            "cnn": {"cpu": cnn, "gpu": cnn}}
 
 
 def _adversarial_refit(probe, cfg: TrainConfig, meta, cls, labels, sources, weights,
