@@ -55,10 +55,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from classifier_cost import branch_costs  # bench/classifier_cost.py, beside this script
 
 from deepaudit.infra.storage import StorageConfig
 from deepaudit.models.checkpoint import resolve_model
@@ -130,8 +131,11 @@ def main(
         help="Clips in the short pipeline run; the two runs give the marginal rate and "
              "the fixed start-up cost. Stage costs and evidence use this many too.")] = 24,
     seconds: Annotated[float, typer.Option(help="Clip length.")] = 10.0,
-    frames: Annotated[int, typer.Option(help="Frames sampled per clip.")] = 16,
-    model: Annotated[str, typer.Option(help="Model name or checkpoint.")] = "effnet_lite0_lstm",
+    frames: Annotated[Optional[int], typer.Option(
+        help="Frames sampled and scored per clip (default: what the model's card says its "
+             "branches read on CPU).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model name or checkpoint (default: the shipped default).")] = None,
     workdir: Annotated[Path, typer.Option(help="Clip cache and outputs.")] = Path("bench-out"),
     evidence: Annotated[bool, typer.Option(help="Measure the Grad-CAM evidence overhead.")] = True,
     rounds: Annotated[int, typer.Option(
@@ -150,7 +154,10 @@ def main(
     if rounds < 1:
         raise typer.BadParameter(f"--rounds must be at least 1, got {rounds}")
     clips = make_clips(workdir / "clips", videos, seconds)
-    handle = resolve_model(model)
+    frames_arg = frames  # None: the card's, as an audit without --frames
+    handle = resolve_model(model).with_overrides(frames=frames_arg)
+    model = model or handle.name
+    frames = handle.config.frames_for("cpu")  # what the audit decodes on CPU
     size = handle.config.input_size
     flag_model = trained_copy(handle, workdir)  # every item flagged: the evidence worst case
     dcfg = DecodeConfig(frames=frames)
@@ -164,6 +171,7 @@ def main(
     scorer = Scorer(handle)
     scorer(np.zeros((2, size, size, 3), np.uint8))  # warm-up
     first_costs, all_crops = stage_costs(clips[:small], dcfg, det, scorer, size)
+    branches = branch_costs(scorer.model, size, handle.config, rounds=4)
     ev_stage = evidence_stage_cost(flag_model, all_crops, workdir) if evidence else None
 
     # 2-3. Rounds, each one back to back: the baseline, the per-core processes (whose
@@ -179,10 +187,12 @@ def main(
         torch.set_num_threads(cores)
         baseline_vps = baseline(clips, frames, handle, size, cores)
         torch.set_num_threads(1)
-        n_before, t_before, c_before = cores_parallel(clips[:half], dcfg, model, cores)
-        run = pipeline_runs(clips, small, frames, flag_model, cores, workdir,
+        n_before, t_before, c_before = cores_parallel(clips[:half], dcfg, model, frames_arg,
+                                                        cores)
+        run = pipeline_runs(clips, small, frames_arg, flag_model, cores, workdir,
                             with_small=r == 0, with_evidence=evidence and r == 0)
-        n_after, t_after, c_after = cores_parallel(clips[half:], dcfg, model, cores)
+        n_after, t_after, c_after = cores_parallel(clips[half:], dcfg, model, frames_arg,
+                                                     cores)
         parallel_vps = (n_before + n_after) / (t_before + t_after)
         busy = {k: (c_before[k] + c_after[k]) / (n_before + n_after) for k in STAGES}
         first = first or run
@@ -234,6 +244,8 @@ def main(
             for k in STAGES},
         "ideal_videos_per_s": med("ideal_videos_per_s"),
         "efficiency": med("efficiency"),
+        # Each branch alone at one thread: ms per crop it reads, and crops read per video.
+        **branches,
         # Each stage alone, the other cores idle (step 1): a stricter ideal.
         "stage_cpu_s_per_video_stages_alone": {k: round(v, 4) for k, v in alone.items()},
         "stage_cpu_s_samples_stages_alone": [round(sum(first_costs.values()), 4),
@@ -273,7 +285,7 @@ def baseline(clips: list[Path], frames: int, handle, size: int, cores: int) -> f
     return len(clips) / (time.perf_counter() - t0)
 
 
-def pipeline_runs(clips: list[Path], small: int, frames: int, flag_model: str, cores: int,
+def pipeline_runs(clips: list[Path], small: int, frames: int | None, flag_model: str, cores: int,
                   workdir: Path, with_small: bool, with_evidence: bool) -> dict:
     """The pipeline on a fresh local Ray (started before timing, as a cluster would be):
     the full clip set, and with ``with_small`` first the short one (and, with
@@ -362,11 +374,12 @@ def stage_costs(clips: list[Path], dcfg: DecodeConfig, det: RetinaFaceDetector, 
     return {k: v / len(clips) for k, v in costs.items()}, all_crops
 
 
-def _parallel_worker(clips: list[Path], dcfg: DecodeConfig, model: str, barrier, results) -> None:
+def _parallel_worker(clips: list[Path], dcfg: DecodeConfig, model: str, frames: int | None,
+                     barrier, results) -> None:
     import torch
 
     torch.set_num_threads(1)
-    handle = resolve_model(model)
+    handle = resolve_model(model).with_overrides(frames=frames)
     det = RetinaFaceDetector(FaceDetectorConfig(threads=1))
     scorer, size = Scorer(handle), handle.config.input_size
     score_clip(clips[0], dcfg, det, scorer, size)  # warm-up
@@ -378,7 +391,7 @@ def _parallel_worker(clips: list[Path], dcfg: DecodeConfig, model: str, barrier,
     results.put((len(clips), time.perf_counter() - t0, costs))
 
 
-def cores_parallel(clips: list[Path], dcfg: DecodeConfig, model: str,
+def cores_parallel(clips: list[Path], dcfg: DecodeConfig, model: str, frames: int | None,
                    cores: int) -> tuple[int, float, dict]:
     """``cores`` independent single-threaded processes, each running whole videos
     (decode → detect → classify) on its share of ``clips`` once warmed up, all starting
@@ -390,7 +403,7 @@ def cores_parallel(clips: list[Path], dcfg: DecodeConfig, model: str,
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(cores), ctx.Queue()
     procs = [ctx.Process(target=_parallel_worker,
-                         args=(clips[i::cores], dcfg, model, barrier, results))
+                         args=(clips[i::cores], dcfg, model, frames, barrier, results))
              for i in range(cores)]
     for p in procs:
         p.start()

@@ -76,7 +76,7 @@ def main(
     for h, stage, size, w, c in zip(handles, stages, size_list, wall, cpu):
         ms = float(np.median(w)) / (videos * frames) * 1e3
         base = base or ms
-        branches = branch_costs(stage.model, size, frames, rounds)
+        branches = branch_costs(stage.model, size, h.config, rounds)
         result["models"].append({
             "model": h.model_id, "input_size": size, "ms_per_crop": round(ms, 2),
             "cpu_s_per_video": round(float(np.median(c)) / videos, 3),
@@ -88,24 +88,30 @@ def main(
     if write_card:
         if handles[0].weights_path is None:
             raise typer.BadParameter(f"{models[0]} has no card to write into")
-        write_cost(handles[0].weights_path, result["models"][0], frames)
+        write_cost(handles[0].weights_path, result["models"][0])
 
 
-def branch_costs(model, size: int, frames: int, rounds: int) -> dict:
-    """Single-thread ms per crop of each branch, and the CPU ms per sampled frame the
-    detector costs with ``frames`` frames per video (the CLIP branch scores only
-    ``clip_frames`` of them on CPU)."""
+def branch_costs(model, size: int, config, rounds: int) -> dict:
+    """Single-thread ms per crop of each branch the model runs on CPU, the crops each
+    reads per video (the card's ``branch_frames``), and the CPU ms per decoded frame that
+    gives with the frames the audit decodes on CPU (``config.frames_for("cpu")``)."""
     import torch
 
     crops = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (4, size, size, 3),
                                                                 np.uint8))
+    decoded = config.frames_for("cpu")
+    reads = {name: r["cpu"] for name, r in (config.branch_frames or {}).items()}
+    timings = {}
+    if hasattr(model, "clip_logits"):
+        timings["clip"] = lambda: model.clip_logits(crops)
+        reads.setdefault("clip", min(getattr(model, "clip_frames", None) or decoded, decoded))
+    if not getattr(model, "clip_only", False):  # a CNN weight of 0: the CNN is not run
+        timings["cnn"] = lambda: (model.cnn if hasattr(model, "cnn") else model).raw_scores(
+            crops, [len(crops)], 16)
+        reads.setdefault("cnn", decoded)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        timings = {"cnn": lambda: (model.cnn if hasattr(model, "cnn") else model).raw_scores(
-            crops, [len(crops)], 16)}
-        if hasattr(model, "clip_logits"):
-            timings["clip"] = lambda: model.clip_logits(crops)
         out = {}
         for name, fn in timings.items():
             fn()  # warm-up
@@ -117,21 +123,21 @@ def branch_costs(model, size: int, frames: int, rounds: int) -> dict:
             out[name] = round(float(np.median(runs)), 1)
     finally:
         torch.set_num_threads(before)
-    k = getattr(model, "clip_frames", None)
-    cnn = 0.0 if getattr(model, "clip_only", False) else out["cnn"]  # a CNN weight of 0
-    per_frame = cnn + (out["clip"] * min(k or frames, frames) / frames
-                       if "clip" in out else 0.0)
-    return {"branch_ms_per_crop": out, "cpu_ms_per_frame": round(per_frame, 1)}
+    per_video = sum(out[name] * reads[name] for name in out)
+    return {"branch_ms_per_crop": out,
+            "branch_crops_per_video": {name: reads[name] for name in out},
+            "frames_decoded": decoded, "cpu_ms_per_frame": round(per_video / decoded, 1)}
 
 
-def write_cost(card_path: str, measured: dict, frames: int) -> None:
+def write_cost(card_path: str, measured: dict) -> None:
     from datetime import datetime, timezone
 
     path = Path(card_path).with_suffix(".json")
     card = json.loads(path.read_text())
     card["cost"] = {"cpu_ms_per_frame": measured["cpu_ms_per_frame"],
                     "branch_ms_per_crop": measured["branch_ms_per_crop"],
-                    "frames": frames, "threads": 1,
+                    "branch_crops_per_video": measured["branch_crops_per_video"],
+                    "frames": measured["frames_decoded"], "threads": 1,
                     "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "by": "bench/classifier_cost.py (process CPU time, one torch thread)"}
     path.write_text(json.dumps(card, indent=2) + "\n")
