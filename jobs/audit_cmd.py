@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deepaudit.jobs.logs import setup_logging
-from deepaudit.jobs.options import check_endpoint
+from deepaudit.jobs.options import FaceDetectorKind, check_endpoint, face_detector_option
 from deepaudit.pipeline.terminal import print_summary, print_top_flagged, run_with_progress
 
 console = Console(stderr=True)
@@ -128,6 +128,8 @@ def audit_command(
     ] = None,
     device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", rich_help_panel=_MODEL,
                                         help="Classifier device.")] = "auto",
+    face_detector: Annotated[FaceDetectorKind, face_detector_option(_MODEL)
+                             ] = FaceDetectorKind.retinaface,
     address: Annotated[
         str, typer.Option(metavar="ADDR", rich_help_panel=_CLUSTER,
                           help="local, auto (this cluster) or ray://HOST:PORT.")
@@ -188,6 +190,7 @@ def audit_command(
     from deepaudit.infra.listing import MEDIA_TYPES, ListingConfig
     from deepaudit.infra.ray_runtime import check_device_here
     from deepaudit.infra.storage import StorageConfig, check_readable
+    from deepaudit.models.face_detector import FaceDetectorConfig
     from deepaudit.pipeline.audit import AuditConfig, run_audit
     from deepaudit.pipeline.interrupt import AuditInterrupted
     from deepaudit.pipeline.ledger import LedgerPolicy
@@ -203,7 +206,7 @@ def audit_command(
             crop_batch=crop_batch, device=device, threshold=threshold, run_id=run_id,
             evidence=evidence, evidence_max=evidence_max, ledger=ledger,
             roll_rows=roll_rows, roll_seconds=roll_seconds, min_cpus=min_cpus, min_gpus=min_gpus,
-            retry_lost=retry_lost,
+            retry_lost=retry_lost, detector=FaceDetectorConfig(kind=face_detector.value),
             ledger_policy=LedgerPolicy(max_attempts=max_attempts, retry_errors=retry_errors,
                                        any_model=any_model),
             listing=ListingConfig(include=tuple(include or ()), exclude=tuple(exclude or ()),

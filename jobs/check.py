@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deepaudit.jobs.logs import setup_logging
+from deepaudit.jobs.options import FaceDetectorKind, face_detector_option
 
 
 def check_command(
@@ -30,6 +31,8 @@ def check_command(
     frames: Annotated[Optional[int], typer.Option(
         min=1, help="Frames sampled per video (default: the model card's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    face_detector: Annotated[FaceDetectorKind, face_detector_option()
+                             ] = FaceDetectorKind.retinaface,
     evidence: Annotated[bool, typer.Option(
         help="With --evidence-dir: write Grad-CAM evidence for flagged files.")] = True,
     evidence_dir: Annotated[Optional[Path], typer.Option(
@@ -51,7 +54,7 @@ def check_command(
     err = Console(stderr=True)
     try:
         cfg = CheckConfig(files=tuple(files), model=model, threshold=threshold, frames=frames,
-                          device=device, evidence=evidence,
+                          device=device, evidence=evidence, face_detector=face_detector.value,
                           evidence_dir=str(evidence_dir) if evidence_dir else None)
         result = run_check(cfg)
     except (ValueError, FileNotFoundError) as exc:

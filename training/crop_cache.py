@@ -108,6 +108,8 @@ class CropCacheConfig:
         """The settings that change a crop: they make the cache key."""
         det = asdict(self.detector)
         det.pop("threads", None)
+        if det.get("kind") == "retinaface":  # the default: keys from before the choice hold
+            det.pop("kind")
         return {"format": CACHE_FORMAT, "frames": self.frames, "size": self.size,
                 "margin": self.margin, "max_side": self.max_side, "detector": det}
 
