@@ -60,6 +60,25 @@ class ClipEmbedder:
                    for c in x.split(self.chunk)]
             return torch.cat(out).float().cpu().numpy()
 
+    def cls_and_tokens(self, crops: np.ndarray | Tensor, after: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """CLS tokens of every block, and the whole token sequence after block ``after``
+        (``[N, 197, 768]``, float16): the frozen input of the blocks after it."""
+        with torch.inference_mode():
+            x = self.preprocess(crops)
+            cls, toks = [], []
+            for c in x.split(self.chunk):
+                h = self.tower.tokens(c)
+                taken = []
+                for k, block in enumerate(self.tower.encoder.layers, start=1):
+                    h = block(h)
+                    taken.append(h[:, 0])
+                    if k == after:
+                        toks.append(h.half())
+                cls.append(torch.stack(taken, 1))
+            return (torch.cat(cls).float().cpu().numpy(),
+                    torch.cat(toks).cpu().numpy())
+
 
 def balanced_weights(labels: Sequence[int], sources: Sequence[str]) -> np.ndarray:
     """Sample weights: half the mass on each label; within a label, each source's share

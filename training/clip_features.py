@@ -96,26 +96,47 @@ def views(items: list[dict], crops: dict, cfg: BankConfig):
                 yield {**base, "view": "orig", "label": item["label"]}, crop
 
 
+def tokens_path(crop_key: str, cfg: BankConfig, after: int):
+    """Where the residual stream after block ``after`` of a bank's rows is cached."""
+    return bank_path(crop_key, cfg).with_suffix(f".tokens{after}.npy")
+
+
 def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
                embed: Callable[[np.ndarray], np.ndarray] | None = None,
-               batch: int = 16, on_progress: Callable[[int], None] | None = None) -> dict:
+               batch: int = 16, on_progress: Callable[[int], None] | None = None,
+               tokens_after: int | None = None) -> dict:
     """The feature bank of ``items`` (dicts with item_key, label, source, group,
     media_type, media_id): ``{"meta": [...], "cls": [n, 12, 768] float16}``.
 
     Banks are cached per crop cache and :class:`BankConfig`; only items not yet in the
-    cache are embedded (``crops`` needs to hold just those: ``load_crops`` output)."""
+    cache are embedded (``crops`` needs to hold just those: ``load_crops`` output).
+    ``tokens_after``: also the whole token sequence after that block (``"tokens"``,
+    ``[n, 197, 768]`` float16, cached beside the bank), for tuning the blocks after it;
+    ``embed`` then returns ``(cls, tokens)``."""
     path = bank_path(crop_key, cfg)
     meta, cls = _read(path)
+    tok_path = tokens_path(crop_key, cfg, tokens_after) if tokens_after else None
+    tokens = None
+    if tok_path is not None:
+        tokens = np.load(tok_path) if tok_path.is_file() else None
+        if tokens is None or len(tokens) != len(meta):  # embed everything again
+            meta, cls, tokens = [], cls[:0], None
     have = {m["item_key"] for m in meta}
     todo = [i for i in items if i["item_key"] not in have]
     if todo:
         if embed is None:
             from deepaudit.models.clip_branch import ClipEmbedder
-            embed = ClipEmbedder().cls_tokens
-        new_meta, feats, pending, t0 = [], [], [], time.perf_counter()
+            embedder = ClipEmbedder()
+            embed = (embedder.cls_tokens if tokens_after is None else
+                     lambda x: embedder.cls_and_tokens(x, tokens_after))
+        new_meta, feats, toks, pending, t0 = [], [], [], [], time.perf_counter()
 
         def flush() -> None:
-            feats.append(embed(np.stack([c for _, c in pending])).astype(np.float16))
+            out = embed(np.stack([c for _, c in pending]))
+            if tokens_after is not None:
+                out, tok = out
+                toks.append(np.asarray(tok, np.float16))
+            feats.append(np.asarray(out).astype(np.float16))
             new_meta.extend(m for m, _ in pending)
             pending.clear()
             if on_progress:
@@ -131,6 +152,12 @@ def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
         meta = meta + new_meta
         cls = np.concatenate([cls, *feats]) if feats else cls
         path.parent.mkdir(parents=True, exist_ok=True)
+        if tok_path is not None:
+            parts = ([] if tokens is None else [tokens]) + toks
+            tokens = np.concatenate(parts) if parts else None
+            tmp_tok = tok_path.with_name(tok_path.name + ".tmp.npy")
+            np.save(tmp_tok, tokens)
+            tmp_tok.replace(tok_path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, meta=json.dumps(meta), cls=cls)
         tmp.replace(path)
@@ -139,4 +166,7 @@ def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
     # fitted on them does not depend on the cache's history.
     keep = sorted((j for j, m in enumerate(meta) if m["item_key"] in wanted),
                   key=lambda j: (meta[j]["media_id"], meta[j]["pos"], meta[j]["view"]))
-    return {"meta": [meta[j] for j in keep], "cls": cls[keep]}
+    out = {"meta": [meta[j] for j in keep], "cls": cls[keep]}
+    if tokens is not None:
+        out["tokens"] = tokens[keep]
+    return out

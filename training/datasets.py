@@ -54,6 +54,9 @@ LABELLED_SCHEMA = pa.schema([
     ("source", pa.string()),  # dataset or sub-source, for stratification and reports
     ("method", pa.string()),  # manipulation method, when known
     ("media_type", pa.string()),  # image | video
+    # The kind of manipulation a source stands for (its reals carry it too); the unit of
+    # leave-one-family-out. Null when the input does not say: the source stands for it.
+    ("family", pa.string()),
 ])
 
 GROUP_COLUMNS = ("group", "identity", "identity_id", "group_id")
@@ -81,11 +84,13 @@ class LabelledSet:
 
 def _row(uri: str, label: int, group: str, *, links: Iterable[str] = (),
          sequence: str | None = None, source: str, method: str | None = None,
-         media_id: str | None = None, media_type: str | None = None) -> dict:
+         media_id: str | None = None, media_type: str | None = None,
+         family: str | None = None) -> dict:
     return {
         "uri": uri, "media_id": media_id or uri, "label": label, "group": group,
         "links": sorted(set(links) - {group}), "sequence": sequence, "source": source,
         "method": method, "media_type": media_type or media_type_by_name(uri) or "video",
+        "family": family or None,
     }
 
 
@@ -214,6 +219,10 @@ def from_shared(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]
         stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         media_type = rec.get("kind") if rec.get("kind") in ("image", "video") else None
         group, links, sequence, method = f"file:{rel}", [], None, None
+        if repo.lower() not in _SHARED_SOURCES:
+            # The later sources show one identity as real and as a swap target, and their
+            # fakes are panels of the same figures: one repository is one group.
+            group = f"repo:{repo.lower()}"
         if source == "ffpp":
             ids = _ffpp_ids_in(stem)
             if ids:
@@ -228,7 +237,8 @@ def from_shared(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]
         elif source == "utkface":  # crops of one photo share its timestamp
             group = f"utkface:{stem.rsplit('_', 1)[-1]}"
         rows.append(_row(uri, label, group, links=links, sequence=sequence, source=source,
-                         method=method, media_id=rel, media_type=media_type))
+                         method=method, media_id=rel, media_type=media_type,
+                         family=(rec.get("family") or "").strip()))
     return rows, skipped
 
 
@@ -348,7 +358,7 @@ def from_folders(root: str, storage: StorageConfig) -> tuple[list[dict], Counter
 
 def from_manifest(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]:
     """A labelled manifest: ``uri``, ``label``; optional ``group``/``identity``, ``source``,
-    ``sequence``, ``media_id``, ``method``."""
+    ``sequence``, ``media_id``, ``method``, ``family``."""
     table = read_manifest(path, reserved=set(), storage=storage)
     cols = set(table.column_names)
     if "label" not in cols:
@@ -370,7 +380,8 @@ def from_manifest(path: str, storage: StorageConfig) -> tuple[list[dict], Counte
         seq = rec.get("sequence")
         rows.append(_row(uri, label, group, sequence=f"seq:{seq}" if seq else None,
                          source=str(rec.get("source") or name), method=rec.get("method"),
-                         media_id=rec.get("media_id") or uri))
+                         media_id=rec.get("media_id") or uri,
+                         family=str(rec.get("family") or "").strip()))
     return rows, skipped
 
 

@@ -44,7 +44,7 @@ def is_fused(model: str) -> bool:
     return "cnn_size" in get_config(model).arch_kwargs
 
 
-def _cap(items: list[dict], cap: int | None, seed: int) -> list[dict]:
+def cap_items(items: list[dict], cap: int | None, seed: int) -> list[dict]:
     """At most ``cap`` items per (source, label), picked by a seeded hash (stable)."""
     if cap is None:
         return items
@@ -181,7 +181,7 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         on_items=lambda done, total: emit({"type": "crops", "done": done, "total": total}))
     usable = sorted(crops.items.filter(pc.equal(crops.items["status"], "ok")).to_pylist(),
                     key=lambda r: (r["media_id"], r["uri"]))  # not the cache's fill order
-    train = _cap([r for r in usable if r["split"] == "train"], cfg.clip_max_per_source,
+    train = cap_items([r for r in usable if r["split"] == "train"], cfg.clip_max_per_source,
                  cfg.seed)
     val = [r for r in usable if r["split"] == "val"]
     if not train or not val or len({r["label"] for r in val}) < 2:
