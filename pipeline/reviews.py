@@ -16,6 +16,7 @@ This module knows nothing of the web server: ``deepaudit serve`` writes reviews,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -141,7 +142,8 @@ class ReviewStore:
 
     def append(self, rows: list[dict]) -> str:
         """Write ``rows`` as one new part; returns its URI. Raises OSError (and
-        botocore's errors) when it cannot be written."""
+        botocore's errors) when it cannot be written: FileNotFoundError when the target
+        itself is gone (only the ``_reviews`` folder is ever made)."""
         table = pa.Table.from_pylist(rows, schema=REVIEW_SCHEMA)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"review-{stamp}-{secrets.token_hex(4)}.parquet"
@@ -150,7 +152,10 @@ class ReviewStore:
             with fs.open(f"{folder}/{name}", "wb") as f:  # exists once the upload completes
                 pq.write_table(table, f)
             return join(self.uri, name)
-        os.makedirs(folder, exist_ok=True)
+        # The folder, never its parents: an output deleted under a running server is not
+        # made again (FileNotFoundError).
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
         tmp = os.path.join(folder, f".{name}.tmp")
         try:
             pq.write_table(table, tmp)

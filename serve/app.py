@@ -12,11 +12,13 @@ Security (see :mod:`.security` and docs/serve.md, "Security model"):
   is drawn (never served) only from local paths and the buckets the output names;
 * every page is a Jinja template with autoescape on; a Content-Security-Policy allows
   nothing but this origin's CSS and images; CSV exports neutralise spreadsheet formulas;
-* the upload (to a private temp dir, removed after each request) needs a CSRF token
-  (double-submit cookie, SameSite=Strict, and an Origin of this server), is capped in
-  size before it is read, sniffed by content, and rate-limited per client;
+* the upload (to a private temp dir, removed after each request) needs an Origin of this
+  server (or Sec-Fetch-Site: same-origin) and a CSRF token this server signed (form field
+  and SameSite=Strict cookie), is capped in size before it is read, sniffed by content,
+  and rate-limited per client;
 * a review (the only write to the target: a new part in its ``_reviews/``) needs the same
-  CSRF token and Origin, and is rate-limited per client; notes are escaped like any text.
+  Origin and CSRF token, is rate-limited per client, and is refused (410) once its run or
+  the output was removed; notes refuse control and bidi characters and are escaped.
 """
 
 from __future__ import annotations
@@ -113,11 +115,19 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     site.review_store, site.reviews_off = review_setup(archive, reviews)
     site.reviewer = check_reviewer(reviewer or default_reviewer())
 
-    def error_page(request: Request, status: int, message: str):
-        if request.url.path.endswith((".png", ".jpg", ".json", ".csv", ".parquet")):
-            return PlainTextResponse(f"{status}: {message}", status_code=status)
-        return site.render(request, "error.html", status=status, status_code=status,
+    def error_page(request: Request, status: int, message: str, headers=None):
+        # A JSON client (a review posted with Accept: application/json, reviews.json) gets
+        # JSON; a picture or a download plain text; a page the error page.
+        if request.headers.get("accept", "").startswith("application/json") or \
+                request.url.path.endswith(".json"):
+            return JSONResponse({"error": message}, status_code=status, headers=headers)
+        if request.url.path.endswith((".png", ".jpg", ".csv", ".parquet")):
+            return PlainTextResponse(f"{status}: {message}", status_code=status,
+                                     headers=headers)
+        resp = site.render(request, "error.html", status=status, status_code=status,
                            message=message)
+        resp.headers.update(headers or {})
+        return resp
 
     async def bad_request(request, exc):
         return error_page(request, 400, str(exc))
@@ -131,8 +141,8 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
     async def unavailable(request, exc):
         return error_page(request, 503, str(exc))
 
-    async def http_error(request, exc):
-        return error_page(request, exc.status_code, str(exc.detail))
+    async def http_error(request, exc):  # a 405 keeps its Allow
+        return error_page(request, exc.status_code, str(exc.detail), exc.headers)
 
     async def internal(request, exc):
         log.exception("serve: %s %s failed", request.method, request.url.path)
@@ -140,8 +150,7 @@ def create_app(archive: Archive, token: str | None = None, checker=None,
                           "server's log")
 
     def style(request: Request):
-        return Response(stylesheet, media_type="text/css",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(stylesheet, media_type="text/css")  # no-store, as every reply
 
     def health(request: Request):
         return JSONResponse({"ok": True, "items": archive.n_items, "runs": len(archive.runs)})

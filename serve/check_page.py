@@ -1,6 +1,7 @@
 """Check a file, in ``deepaudit serve``: one upload scored by ``deepaudit check``'s code
-(the model loaded once, at start), behind a CSRF token, an Origin of this server, a size
-cap, sniffing by content and a per-client rate limit; nothing of it is kept."""
+(the model loaded once, at start), behind a CSRF token this server signed, an Origin of
+this server, a size cap, sniffing by content and a per-client rate limit; nothing of it is
+kept."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from deepaudit.serve.site import Site
 
 def routes(site: Site) -> list[Route]:
     def check_form(request: Request, status: int = 200, result=None, error=None):
-        token = csrf_token(request)
+        token = csrf_token(request, site.csrf)
         quality = [{"model": site.checker.handle.model_id, **site.checker.handle.quality}] \
             if site.checker else []
         resp = site.render(request, "check.html", status=status, csrf=token, result=result,
@@ -48,7 +49,7 @@ def routes(site: Site) -> list[Route]:
         if problem:
             return check_form(request, 403, error=problem)
         form = await request.form(max_files=1, max_fields=4)
-        problem = csrf_problem(request, form)
+        problem = csrf_problem(request, form, site.csrf)
         if problem:
             return check_form(request, 403, error=problem)
         wait = site.limiter.allow(request.client.host if request.client else "?")

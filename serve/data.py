@@ -214,7 +214,7 @@ class Archive:
 
     def run(self, run_id: str) -> dict:
         if run_id not in self.runs:
-            raise NotFound(f"no run {run_id!r} in {self.target}")
+            raise NotFound(f"no run {run_id!r} in this output")  # no server paths
 
         def make():
             info = self.runs[run_id]

@@ -4,6 +4,7 @@ the report's figures) and its sampled frames with the detected face boxes drawn 
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -16,15 +17,32 @@ MAX_MEDIA_BYTES = 512 * 1024 * 1024  # do not copy bigger media from S3 to draw 
 MAX_FRAMES = 8
 
 
-def frame_scores_png(frame_idx: list[int], frame_p: list[float], threshold: float | None,
-                     p_fake: float | None) -> bytes:
-    """The per-frame p_fake of an item, with its threshold and video score."""
+def scored_frames(frame_idx: list[int] | None, frame_p: list[float | None] | None
+                  ) -> tuple[list[int], list[float]]:
+    """``(frame indices, p_fake)`` of the frames the detector scored: ``frame_p_fake`` is
+    null where it did not (``frame_indices`` is aligned with it, one per face crop); rows
+    without indices are numbered 0, 1, ..."""
+    frame_p = list(frame_p or [])
+    idx = list(frame_idx or [])
+    if len(idx) != len(frame_p):
+        idx = list(range(len(frame_p)))
+    pairs = [(i, float(p)) for i, p in zip(idx, frame_p)
+             if p is not None and not math.isnan(p)]
+    return [i for i, _ in pairs], [p for _, p in pairs]
+
+
+def frame_scores_png(frame_idx: list[int], frame_p: list[float | None],
+                     threshold: float | None, p_fake: float | None) -> bytes:
+    """The per-frame p_fake of an item's scored frames, labelled with their frame indices,
+    with its threshold and video score (ValueError when no frame was scored)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = list(frame_idx) if len(frame_idx) == len(frame_p) else list(range(len(frame_p)))
+    x, frame_p = scored_frames(frame_idx, frame_p)
+    if not frame_p:
+        raise ValueError("no frame of this item was scored")
     fig, ax = plt.subplots(figsize=(5.6, 2.6))
     colours = ["#c0392b" if threshold is not None and p >= threshold else "#1e8449"
                for p in frame_p]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Route
 
 from deepaudit.serve.common import BadRequest, NotFound, storage_errors
+from deepaudit.serve.figures import scored_frames
 from deepaudit.serve.security import CSRF_COOKIE, csrf_token
 from deepaudit.serve.site import Site
 
@@ -43,17 +45,19 @@ def render_item(site: Site, request: Request, item: dict, status: int = 200,
     if item.get("frame_weights"):  # which frames decided (an attention head's weights)
         shown["frame_weights"] = ", ".join(
             f"frame {i}: {w:.2f}" for i, w in zip(item.get("frame_indices") or [],
-                                                   item["frame_weights"]) if w > 0)
+                                                   item["frame_weights"])
+            if w is not None and w > 0)
+    scored, _ = scored_frames(item.get("frame_indices"), item.get("frame_p_fake"))
     base = f"/runs/{item['run_id']}/items/{item['manifest_row']}"
     reachable = site.archive.files.media_reachable(item.get("uri"))
     review = site.archive.reviews.of(item["media_id"])
-    csrf = csrf_token(request)
+    csrf = csrf_token(request, site.csrf)
     resp = site.render(request, "item.html", status=status, item=item, shown=shown, base=base,
                        has_evidence=site.archive.files.evidence(item, ".png") is not None,
                        evidence_json=meta, history=site.archive.history(item["media_id"]),
                        ledger=site.archive.ledger_entries(item["media_id"]),
                        n_boxes=len(item.get("face_boxes") or []), reachable=reachable,
-                       has_frames=bool(item.get("frame_p_fake")),
+                       n_scored=len(scored), n_crops=len(item.get("frame_p_fake") or []),
                        models_quality=site.quality_for([item.get("model")]),
                        review=review, choices=REVIEWS,
                        review_state=review_state(review and review["review"],
@@ -91,11 +95,14 @@ def routes(site: Site) -> list[Route]:
         if kind == "frames.png":
             from deepaudit.serve.figures import frame_scores_png
 
-            if not item.get("frame_p_fake"):
-                raise NotFound("this item has no frame scores")
+            if not scored_frames(item.get("frame_indices"), item.get("frame_p_fake"))[1]:
+                raise NotFound("this item has no scored frames")
             return site.png(frame_scores_png(item.get("frame_indices") or [],
                                              item["frame_p_fake"], item.get("threshold"),
                                              item.get("p_fake")))
+        if kind == "review":  # GET of the review form's target: it takes posts only
+            raise HTTPException(405, "a review is posted from the item's page",
+                                headers={"Allow": "POST"})
         if kind == "faces.jpg":
             from deepaudit.serve.figures import faces_jpeg
 

@@ -24,13 +24,18 @@ def routes(site: Site) -> list[Route]:
     def items_page(request: Request):
         # The snapshot never changes while the server runs: a page already rendered for the
         # same parameters is served again (reviewers share links, go back and forth).
+        # Kept without start, which only numbers the rows: paging through the same page
+        # from other numbers (or a crafted start) replaces an entry, never adds one.
         q = ItemQuery.parse(request.query_params)
         key = tuple(sorted((k, v) for k, v in request.query_params.multi_items()
-                           if k != "token"))
-        html = site.page_cache.get(key, lambda: items_html(request, q))
-        return HTMLResponse(html)
+                           if k not in ("token", "start")))
+        found = site.page_cache.peek(key)
+        if found is None or found[0] != q.start:
+            found = (q.start, items_html(request, q))
+            site.page_cache.put(key, found)
+        return HTMLResponse(found[1])
 
-    def items_html(request: Request, q: ItemQuery) -> str:
+    def items_html(request: Request, q: ItemQuery) -> bytes:
         page = site.archive.page(q)
         filters = q.filters()
 
@@ -67,7 +72,7 @@ def routes(site: Site) -> list[Route]:
                            media_types=MEDIA_TYPES, review_filters=REVIEW_FILTERS,
                            models=site.archive.models, runs=list(site.archive.runs), link=link,
                            error_codes=site.archive.error_codes,
-                           models_quality=site.quality_for(models)).body.decode()
+                           models_quality=site.quality_for(models)).body
 
     return [
         Route("/items", items_page),

@@ -1,8 +1,10 @@
 """Reviews in ``deepaudit serve``: a reviewer marks an item fake, real or unsure, with an
 optional note. Each review is a new row in ``OUT/_reviews/`` (:mod:`deepaudit.pipeline.
-reviews`); no verdict file is touched. The post needs an Origin of this server and the
-CSRF token (as uploads), the token when the server has one (:class:`~.security.Guard`),
-and a writable review folder: without one the pages stay read-only and say why.
+reviews`); no verdict file is touched. The post needs an Origin of this server and a CSRF
+token it signed (as uploads), the token when the server has one (:class:`~.security.Guard`),
+and a writable review folder: without one the pages stay read-only and say why. A review of
+an item whose run (or the whole output) was removed since the start is a 410 and writes
+nothing; the review folder is made, never the output above it.
 
 ``POST /runs/{run_id}/items/{row}/review`` (form: ``csrf``, ``review``, ``note``): 303 back
 to the item page, or with ``Accept: application/json`` 201 and the row written.
@@ -19,7 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from deepaudit.pipeline import reviews as rv
-from deepaudit.serve.common import storage_errors
+from deepaudit.serve.common import Gone, storage_errors
 from deepaudit.serve.item_page import item_of, render_item
 from deepaudit.serve.security import csrf_problem, origin_problem
 from deepaudit.serve.site import Site
@@ -31,10 +33,37 @@ def _json_row(row: dict) -> dict:
     return {**row, "reviewed_at": row["reviewed_at"].isoformat()}
 
 
+# Unicode categories a note may not hold: controls, formatting characters (the bidi
+# overrides and isolates U+202A-U+202E and U+2066-U+2069, zero-width spaces, BOMs), line and
+# paragraph separators, surrogates and private use. They hide or reorder text on the page
+# ("txt.exe" shown for "exe.txt"). Tab and new line are text; the zero-width (non-)joiner
+# U+200C/U+200D are needed by Persian, Indic scripts and emoji sequences.
+REFUSED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}
+ALLOWED = {"\n", "\t", "\u200c", "\u200d"}
+
+
+def note_problem(note: str | None) -> str | None:
+    """Why a note must be refused (400), or None."""
+    import unicodedata
+
+    bad = sorted({c for c in (note or "").replace("\r\n", "\n") if c not in ALLOWED
+                  and unicodedata.category(c) in REFUSED_CATEGORIES})
+    if not bad:
+        return None
+    shown = ", ".join(f"U+{ord(c):04X}" for c in bad[:5])
+    return (f"the note contains control characters ({shown}): they can hide or reorder "
+            "text; remove them")
+
+
 def routes(site: Site) -> list[Route]:
-    def write(row: dict) -> None:
+    def write(row: dict, run_id: str) -> None:
         with site.review_lock:  # the part, then the in-memory state the pages read
-            site.review_store.append([row])
+            site.archive.check_current(run_id)  # Gone: the run or the output was removed
+            try:
+                site.review_store.append([row])
+            except FileNotFoundError:  # the output folder is gone: nothing is made again
+                raise Gone("this output was removed after this server started; nothing was "
+                           "saved: restart deepaudit serve") from None
             site.archive.reviews.add(pa.Table.from_pylist([row], schema=rv.REVIEW_SCHEMA))
             site.page_cache.clear()  # items pages show and filter by review
 
@@ -53,7 +82,7 @@ def routes(site: Site) -> list[Route]:
             return refuse(403, problem)
         form = await request.form(max_files=0, max_fields=8)
         typed = {k: form.get(k) for k in ("review", "note") if isinstance(form.get(k), str)}
-        problem = csrf_problem(request, form)
+        problem = csrf_problem(request, form, site.csrf)
         if problem:
             return refuse(403, problem)
         if site.reviews_off:
@@ -64,13 +93,16 @@ def routes(site: Site) -> list[Route]:
         review, note = form.get("review"), form.get("note")
         if not isinstance(review, str) or not review:
             return refuse(400, "choose fake, real or unsure")
+        problem = note_problem(note if isinstance(note, str) else None)
+        if problem:
+            return refuse(400, problem)
         try:
             row = rv.review_row(item, review, note if isinstance(note, str) else None,
                                 site.reviewer)
         except rv.ReviewError as exc:
             return refuse(400, str(exc))
         try:
-            await run_in_threadpool(write, row)
+            await run_in_threadpool(write, row, item["run_id"])
         except storage_errors() as exc:
             log.warning("serve: writing a review to %s failed: %s", site.review_store.uri, exc)
             return refuse(503, f"the review could not be written to {site.review_store.uri} "

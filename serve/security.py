@@ -4,20 +4,27 @@
   ``[::1]`` or the bound address, with the port it listens on, or a name given with
   ``--allowed-host`` (a proxy's). A DNS-rebinding page reaches the server under its own
   name, so it is refused before anything is read.
-* **Origins.** A form post whose ``Origin`` is not one of those hosts is refused.
+* **Posts** (a review, an upload) need an ``Origin`` naming one of those hosts (or, without
+  an Origin, ``Sec-Fetch-Site: same-origin``) and a CSRF token this server issued
+  (:class:`CsrfTokens`: signed with a secret made at start), in both the form and the
+  cookie.
 * **Token** (``--token``): checked on every request with :func:`hmac.compare_digest`;
   ``Authorization: Bearer``, a ``?token=`` link (which sets an HttpOnly cookie and
   redirects to a path on this server without it), or that cookie.
-* **Sizes and times.** The request size is capped before the body is read, and a body
-  that comes too slowly is cut off (408); slow headers are :mod:`.server`'s.
-* **Headers.** Every reply of the application, its own 400, 401, 303 and 413 included,
-  carries the Content-Security-Policy, nosniff, frame-ancestors and no-store headers.
+* **Sizes and times.** Request headers over 16 KB are a 431; the request size is capped
+  before the body is read, and a body that comes too slowly is cut off (408); slow
+  headers are :mod:`.server`'s.
+* **Headers.** Every reply of the application, its own 400, 401, 303, 413 and 431
+  included, carries the Content-Security-Policy, nosniff, frame-ancestors and no-store
+  headers, in place of any the page set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import secrets
 import threading
 import time
 from collections import defaultdict, deque
@@ -29,6 +36,8 @@ from starlette.responses import PlainTextResponse, RedirectResponse
 
 TOKEN_COOKIE, CSRF_COOKIE = "deepaudit_token", "deepaudit_csrf"
 MIN_TOKEN = 16
+MAX_HEADER_BYTES = 16 * 1024  # the request line and headers
+CSRF_MAX_AGE_S = 24 * 3600
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = ((b"content-security-policy", CSP.encode()),
@@ -36,6 +45,7 @@ SECURITY_HEADERS = ((b"content-security-policy", CSP.encode()),
                     (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"same-origin"),
                     (b"cache-control", b"no-store"))
+OURS = {k for k, _ in SECURITY_HEADERS}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")
 # (magic bytes at offset, offset, extension, kind); ISO BMFF (mp4/mov) has "ftyp" at 4.
@@ -127,10 +137,16 @@ class HostCheck:
             return True
         return name in self.names and (given == port or (given is None and port == 80))
 
-    def allows_origin(self, origin: str, port: int | None) -> bool:
+    def allows_origin(self, origin: str, port: int | None, host: str | None = None) -> bool:
+        """Whether ``origin`` names this server; where any name is accepted (0.0.0.0, no
+        --allowed-host), it must name the request's own ``host``."""
         parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and not parts.path and \
-            self.allows(parts.netloc, port)
+        if parts.scheme not in ("http", "https") or parts.path or not self.allows(parts.netloc,
+                                                                                 port):
+            return False
+        if self.any_name:
+            return split_host(parts.netloc) == split_host(host or "")
+        return True
 
     def describe(self, port: int | None) -> str:
         names = sorted(f"[{n}]" if ":" in n else n for n in self.names)
@@ -172,16 +188,18 @@ class Guard:
             return await self.app(scope, receive, send)
 
         async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                have = {h[0].lower() for h in headers}
-                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in have]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start":  # ours replace the page's own
+                headers = [h for h in message.get("headers", []) if h[0].lower() not in OURS]
+                message = {**message, "headers": headers + list(SECURITY_HEADERS)}
             await send(message)
 
         async def reply(resp):
             return await resp(scope, receive, send_with_headers)
 
+        if header_bytes(scope) > MAX_HEADER_BYTES:  # uvicorn took them: they came at once
+            return await reply(PlainTextResponse(
+                f"431: request headers are limited to {MAX_HEADER_BYTES // 1024} KB",
+                status_code=431))
         request = Request(scope)
         port = (scope.get("server") or (None, None))[1]
         if not self.hosts.allows(request.headers.get("host"), port):
@@ -234,29 +252,76 @@ class Guard:
         await self.app(scope, capped_receive, send_with_headers)
 
 
-def csrf_token(request: Request) -> str:
-    """The CSRF token of this browser (its cookie), or a new one to set."""
-    import secrets
+def header_bytes(scope) -> int:
+    """The size of a request's line and headers as they came (``GET /p?q HTTP/1.1``, each
+    ``name: value``, the line ends)."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + \
+        (1 + len(scope["query_string"]) if scope.get("query_string") else 0)
+    line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
 
-    return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+
+class CsrfTokens:
+    """CSRF tokens issued by this server: a random nonce and the time it was issued, signed
+    with HMAC-SHA256 under a secret made when the app is made (never stored or sent), so
+    a client cannot choose one and a token of another server (or an earlier run) is not
+    valid. A token is good for :data:`CSRF_MAX_AGE_S`."""
+
+    def __init__(self, max_age_s: float = CSRF_MAX_AGE_S) -> None:
+        self.secret, self.max_age_s = secrets.token_bytes(32), max_age_s
+
+    def _sign(self, nonce: str, issued: str) -> str:
+        return hmac.new(self.secret, f"csrf:{nonce}:{issued}".encode(),
+                        hashlib.sha256).hexdigest()
+
+    def issue(self) -> str:
+        nonce, issued = secrets.token_urlsafe(18), str(int(time.time()))
+        return f"{nonce}.{issued}.{self._sign(nonce, issued)}"
+
+    def valid(self, token: str | None) -> bool:
+        if not isinstance(token, str) or len(token) > 200 or token.count(".") != 2:
+            return False
+        nonce, issued, sig = token.split(".")
+        if not issued.isdigit():
+            return False
+        return hmac.compare_digest(sig.encode(), self._sign(nonce, issued).encode()) and \
+            0 <= time.time() - int(issued) <= self.max_age_s
+
+
+def csrf_token(request: Request, tokens: CsrfTokens) -> str:
+    """The CSRF token of this browser (its cookie, when this server issued it and it is
+    still good), or a new one to set."""
+    cookie = request.cookies.get(CSRF_COOKIE)
+    return cookie if tokens.valid(cookie) else tokens.issue()
 
 
 def origin_problem(request: Request, hosts: HostCheck) -> str | None:
-    """Why a form post must be refused (403) for its Origin, or None. The Host was checked
-    (Guard); the Origin must name this server too, not merely repeat the Host (a
-    rebinding page sends its own name in both)."""
+    """Why a post (a review, an upload) must be refused (403) for where it came from, or
+    None. Its ``Origin`` must name this server (not merely repeat the Host: a rebinding
+    page sends its own name in both); ``null`` (a sandboxed frame, a ``data:`` page) or
+    an empty one is refused. Without an Origin, the browser's ``Sec-Fetch-Site`` must say
+    ``same-origin``, and when it is sent it must say so in any case."""
     origin = request.headers.get("origin")
+    site = request.headers.get("sec-fetch-site")
     port = (request.scope.get("server") or (None, None))[1]
-    if origin and origin != "null" and not hosts.allows_origin(origin, port):
+    if site is not None and site != "same-origin":
+        return f"the form was posted from another site (Sec-Fetch-Site: {site[:20]})"
+    if origin is None:
+        if site == "same-origin":
+            return None
+        return ("the post has no Origin of this server (nor Sec-Fetch-Site: same-origin): "
+                "send the form from this server's own page")
+    if not hosts.allows_origin(origin, port, request.headers.get("host")):
         return "the form was posted from another site"
     return None
 
 
-def csrf_problem(request: Request, form) -> str | None:
-    """Why a form post must be refused (403) for its CSRF field, or None: it must match
-    the cookie (double submit; the cookie is HttpOnly and SameSite=Strict)."""
+def csrf_problem(request: Request, form, tokens: CsrfTokens) -> str | None:
+    """Why a post must be refused (403) for its CSRF field, or None: the field must be a
+    token this server issued, and the same as this browser's cookie (HttpOnly,
+    SameSite=Strict)."""
     cookie, field = request.cookies.get(CSRF_COOKIE), form.get("csrf")
-    if not cookie or not isinstance(field, str) or \
+    if not cookie or not isinstance(field, str) or not tokens.valid(field) or \
             not hmac.compare_digest(cookie.encode(), field.encode()):
         return "the form's security token is missing or stale: reload the page and try again"
     return None

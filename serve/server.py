@@ -8,28 +8,64 @@ here adds both: a connection must finish each request's headers within
 keeps sending the body of a request already answered (a 404 or a 413 before the body came
 in): uvicorn reads and drops such a body, for as long as it comes. Forwarded headers
 (``X-Forwarded-For``) are trusted only from the proxies named with
-``--forwarded-allow-ips``, never by default.
+``--forwarded-allow-ips``, never by default. Headers that outgrow 16 KB before they end
+get a 431 here (h11 refuses them; uvicorn would say 400); headers over 16 KB that came in
+whole are :class:`~.security.Guard`'s 431. With ``-v``, uvicorn's access log has each
+request's path and query: :class:`RedactSecrets` takes ``token=`` values out of it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+from http import HTTPStatus
+
+from deepaudit.serve.security import MAX_HEADER_BYTES, SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 100
-MAX_HEADER_BYTES = 16 * 1024
 UPLOAD_PREFIX = "deepaudit-serve-"
 PID_FILE = "serve.pid"
 _BUSY_TEXT = b"503: too many connections; try again later\n"
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
         b"Content-Length: %d\r\n\r\n" % len(_BUSY_TEXT)) + _BUSY_TEXT
+# Query parameters whose values never reach a log: the server's token, and the like.
+SECRET_PARAM = re.compile(r"(?i)(\b[\w-]*(?:token|password|passwd|secret|signature)=)[^&\s\"']*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of ``token=`` (and password, secret, signature) taken out."""
+    return SECRET_PARAM.sub(r"\1[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Redacts secrets from a log record's message and arguments (uvicorn's access log:
+    ``'%s - "%s %s HTTP/%s" %d'`` with the path and query as one argument)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_logs(names=("uvicorn.access", "uvicorn.error")) -> None:
+    """Put :class:`RedactSecrets` on these loggers (once) and on their handlers (records of
+    child loggers reach those without passing the parent's filters)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if not any(isinstance(f, RedactSecrets) for f in target.filters):
+                target.addFilter(RedactSecrets())
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int):
@@ -57,6 +93,30 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
                     and not self.transport.is_closing():
                 self.transport.close()
 
+        def send_400_response(self, msg: str) -> None:
+            # h11 refuses a request whose headers outgrow its buffer before they end: that
+            # is a 431 (Request Header Fields Too Large), not a 400. Either way the reply
+            # carries the security headers, as the application's own.
+            buffered = self.conn.trailing_data[0]
+            if len(buffered) > MAX_HEADER_BYTES and \
+                    b"\r\n\r\n" not in buffered[:MAX_HEADER_BYTES + 4]:
+                status, text = 431, (f"431: request headers are limited to "
+                                     f"{MAX_HEADER_BYTES // 1024} KB")
+            else:
+                status, text = 400, f"400: {msg}"
+            self._reply(status, text)
+
+        def _reply(self, status: int, text: str) -> None:
+            import h11
+
+            headers = [(b"content-type", b"text/plain; charset=utf-8"),
+                       (b"connection", b"close"), *SECURITY_HEADERS]
+            for event in (h11.Response(status_code=status, headers=headers,
+                                       reason=HTTPStatus(status).phrase.encode()),
+                          h11.Data(data=text.encode()), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def on_response_complete(self) -> None:
             self._cycle_no += 1
             super().on_response_complete()
@@ -73,7 +133,7 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8765,
     """The uvicorn configuration ``deepaudit serve`` runs ``app`` with (the tests' too)."""
     import uvicorn
 
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app, host=host, port=port, log_level="info" if verbose else "warning",
         access_log=verbose, server_header=False,
         http=guarded_protocol(header_timeout_s, max_connections),
@@ -83,6 +143,8 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8765,
         forwarded_allow_ips=forwarded_allow_ips or "",
         timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_graceful_shutdown=5)
+    redact_logs()  # after uvicorn's Config has set up its loggers
+    return config
 
 
 # ---------------------------------------------------------------------- upload folder

@@ -14,9 +14,11 @@ from starlette.responses import HTMLResponse, Response
 
 from deepaudit.serve.common import LRU, NotFound
 from deepaudit.serve.data import Archive
-from deepaudit.serve.security import HostCheck, RateLimiter
+from deepaudit.serve.security import CsrfTokens, HostCheck, RateLimiter
 
 HERE = Path(__file__).parent
+# Rendered items pages kept: up to this many bytes (about 35 pages of 500 rows, or 350 of 50).
+PAGE_CACHE_BYTES = 32 * 2**20
 
 
 def _env() -> jinja2.Environment:
@@ -65,7 +67,11 @@ class Site:
     env: jinja2.Environment = field(default_factory=_env)
     check_lock: threading.Lock = field(default_factory=threading.Lock)  # one model call
     figures: dict = field(default_factory=dict)  # (run_id, kind) -> PNG
-    page_cache: LRU = field(default_factory=lambda: LRU(512))  # rendered items pages
+    # Rendered items pages: (start, HTML bytes) per set of parameters but start (which
+    # numbers the rows only), within PAGE_CACHE_BYTES.
+    page_cache: LRU = field(default_factory=lambda: LRU(
+        512, max_bytes=PAGE_CACHE_BYTES, sizeof=lambda v: len(v[1])))
+    csrf: CsrfTokens = field(default_factory=CsrfTokens)  # this server's CSRF tokens
     # Reviews: where they are written (a pipeline.reviews.ReviewStore), or why not.
     review_store: Any = None
     reviews_off: str | None = None
@@ -88,4 +94,4 @@ class Site:
     def png(data: bytes | None, mime: str = "image/png") -> Response:
         if data is None:
             raise NotFound("no picture for this")
-        return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=600"})
+        return Response(data, media_type=mime)  # no-store, as every reply (security.Guard)

@@ -45,11 +45,12 @@ def _digest(out: Path) -> dict[str, str]:
 
 
 class Reviewer:
-    """A browser-like client: opens an item page (CSRF cookie and field), posts its form."""
+    """A browser-like client: opens an item page (CSRF cookie and field), posts its form
+    with the page's Origin, as a browser does."""
 
     def __init__(self, url: str, headers: dict | None = None) -> None:
         self.url, self.s = url, requests.Session()
-        self.s.headers.update(headers or {})
+        self.s.headers.update({"Origin": url, **(headers or {})})
 
     def page(self, run: str, row: int) -> requests.Response:
         return self.s.get(f"{self.url}/runs/{run}/items/{row}", timeout=30)

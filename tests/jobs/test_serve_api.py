@@ -416,6 +416,7 @@ def test_upload_guards(out, media, tmp_path):
                      uploads_per_minute=3, upload_root=str(root))
     photo = media["face_image"].read_bytes()
     with running(app) as url, requests.Session() as s:
+        s.headers["Origin"] = url  # as a browser posting the page's form
         form = s.get(f"{url}/check", timeout=30)
         csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]
 

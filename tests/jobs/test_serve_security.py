@@ -87,9 +87,11 @@ def _stub_checker():
 
 
 def _upload(url: str, session: requests.Session, headers: dict | None = None):
+    """The upload form posted as a browser posts it (the page's Origin, unless given)."""
     form = session.get(f"{url}/check", timeout=30)
     csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]
-    return session.post(f"{url}/check", data={"csrf": csrf}, headers=headers or {},
+    return session.post(f"{url}/check", data={"csrf": csrf},
+                        headers={"Origin": url, **(headers or {})},
                         files={"file": ("x.jpg", b"not an image at all" * 4)}, timeout=30)
 
 
@@ -341,8 +343,9 @@ def test_slow_clients_are_timed_out_and_connections_capped(out):
             slow.append(s)
         # A slow body: the headers of an upload, 100 bytes of 5,000, then nothing.
         body = socket.create_connection((host, port), timeout=5)
-        body.sendall(f"POST /check HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
-                     "multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n"
+        body.sendall(f"POST /check HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {url}\r\n"
+                     "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000"
+                     "\r\n\r\n"
                      .encode() + b"--b\r\n" + b"x" * 94)
         # A body that never ends on a route that does not read it: answered, then closed.
         unread = socket.create_connection((host, port), timeout=5)
