@@ -35,4 +35,4 @@ class FaceDetectorKind(str, Enum):
 def face_detector_option(panel: str | None = None):
     """``--face-detector``, for ``Annotated[FaceDetectorKind, face_detector_option()]``."""
     return typer.Option("--face-detector", case_sensitive=False, rich_help_panel=panel,
-                        help="Face detector: retinaface or mtcnn (slower; docs/decode.md).")
+                        help="Face detector: retinaface or mtcnn (3x slower; docs/design.md).")
