@@ -10,6 +10,8 @@ from typing import Any
 # Below this ROC AUC on media from sources the model never trained on, every verdict
 # surface carries a caveat.
 QUALITY_BAR = 0.80
+# Below this ROC AUC on one family of fakes held out of training, the caveat names it.
+FAMILY_BAR = 0.70
 
 
 def shown(auc: float) -> str:
@@ -25,24 +27,33 @@ def below_bar(auc: float) -> bool:
 
 def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str, Any]:
     """What a verdict's reader should know about the model: its measured out-of-domain ROC
-    AUC (``card["metrics"]["out_of_domain"]``), its leave-one-source-out mean AUC on the
-    training collection (``card["metrics"]["leave_one_source_out"]``), a one-line
-    ``summary`` of both, and a one-line caveat when either is below :data:`QUALITY_BAR`
-    or the out-of-domain AUC was never measured."""
+    AUC (``card["metrics"]["out_of_domain"]``), its mean AUC on the training collection's
+    families (``leave_one_family_out``) or sources (``leave_one_source_out``, older cards)
+    held out one at a time, a one-line ``summary`` of these, and a one-line caveat when
+    either is below :data:`QUALITY_BAR`, the out-of-domain AUC was never measured, or a
+    held-out family scores below :data:`FAMILY_BAR` (the caveat names it)."""
     metrics = (card or {}).get("metrics") or {}
     ood = metrics.get("out_of_domain") or {}
     auc = ood.get("roc_auc")
-    loso_block = metrics.get("leave_one_source_out") or {}
+    lofo = metrics.get("leave_one_family_out") or {}
+    loso_block = lofo or metrics.get("leave_one_source_out") or {}
+    held_out = "families" if lofo else "sources"
     loso = loso_block.get("mean_auc")
     parts = ["not measured" if auc is None else f"ROC AUC {shown(auc)} on unseen sources"]
-    if loso is not None:
+    if lofo and loso is not None:
+        worst, family = lofo.get("min_auc"), lofo.get("worst_family")
+        parts.append(f"leave-one-family-out mean {shown(loso)}"
+                     + (f", worst {shown(worst)} ({family})" if worst is not None else ""))
+    elif loso is not None:
         scope = loso_block.get("scope")
         parts.append(f"leave-one-source-out mean {shown(loso)}" + (f" ({scope})" if scope else ""))
     out = {"ood_auc": auc, "ood_data": ood.get("data"), "loso_auc": loso, "bar": QUALITY_BAR,
+           "worst_family": lofo.get("worst_family"), "worst_family_auc": lofo.get("min_auc"),
            "summary": "; ".join(parts), "caveat": None}
     if not trained:
         out["caveat"] = "untrained model: its scores are not evidence"
-    elif auc is None:
+        return out
+    if auc is None:
         out["caveat"] = ("no accuracy on unseen sources was measured for this model: treat "
                          "its verdicts as unverified leads")
     elif below_bar(auc):
@@ -50,10 +61,15 @@ def model_quality(card: dict[str, Any] | None, trained: bool = True) -> dict[str
                          f"{shown(auc)} (below {shown(QUALITY_BAR)}): a verdict is a lead for "
                          "human review, not a finding")
     elif loso is not None and below_bar(loso):
-        # The out-of-domain set is small; the held-out-source mean is the sterner estimate.
-        out["caveat"] = (f"this model's mean ROC AUC on training sources held out one at a "
+        # The out-of-domain set is small; the held-out mean is the sterner estimate.
+        out["caveat"] = (f"this model's mean ROC AUC on training {held_out} held out one at a "
                          f"time is {shown(loso)} (below {shown(QUALITY_BAR)}): a verdict is a lead "
                          "for human review, not a finding")
+    worst = lofo.get("min_auc")
+    if worst is not None and float(shown(worst)) < FAMILY_BAR:
+        weak = (f"on {lofo.get('worst_family')} fakes, held out of training, it scores ROC AUC "
+                f"{shown(worst)}: its verdicts on that kind of fake are close to guesses")
+        out["caveat"] = f"{out['caveat']}; {weak}" if out["caveat"] else weak
     return out
 
 

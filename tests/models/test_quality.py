@@ -63,3 +63,21 @@ def test_the_shipped_cards_never_read_below_the_bar_at_the_bar():
     for name in list_models():
         caveat = resolve_model(name).quality.get("caveat") or ""
         assert "0.80 (below 0.80)" not in caveat, (name, caveat)
+
+
+def test_the_leave_one_family_out_line_names_the_worst_family():
+    lofo = {"mean_auc": 0.86, "min_auc": 0.66, "worst_family": "lip-sync",
+            "by_family": {"lip-sync": 0.66, "ffpp": 0.9}}
+    q = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.9},
+                                   "leave_one_family_out": lofo}})
+    assert "leave-one-family-out mean 0.86, worst 0.66 (lip-sync)" in q["summary"]
+    assert "lip-sync" in q["caveat"] and "0.66" in q["caveat"]
+    # At the bar (as printed) nothing is named.
+    ok = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.9},
+                                    "leave_one_family_out": {**lofo, "min_auc": 0.697}}})
+    assert ok["caveat"] is None
+    # A low mean and a weak family: one caveat that says both.
+    both = model_quality({"metrics": {"out_of_domain": {"roc_auc": 0.9},
+                                      "leave_one_family_out": {**lofo, "mean_auc": 0.75}}})
+    assert "families held out one at a time is 0.75" in both["caveat"]
+    assert "lip-sync" in both["caveat"]
