@@ -40,6 +40,10 @@ CANDIDATES: dict[str, dict] = {
     "probe_b12": dict(kind="probe", blocks=(12,), l2=1e-4, balance="source"),
     "probe_b8-12": dict(kind="probe", blocks=(8, 10, 12), l2=1e-4, balance="source"),
     "probe_l2e-3": dict(kind="probe", blocks=BLOCKS, l2=1e-3, balance="source"),
+    # Trained on views of which half were downscaled and back (scored on clean views).
+    "probe_lowres": dict(kind="probe", blocks=BLOCKS, l2=1e-4, balance="source", lowres=0.5),
+    "probe_family_lowres": dict(kind="probe", blocks=BLOCKS, l2=1e-4, balance="family",
+                                lowres=0.5),
     # The last block's LayerNorms tuned with the probe (3,072 norm values).
     "ln12": dict(kind="ln", blocks=BLOCKS, l2=1e-4, balance="source", tuned=(12,),
                  epochs=3, lr=1e-3),
@@ -53,9 +57,10 @@ K = 4  # frames per video a CPU audit scores
 TALKING = "talking-head,lip-sync,real-talking"
 
 
-def load(train: str, tokens: bool) -> tuple[list[dict], dict]:
+def load(train: str, tokens: bool, lowres: float = 0.0) -> tuple[list[dict], dict]:
     """Usable, capped items of the training collection (with their family) and the
-    recipe's feature bank of them (with each view's tokens after block 10 if asked)."""
+    recipe's feature bank of them (with each view's tokens after block 10 if asked;
+    ``lowres``: the bank whose training views are partly downscaled)."""
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.training.clip_features import BankConfig, build_bank
     from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
@@ -70,7 +75,7 @@ def load(train: str, tokens: bool) -> tuple[list[dict], dict]:
     items = cap_items(items, CAP, 0)
     crops = load_crops(cache.directory, [r["item_key"] for r in items])
     t0 = time.perf_counter()
-    bank = build_bank(items, crops, cache.key, BankConfig(),
+    bank = build_bank(items, crops, cache.key, BankConfig(lowres=lowres),
                       tokens_after=TOKENS_AFTER if tokens else None,
                       on_progress=lambda n: print(f"  embedded {n}", flush=True)
                       if n % 320 == 0 else None)
@@ -142,7 +147,8 @@ class Context:
 
 
 def fit_fold(spec: dict, ctx: Context, fit: np.ndarray):
-    """Train ``spec`` on bank rows ``fit``; returns logits(rows) for any bank rows."""
+    """Train ``spec`` on bank rows ``fit`` of ``ctx``; returns logits(ev, rows) for rows
+    of any bank ``ev`` of the same items (the clean bank scores held-out items)."""
     import torch
 
     from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
@@ -152,9 +158,9 @@ def fit_fold(spec: dict, ctx: Context, fit: np.ndarray):
         probe = fit_probe(ClipProbe(spec["blocks"]), ctx.cls[fit], ctx.lab[fit], w,
                           l2=spec["l2"])
 
-        def logits(rows: np.ndarray) -> np.ndarray:
+        def logits(ev: Context, rows: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return probe(torch.from_numpy(ctx.cls[rows].astype(np.float32))).numpy()
+                return probe(torch.from_numpy(ev.cls[rows].astype(np.float32))).numpy()
         return logits
     from deepaudit.training.ln_tune import LnTuneConfig, fit_tuned, tuned_logits
 
@@ -165,13 +171,16 @@ def fit_fold(spec: dict, ctx: Context, fit: np.ndarray):
                             spec["blocks"], cfg,
                             on_progress=lambda e: print(f"    {e}", flush=True))
 
-    def logits(rows: np.ndarray) -> np.ndarray:
-        return tuned_logits(ctx.tower, tail, probe, inputs[rows], ctx.cls[rows])
+    def logits(ev: Context, rows: np.ndarray) -> np.ndarray:
+        return tuned_logits(ctx.tower, tail, probe, ev.tail_inputs(cfg.tuned[0])[rows],
+                            ev.cls[rows])
     return logits
 
 
 def run_candidate(name: str, spec: dict, ctx: Context, folds, talking: set[str],
-                  video_scorers: bool = False) -> dict:
+                  video_scorers: bool = False, train_ctx: Context | None = None) -> dict:
+    """``spec`` by every fold: trained on ``train_ctx``'s views (default: ``ctx``'s),
+    always scored on ``ctx``'s clean views."""
     from deepaudit.models.metrics import roc_auc, threshold_at_fpr
     from deepaudit.training.families import calibration_split, family_of, summarise
 
@@ -182,13 +191,14 @@ def run_candidate(name: str, spec: dict, ctx: Context, folds, talking: set[str],
         test_keys = {i["item_key"] for i in test_items}
         train_items = [i for i in ctx.items if i["item_key"] not in test_keys]
         fit_keys, cal_keys = calibration_split(train_items)
-        fit = np.where(np.isin(ctx.key, list(fit_keys)))[0]
+        tc = train_ctx or ctx
+        fit = np.where(np.isin(tc.key, list(fit_keys)))[0]
         orig = ctx.view == "orig"
         cal = np.where(np.isin(ctx.key, list(cal_keys)) & orig)[0]
         test = np.where(np.isin(ctx.key, list(test_keys)) & orig)[0]
-        logits_of = fit_fold(spec, ctx, fit)
+        logits_of = fit_fold(spec, tc, fit)
         full = np.zeros(len(ctx.meta), np.float32)
-        full[cal], full[test] = logits_of(cal), logits_of(test)
+        full[cal], full[test] = logits_of(ctx, cal), logits_of(ctx, test)
         s_test = item_scores(ctx.meta, full, test, K)
         s_cal = item_scores(ctx.meta, full, cal, K)
         keys = sorted(s_test)
@@ -203,7 +213,7 @@ def run_candidate(name: str, spec: dict, ctx: Context, folds, talking: set[str],
         if real_talk:
             talking_fpr[fold.name] = [sum(s_test[k] >= t for k in real_talk), len(real_talk)]
         counts[fold.name] = [len(keys), int(sum(y))]
-        if video_scorers:
+        if video_scorers and train_ctx is None:
             res = score_videos(spec, ctx, fit, test, keys)
             if res:
                 video[fold.name] = res
@@ -379,10 +389,17 @@ def main(
     folds = family_folds(items, parse_merge(merge))
     print("folds: " + "; ".join(f"{f.name} (+{','.join(f.pools)})" for f in folds), flush=True)
     ctx = Context(items, bank)
+    others: dict[float, Context] = {}
     results = []
     for name in names:
-        res = run_candidate(name, CANDIDATES[name], ctx, folds, set(talking.split(",")),
-                            video_scorers)
+        spec = CANDIDATES[name]
+        train_ctx = None
+        if spec.get("lowres"):
+            if spec["lowres"] not in others:
+                others[spec["lowres"]] = Context(*load(train, False, spec["lowres"]))
+            train_ctx = others[spec["lowres"]]
+        res = run_candidate(name, spec, ctx, folds, set(talking.split(",")), video_scorers,
+                            train_ctx)
         results.append(res)
         print(json.dumps(res), flush=True)
         if record:

@@ -47,10 +47,16 @@ class BankConfig:
     jpeg_max: int = 95
     perturb: str | None = None  # evaluation only: e.g. "jpeg:50"
     seed: int = 0
+    # Share of training views first downscaled to 25-60 % and back: a face's sharpness
+    # then says nothing about its label (fakes are larger than reals in some sources).
+    lowres: float = 0.0
 
 
 def bank_key(crop_key: str, cfg: BankConfig) -> str:
-    blob = json.dumps({"format": BANK_FORMAT, "crops": crop_key, "cfg": asdict(cfg),
+    settings = asdict(cfg)
+    if not settings["lowres"]:  # banks made before the setting keep their key
+        del settings["lowres"]
+    blob = json.dumps({"format": BANK_FORMAT, "crops": crop_key, "cfg": settings,
                        "tower": CONVERTED_SHA256}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -85,9 +91,10 @@ def views(items: list[dict], crops: dict, cfg: BankConfig):
                     "media_id": item["media_id"]}
             if cfg.augment:
                 q = int(rng.integers(cfg.jpeg_min, cfg.jpeg_max + 1))
-                yield {**base, "view": "orig", "label": item["label"]}, jpeg_roundtrip(crop, q)
+                view = _lowres(crop, cfg.lowres, rng)
+                yield {**base, "view": "orig", "label": item["label"]}, jpeg_roundtrip(view, q)
                 if item["label"] == 0 and pos in sbi_positions:
-                    fake = self_blend(crop, rng)
+                    fake = _lowres(self_blend(crop, rng), cfg.lowres, rng)
                     q = int(rng.integers(cfg.jpeg_min, cfg.jpeg_max + 1))
                     yield {**base, "view": "sbi", "label": 1}, jpeg_roundtrip(fake, q)
             else:
@@ -99,6 +106,19 @@ def views(items: list[dict], crops: dict, cfg: BankConfig):
 def tokens_path(crop_key: str, cfg: BankConfig, after: int):
     """Where the residual stream after block ``after`` of a bank's rows is cached."""
     return bank_path(crop_key, cfg).with_suffix(f".tokens{after}.npy")
+
+
+def _lowres(crop: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """With probability ``share``, the crop downscaled to 25-60 % of its side and back
+    (no random draw at all when ``share`` is 0: older banks' views stay the same)."""
+    if not share or rng.random() >= share:
+        return crop
+    import cv2
+
+    side = crop.shape[0]
+    small = max(8, int(round(side * rng.uniform(0.25, 0.6))))
+    down = cv2.resize(crop, (small, small), interpolation=cv2.INTER_AREA)
+    return cv2.resize(down, (side, side), interpolation=cv2.INTER_LINEAR)
 
 
 def build_bank(items: list[dict], crops: dict, crop_key: str, cfg: BankConfig,
