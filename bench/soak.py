@@ -162,15 +162,24 @@ def _make_media(folder: Path, clip_seconds: float) -> None:
 
 
 def write_manifest(path: Path, rows: int, images: list[Path], clips: list[Path],
-                   clip_every: int) -> int:
-    """The soak manifest (Parquet: uri, media_id, kind); returns how many rows are clips."""
+                   clip_every: int, real_every: int = 1) -> int:
+    """The soak manifest (Parquet: uri, media_id, kind); returns how many rows are clips.
+    ``real_every`` > 1: only one row in that many is real media, the others a zero-byte
+    file (an ``empty:`` error row at once, no decode): the driver's work per row and per
+    block stays, the workers' shrinks (bench/chaos.py's 100k-row memory run)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     uris, kinds = [], []
     n_img = n_clip = 0
+    empty = images[0].parent / "empty.jpg"
+    if real_every > 1:
+        empty.write_bytes(b"")
     for i in range(rows):
-        if clip_every and i % clip_every == clip_every - 1:
+        if real_every > 1 and i % real_every:
+            uris.append(str(empty.absolute()))
+            kinds.append("empty")
+        elif clip_every and i % clip_every == clip_every - 1:
             uris.append(str(clips[n_clip % len(clips)].absolute()))
             kinds.append("video")
             n_clip += 1
@@ -298,6 +307,8 @@ def main(
     clip_every: Annotated[int, typer.Option(help="One row in this many is a clip "
                                                  "(0: images only).")] = 50,
     clip_seconds: Annotated[float, typer.Option(help="Length of the clips.")] = 2.0,
+    real_every: Annotated[int, typer.Option(help="One row in this many is real media, the "
+                                                 "others a zero-byte file (1: all real).")] = 1,
     model: Annotated[str, typer.Option(help="Model name or checkpoint card "
                                             "(default: the audit's).")] = "",
     num_cpus: Annotated[int, typer.Option(help="CPUs for the local Ray (0: all).")] = 0,
@@ -313,12 +324,13 @@ def main(
 
     from deepaudit.pipeline.audit import AuditConfig, run_audit
 
-    if rows < WINDOWS:
-        raise typer.BadParameter(f"--rows must be at least {WINDOWS}")
+    if rows < WINDOWS or real_every < 1:
+        raise typer.BadParameter(f"--rows must be at least {WINDOWS}, --real-every >= 1")
     workdir = workdir.absolute()
     images, clips = make_media(workdir / "media", clip_seconds)
     manifest = workdir / f"manifest-{rows}.parquet"
-    n_clips = write_manifest(manifest, rows, images, clips, clip_every)
+    n_clips = write_manifest(manifest, rows, images, clips, clip_every, real_every)
+    n_empty = rows - -(-rows // real_every) if real_every > 1 else 0
 
     cfg = AuditConfig(manifest=str(manifest), output=str(workdir / "out"),
                       model=model or None, num_cpus=num_cpus or None, evidence=False)
@@ -350,8 +362,9 @@ def main(
     parquet = sorted(run_dir.rglob("*.parquet"))
     result = {
         "rows": rows,
-        "images": rows - n_clips,
+        "images": rows - n_clips - n_empty,
         "clips": n_clips,
+        "empty": n_empty,
         "clip_seconds": clip_seconds,
         "model": summary["model"],
         "state": summary["state"],
