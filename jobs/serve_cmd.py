@@ -28,7 +28,7 @@ def serve_command(
     token: Annotated[Optional[str], typer.Option(
         envvar="DEEPAUDIT_SERVE_TOKEN", show_envvar=True,
         help="Require this token (16+ visible characters) on every request (Bearer header, "
-             "or the printed link, "
+             "or the link printed when stderr is a terminal, "
              "which sets a cookie). Required with a non-loopback --host.")] = None,
     model: Annotated[Optional[str], typer.Option(
         metavar="NAME|PATH", help="Model for Check a file (default: the shipped one).")] = None,
@@ -118,6 +118,7 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
            uploads_per_minute, s3_endpoint, verbose, upload_root, err, allowed_hosts,
            forwarded_allow_ips, reviewer, review) -> None:
     import socket
+    import sys
 
     import uvicorn
     from rich.markup import escape
@@ -166,9 +167,18 @@ def _serve(target, host, port, token, model, threshold, check, max_upload_mb,
         err.print(f"reviews go to {escape(site.review_store.uri)} as "
                   f"{escape(site.reviewer)}", soft_wrap=True)
     shown = "localhost" if host in LOOPBACK else (f"[{host}]" if ":" in host else host)
-    link = f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
+    link = f"http://{shown}:{port}/runs"
+    # The token only on a terminal: a stderr kept elsewhere (a service's journal, a log
+    # file) would keep the secret too.
+    on_terminal = sys.stderr.isatty()
+    opened = f"{link}?token={token}" if token and on_terminal else link
     err.print(f"{archive.n_items} verdict rows in {len(archive.runs)} run(s) from "
-              f"{escape(target)}; serving on {escape(link)} (Ctrl-C stops)", soft_wrap=True)
+              f"{escape(target)}; serving on {escape(opened)} (Ctrl-C stops)", soft_wrap=True)
+    if token and not on_terminal:
+        err.print("open it with the token given to --token (or DEEPAUDIT_SERVE_TOKEN): "
+                  f"{escape(link)}?token=TOKEN once in a browser (it sets a cookie), or "
+                  "the header Authorization: Bearer TOKEN; not printed here, as this "
+                  "output is not a terminal", soft_wrap=True)
     config = server_config(app, host=host, port=port, verbose=verbose,
                            forwarded_allow_ips=forwarded_allow_ips)
     uvicorn.Server(config).run(sockets=[sock])

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import secrets
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -62,15 +63,61 @@ class ReviewError(ValueError):
     """A review that cannot be taken: the message says why."""
 
 
+# Unicode categories review text (a note, a reviewer name) may not hold: controls,
+# formatting characters (the bidi overrides and isolates U+202A-U+202E and U+2066-U+2069,
+# zero-width spaces, BOMs), line and paragraph separators, surrogates and private use. They
+# hide or reorder text on a page ("txt.exe" shown for "exe.txt"). Tab and new line are text;
+# the zero-width (non-)joiners U+200C/U+200D are needed by Persian, Indic scripts and emoji.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
+ALLOWED = frozenset({"\n", "\t", "\u200c", "\u200d"})
+
+
+def text_problem(text: str | None, what: str = "note", limit: int = MAX_NOTE) -> str | None:
+    """Why ``text`` cannot be kept as review text (too long, or characters of
+    :data:`REFUSED_CATEGORIES`), or None. The one rule for every writer:
+    :func:`review_row` (what ``deepaudit serve`` builds its rows with) and
+    :meth:`ReviewStore.append` (rows built by hand) raise :class:`ReviewError` with it."""
+    if text is None:
+        return None
+    if len(text) > limit:
+        return f"the {what} is longer than {limit} characters"
+    bad = sorted({c for c in text.replace("\r\n", "\n") if c not in ALLOWED
+                  and unicodedata.category(c) in REFUSED_CATEGORIES})
+    if not bad:
+        return None
+    shown = ", ".join(f"U+{ord(c):04X}" for c in bad[:5])
+    return (f"the {what} contains control characters ({shown}): they can hide or reorder "
+            "text; remove them")
+
+
 def _clean(text: str | None, what: str, limit: int) -> str | None:
     if text is None:
         return None
     text = text.replace("\r\n", "\n").strip()
-    if len(text) > limit:
-        raise ReviewError(f"the {what} is longer than {limit} characters")
-    if any(ord(c) < 32 and c not in "\n\t" for c in text) or "\x7f" in text:
-        raise ReviewError(f"the {what} contains control characters")
+    problem = text_problem(text, what, limit)
+    if problem:
+        raise ReviewError(problem)
     return text or None
+
+
+def check_row(row: dict) -> None:
+    """Raise :class:`ReviewError` unless ``row`` is one :func:`review_row` could have made:
+    a media id, a review of :data:`REVIEWS`, a note and a reviewer name :func:`text_problem`
+    accepts."""
+    if row.get("review") not in REVIEWS:
+        raise ReviewError(f"a review is one of {', '.join(REVIEWS)}, got {row.get('review')!r}")
+    if not row.get("media_id"):
+        raise ReviewError("the reviewed item has no media id")
+    for key, what, limit in (("note", "note", MAX_NOTE),
+                             ("reviewer", "reviewer name", MAX_REVIEWER)):
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ReviewError(f"the {what} must be text, got {type(value).__name__}")
+        problem = text_problem(value, what, limit)
+        if problem:
+            raise ReviewError(problem)
+    if not (row.get("reviewer") or "").strip() or "\n" in row["reviewer"]:
+        raise ReviewError("the reviewer name must be one line of visible text")
 
 
 def check_reviewer(name: str) -> str:
@@ -143,7 +190,10 @@ class ReviewStore:
     def append(self, rows: list[dict]) -> str:
         """Write ``rows`` as one new part; returns its URI. Raises OSError (and
         botocore's errors) when it cannot be written: FileNotFoundError when the target
-        itself is gone (only the ``_reviews`` folder is ever made)."""
+        itself is gone (only the ``_reviews`` folder is ever made). A row that
+        :func:`check_row` refuses is :class:`ReviewError`, and nothing is written."""
+        for row in rows:
+            check_row(row)
         table = pa.Table.from_pylist(rows, schema=REVIEW_SCHEMA)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"review-{stamp}-{secrets.token_hex(4)}.parquet"

@@ -14,6 +14,7 @@ from deepaudit.pipeline.reviews import (
     latest_reviews,
     review_row,
     review_state,
+    text_problem,
 )
 
 T0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
@@ -76,3 +77,34 @@ def test_reviews_on_s3(s3_server, s3fs_client):
     assert t.num_rows == 2
     assert latest_reviews(t)["review"].to_pylist() == ["real"]
     assert not [k for k in s3fs_client.ls("audit/rev-out/_reviews") if "probe" in k]
+
+
+# Bidi overrides and isolates, a zero-width space, a line separator, NEL, a BOM.
+HIDING = ["\u202a", "\u202e", "\u2066", "\u2069", "\u200b", "\u2028", "\x85", "\ufeff"]
+
+
+@pytest.mark.parametrize("char", HIDING)
+def test_one_rule_refuses_hiding_characters_for_every_writer(tmp_path, char):
+    """The rule serve applies holds for review_row, and for rows built by hand and given
+    to ReviewStore.append (before, only ASCII controls were refused there)."""
+    note = f"ok {char}txt.exe"
+    assert "control characters" in text_problem(note)
+    with pytest.raises(ReviewError, match=f"U\\+{ord(char):04X}"):
+        review_row(ITEM, "fake", note, "ann")
+    with pytest.raises(ReviewError, match="reviewer name"):
+        review_row(ITEM, "fake", None, f"ann{char}x")
+    good = review_row(ITEM, "fake", "fine", "ann", T0)
+    store = ReviewStore(str(tmp_path))
+    for bad in ({**good, "note": note}, {**good, "reviewer": f"ann{char}x"},
+                {**good, "review": "maybe"}, {**good, "media_id": None}):
+        with pytest.raises(ReviewError):
+            store.append([good, bad])
+    assert not (tmp_path / "_reviews").exists()  # nothing written, not even the folder
+
+
+def test_text_in_any_script_is_kept(tmp_path):
+    note = "checked\tthe source\nمی\u200cخواهم 👩\u200d👩\u200d👧 <b>x</b>"
+    assert text_problem(note) is None
+    store = ReviewStore(str(tmp_path))
+    store.append([review_row(ITEM, "unsure", note, "Zoë", T0)])
+    assert store.read()["note"].to_pylist() == [note]
