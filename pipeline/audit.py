@@ -139,8 +139,9 @@ class AuditConfig:
 
 def evidence_config(cfg: AuditConfig, plan: StagePlan, run_id: str) -> EvidenceConfig | None:
     """What each classifier actor writes as evidence: OUT/evidence, at most
-    ``ceil(evidence_max / classify_actors)`` items per actor process (so at most
-    ``evidence_max + actors - 1`` per run), ``evidence_frames`` frames per item."""
+    ``ceil(evidence_max / classify_actors)`` items per actor process, ``evidence_frames``
+    frames per item. The verdict writer holds the run to ``evidence_max`` (actors
+    restarted after a crash count afresh)."""
     if not cfg.evidence or cfg.evidence_max == 0:
         return None
     root = cfg.output if is_s3(cfg.output) else str(Path(cfg.output).expanduser().absolute())
@@ -188,7 +189,8 @@ def run_audit(cfg: AuditConfig, on_rows: Callable[[int, int], None] | None = Non
 
     writer = VerdictWriter(run_dir, storage, manifest, run_id, cfg.roll_rows,
                            on_file_closed=file_closed, roll_seconds=cfg.roll_seconds,
-                           metadata={CARD_METADATA_KEY: json.dumps(card_summary(handle))})
+                           metadata={CARD_METADATA_KEY: json.dumps(card_summary(handle))},
+                           evidence_cap=cfg.evidence_max)
 
     run_error, plan, retried, lost_reason, lost = None, None, 0, LOST_REASON, 0
     where, cpus, gpus = "not started: nothing to audit", 0.0, 0.0

@@ -71,7 +71,8 @@ class VerdictWriter:
                  roll_rows: int = ROLL_ROWS,
                  on_file_closed: Callable[[str, pa.Table], None] | None = None,
                  roll_seconds: float | None = None,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None,
+                 evidence_cap: int | None = None) -> None:
         if roll_rows < 1 or (roll_seconds is not None and roll_seconds <= 0):
             raise ValueError(f"--roll-rows must be >= 1 and --roll-seconds > 0, got "
                              f"{roll_rows} and {roll_seconds}")
@@ -97,6 +98,9 @@ class VerdictWriter:
         self.verdicts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.evidence_written = 0
+        # The run's --evidence-max, held here: each classifier actor counts only its own
+        # items, and one restarted after its process died counts from 0 again.
+        self.evidence_cap = evidence_cap
         self._top: list[tuple[float, str, str | None]] = []  # a min-heap of the top fakes
         self.files: list[str] = []
         self._writer: pq.ParquetWriter | None = None
@@ -121,6 +125,7 @@ class VerdictWriter:
             rows = [rows[i] for i in fresh]
         if not rows:
             return
+        batch = self._cap_evidence(batch)
         now = datetime.now(timezone.utc)
         n = batch.num_rows
         batch = batch.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
@@ -142,6 +147,21 @@ class VerdictWriter:
         self._file_rows.append(table.select([ROW_INDEX, "status", "error", "audited_at",
                                              "evidence"]))
         self._roll_if_due()
+
+    def _cap_evidence(self, batch: pa.Table) -> pa.Table:
+        """Rows past the evidence cap lose their evidence URI; their staged files are
+        never promoted and go with the staging folder."""
+        evidence = batch.column("evidence")
+        if self.evidence_cap is None or evidence.null_count == batch.num_rows:
+            return batch
+        room = self.evidence_cap - self.evidence_written
+        has = pc.is_valid(evidence)
+        over = pc.and_(has, pc.greater(pc.cumulative_sum(pc.cast(has, pa.int64())), room))
+        if not pc.any(over).as_py():
+            return batch
+        i = batch.schema.get_field_index("evidence")
+        return batch.set_column(i, "evidence", pc.if_else(over, pa.scalar(None, pa.string()),
+                                                          evidence))
 
     def _roll_if_due(self) -> None:
         if self._writer is not None and (self._rows_in_file >= self.roll_rows or (

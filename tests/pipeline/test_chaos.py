@@ -61,3 +61,42 @@ def test_chaos_soak_every_row_exactly_once(tmp_path):
     # Evidence never exists without its verdict row, and staging is emptied.
     ev = r["evidence"]
     assert ev["orphans"] == ev["missing"] == ev["left_in_staging"] == 0, ev
+
+
+def test_the_writer_holds_the_run_to_its_evidence_cap(tmp_path):
+    """Each classifier actor counts its own evidence items, and one restarted after its
+    process died (the chaos soak kills them) counts from 0 again: the writer holds the
+    run to --evidence-max, dropping the URIs of rows past it (their staged files are
+    never promoted)."""
+    import pyarrow as pa
+
+    from deepaudit.infra.storage import StorageConfig
+    from deepaudit.pipeline.manifest import read_manifest
+    from deepaudit.pipeline.schema import RESERVED_COLUMNS, STAGE_VERDICT_SCHEMA
+    from deepaudit.pipeline.writer import VerdictWriter, read_verdicts
+
+    (tmp_path / "m.csv").write_text("uri\n" + "".join(f"/{i}.jpg\n" for i in range(8)))
+    manifest = read_manifest(str(tmp_path / "m.csv"), RESERVED_COLUMNS)
+
+    def rows(ids: list[int], evidence: list[str | None]) -> pa.Table:
+        cols = {f.name: pa.nulls(len(ids), f.type) for f in STAGE_VERDICT_SCHEMA}
+        cols.update(manifest_row=pa.array(ids, pa.int64()),
+                    media_id=pa.array([f"/{i}.jpg" for i in ids]),
+                    status=pa.array(["ok"] * len(ids)), verdict=pa.array(["fake"] * len(ids)),
+                    evidence=pa.array(evidence, pa.string()))
+        for name in ("frame_indices", "face_boxes", "frame_p_fake", "dropped_frames"):
+            cols[name] = pa.array([[]] * len(ids), STAGE_VERDICT_SCHEMA.field(name).type)
+        return pa.table(cols, schema=STAGE_VERDICT_SCHEMA)
+
+    w = VerdictWriter(str(tmp_path / "run"), StorageConfig(), manifest, "r", 1000,
+                      evidence_cap=3)
+    w.write(rows([0, 1], ["e0", "e1"]))
+    w.write(rows([2, 3, 4, 5], [None, "e3", "e4", "e5"]))  # a restarted actor's items
+    w.write(rows([6, 7], ["e6", None]))
+    w.close()
+    got = read_verdicts(str(tmp_path / "run"))["evidence"].to_pylist()
+    assert got == ["e0", "e1", None, "e3", None, None, None, None]
+    assert w.evidence_written == 3
+    uncapped = VerdictWriter(str(tmp_path / "run2"), StorageConfig(), manifest, "r", 1000)
+    uncapped.write(rows([0, 1, 2], ["e0", "e1", "e2"]))
+    assert uncapped.evidence_written == 3
