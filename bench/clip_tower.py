@@ -158,7 +158,9 @@ def main(
     images: Annotated[Path, typer.Option(help="Images to crop faces from.")]
         = Path("../shared/data/images"),
     crops: Annotated[int, typer.Option(help="Crops for cosines.")] = 32,
-    timing_crops: Annotated[int, typer.Option(help="Paired timings per thread count.")] = 10,
+    timing_crops: Annotated[int, typer.Option(help="Paired timings at 1 thread.")] = 10,
+    timing_crops_2: Annotated[int, typer.Option(help="Paired timings at 2 threads (slow "
+                                                     "on a busy machine).")] = 10,
     emulate_avx2: Annotated[bool, typer.Option(help="Force the kernels' AVX2 code paths "
                                                     "(re-runs this bench).")] = False,
     record: Annotated[bool, typer.Option(help="Append to bench/results.")] = True,
@@ -184,6 +186,7 @@ def main(
     isa = "avx2 (emulated)" if os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS") == "AVX2" else \
         f"native ({torch.backends.cpu.get_cpu_capability()})"
     common = {"crops": len(x), "crop_source": str(images), "timing_crops": timing_crops,
+              "timing_crops_2": timing_crops_2,
               "isa": isa, "torch": torch.__version__}
     rows = [("float", tower, {"description": "the float tower (reference)"})]
     for n in names:
@@ -191,8 +194,8 @@ def main(
                      {"description": clip_fast.describe(n)}))
     for name, cand, extra in rows:
         load = os.getloadavg()[0]
-        timing = {f"threads_{k}": paired_times(tower, cand, x, k, timing_crops)
-                  for k in (1, 2)}
+        timing = {f"threads_{k}": paired_times(tower, cand, x, k, reps)
+                  for k, reps in ((1, timing_crops), (2, timing_crops_2))}
         result = {"bench": "clip_tower", "candidate": name, **extra, **common,
                   "ms_per_crop": timing,
                   "cosine_to_float": cosines(cls_of(cand, x), ref),
