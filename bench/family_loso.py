@@ -40,8 +40,24 @@ CANDIDATES: dict[str, dict] = {
     "probe_b12": dict(kind="probe", blocks=(12,), l2=1e-4, balance="source"),
     "probe_b8-12": dict(kind="probe", blocks=(8, 10, 12), l2=1e-4, balance="source"),
     "probe_l2e-3": dict(kind="probe", blocks=BLOCKS, l2=1e-3, balance="source"),
+    "probe_b6-12": dict(kind="probe", blocks=(6, 8, 10, 12), l2=1e-4, balance="source"),
+    "probe_b4-12": dict(kind="probe", blocks=(4, 6, 8, 10, 12), l2=1e-4, balance="source"),
+    "probe_all": dict(kind="probe", blocks=tuple(range(1, 13)), l2=1e-4, balance="source"),
+    "probe_b8-12_l2e-5": dict(kind="probe", blocks=(8, 10, 12), l2=1e-5, balance="source"),
+    "probe_b4-12_l2e-5": dict(kind="probe", blocks=(4, 6, 8, 10, 12), l2=1e-5,
+                              balance="source"),
+    # The probe on the CLS tokens and the mean of the patch tokens after each block.
+    "gap": dict(kind="gap", blocks=BLOCKS, l2=1e-4, balance="source"),
+    "gap_family": dict(kind="gap", blocks=BLOCKS, l2=1e-4, balance="family"),
+    # The seeds' BiLSTM with temporal attention over the probe's inputs (clip_bilstm_attn).
+    "attn": dict(kind="attn", blocks=BLOCKS, l2=1e-4, balance="source"),
+    "attn_all": dict(kind="attn", blocks=tuple(range(1, 13)), l2=1e-4, balance="source"),
     # Trained on views of which half were downscaled and back (scored on clean views).
     "probe_lowres": dict(kind="probe", blocks=BLOCKS, l2=1e-4, balance="source", lowres=0.5),
+    "probe_all_lowres": dict(kind="probe", blocks=tuple(range(1, 13)), l2=1e-4,
+                             balance="source", lowres=0.5),
+    "probe_all_family_lowres": dict(kind="probe", blocks=tuple(range(1, 13)), l2=1e-4,
+                                    balance="family", lowres=0.5),
     "probe_family_lowres": dict(kind="probe", blocks=BLOCKS, l2=1e-4, balance="family",
                                 lowres=0.5),
     # The last block's LayerNorms tuned with the probe (3,072 norm values).
@@ -49,6 +65,8 @@ CANDIDATES: dict[str, dict] = {
                  epochs=3, lr=1e-3),
     "ln12_family": dict(kind="ln", blocks=BLOCKS, l2=1e-4, balance="family", tuned=(12,),
                         epochs=3, lr=1e-3),
+    "ln12_all_lr1e-2": dict(kind="ln", blocks=tuple(range(1, 13)), l2=1e-4, balance="source",
+                            tuned=(12,), epochs=3, lr=1e-2),
     "ln11-12": dict(kind="ln", blocks=BLOCKS, l2=1e-4, balance="source", tuned=(11, 12),
                     epochs=2, lr=1e-3),
 }
@@ -116,9 +134,48 @@ class Context:
         self.lab = np.array([m["label"] for m in self.meta])
         self.view = np.array([m["view"] for m in self.meta])
         self.key = np.array([m["item_key"] for m in self.meta])
-        self.source = np.array([m["source"] for m in self.meta])
+        # From the items, not the bank's meta (which keeps the names it was built with).
+        self.source = np.array([self.by_key[m["item_key"]]["source"] for m in self.meta])
         self.family = np.array([family_of(self.by_key[m["item_key"]]) for m in self.meta])
         self._tower, self._inputs = None, {}
+
+    def gap_features(self, blocks) -> np.ndarray:
+        """The probe's input on the CLS token and the mean patch token after each of
+        ``blocks`` (10-12: from the cached tokens), ``[n, 2 * len(blocks) * 768]``."""
+        import torch
+
+        from deepaudit.models.clip_branch import probe_inputs
+
+        key = ("gap", tuple(blocks))
+        if key not in self._inputs:
+            means = {10: self.tokens[:, 1:].astype(np.float32).mean(1)}
+            after11 = self.tail_inputs(12)
+            means[11] = after11[:, 1:].astype(np.float32).mean(1)
+            out12 = np.empty((len(after11), 768), np.float32)
+            with torch.inference_mode():
+                block = self.tower.encoder.layers[11]
+                for s in range(0, len(after11), 64):
+                    h = block(torch.from_numpy(after11[s:s + 64].astype(np.float32)))
+                    out12[s:s + 64] = h[:, 1:].mean(1).numpy()
+            means[12] = out12
+            cls = torch.from_numpy(self.cls.astype(np.float32))
+            pm = torch.from_numpy(np.stack([means[b] for b in blocks], 1))
+            self._inputs[key] = torch.cat([probe_inputs(cls, blocks),
+                                           probe_inputs(pm, range(1, len(blocks) + 1))],
+                                          1).numpy()
+        return self._inputs[key]
+
+    def probe_features(self, blocks) -> np.ndarray:
+        """The probe's input (standardised, L2-normalised CLS tokens) of every row."""
+        import torch
+
+        from deepaudit.models.clip_branch import probe_inputs
+
+        key = ("probe", tuple(blocks))
+        if key not in self._inputs:
+            self._inputs[key] = probe_inputs(torch.from_numpy(self.cls.astype(np.float32)),
+                                             blocks).numpy()
+        return self._inputs[key]
 
     def groups(self, spec: dict) -> np.ndarray:
         """What the training weights balance: each row's family or source."""
@@ -154,6 +211,23 @@ def fit_fold(spec: dict, ctx: Context, fit: np.ndarray):
     from deepaudit.models.clip_branch import ClipProbe, balanced_weights, fit_probe
 
     w = balanced_weights(ctx.lab[fit], ctx.groups(spec)[fit])
+    if spec["kind"] == "attn":
+        head = _fit_attention(spec, ctx, fit)
+        return lambda ev, rows: _attention_frame_logits(head, spec, ev, rows)
+    if spec["kind"] == "gap":
+        from torch import nn
+
+        from deepaudit.models.clip_branch import fit_linear
+
+        feats = ctx.gap_features(spec["blocks"])
+        lin = fit_linear(nn.Linear(feats.shape[1], 1), torch.from_numpy(feats[fit]),
+                         ctx.lab[fit], w, l2=spec["l2"])
+
+        def gap_logits(ev: Context, rows: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                x = torch.from_numpy(ev.gap_features(spec["blocks"])[rows])
+                return lin(x).squeeze(-1).numpy()
+        return gap_logits
     if spec["kind"] == "probe":
         probe = fit_probe(ClipProbe(spec["blocks"]), ctx.cls[fit], ctx.lab[fit], w,
                           l2=spec["l2"])
@@ -277,25 +351,43 @@ def _sequences(ctx: Context, rows: np.ndarray, k: int | None) -> dict[str, list[
     return out
 
 
-def _attention_auc(spec, ctx, fit, rows, vids, y) -> float | None:
+def _fit_attention(spec: dict, ctx: Context, fit: np.ndarray):
+    """The BiLSTM-attention head on the fold's training sequences (one per item and
+    view, all its bank frames), weighted as the recipe weighs them."""
     import torch
 
-    from deepaudit.models.clip_branch import balanced_weights, probe_inputs
-    from deepaudit.models.metrics import roc_auc
-    from deepaudit.models.temporal_attention import (
-        AttentionHead,
-        attention_scores,
-        fit_attention_head,
-    )
+    from deepaudit.models.clip_branch import balanced_weights
+    from deepaudit.models.temporal_attention import AttentionHead, fit_attention_head
 
-    feats = probe_inputs(torch.from_numpy(ctx.cls.astype(np.float32)), spec["blocks"]).numpy()
+    feats = ctx.probe_features(spec["blocks"])
     seqs = _sequences(ctx, fit, None)
     names = list(seqs)
     lab = np.array([ctx.lab[seqs[n][0]] for n in names])
     w = balanced_weights(lab, np.array([ctx.groups(spec)[seqs[n][0]] for n in names]))
     torch.manual_seed(0)
-    head = fit_attention_head(AttentionHead(spec["blocks"]), [feats[seqs[n]] for n in names],
+    return fit_attention_head(AttentionHead(spec["blocks"]), [feats[seqs[n]] for n in names],
                               lab, w / w.mean(), seed=0)
+
+
+def _attention_frame_logits(head, spec: dict, ev: Context, rows: np.ndarray) -> np.ndarray:
+    """Per bank row: its item's attention logit over the item's first-K spread frames
+    (so item_scores' mean over those frames is that logit)."""
+    from deepaudit.models.temporal_attention import attention_scores
+
+    feats = ev.probe_features(spec["blocks"])
+    seqs = {key: r for (key, _), r in _sequences(ev, rows, K).items()}
+    keys = list(seqs)
+    logits, _, _ = attention_scores(head, [feats[seqs[k]] for k in keys])
+    item = dict(zip(keys, logits.tolist()))
+    return np.array([item.get(ev.key[i], 0.0) for i in rows], np.float32)
+
+
+def _attention_auc(spec, ctx, fit, rows, vids, y) -> float | None:
+    from deepaudit.models.metrics import roc_auc
+    from deepaudit.models.temporal_attention import attention_scores
+
+    head = _fit_attention(spec, ctx, fit)
+    feats = ctx.probe_features(spec["blocks"])
     test = {key: r for (key, _), r in _sequences(ctx, rows, K).items()}
     logits, _, _ = attention_scores(head, [feats[test[v]] for v in vids])
     return roc_auc(y, list(logits))
@@ -368,6 +460,9 @@ def main(
         = False,
     video_scorers: Annotated[bool, typer.Option(
         help="Also compare video scorers on the folds with video fakes.")] = False,
+    folds_only: Annotated[Optional[str], typer.Option(
+        "--folds", help="Comma-separated folds to run (exploration; the table needs all).")]
+        = None,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     record: Annotated[bool, typer.Option(help="Append to bench/results/.")] = True,
     card: Annotated[Optional[str], typer.Option(
@@ -384,9 +479,11 @@ def main(
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         raise typer.BadParameter(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
-    need_tokens = tokens or any(CANDIDATES[n]["kind"] == "ln" for n in names)
+    need_tokens = tokens or any(CANDIDATES[n]["kind"] in ("ln", "gap") for n in names)
     items, bank = load(train, need_tokens)
     folds = family_folds(items, parse_merge(merge))
+    if folds_only:
+        folds = [f for f in folds if f.name in folds_only.split(",")]
     print("folds: " + "; ".join(f"{f.name} (+{','.join(f.pools)})" for f in folds), flush=True)
     ctx = Context(items, bank)
     others: dict[float, Context] = {}

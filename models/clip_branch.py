@@ -102,9 +102,17 @@ def fit_probe(probe: ClipProbe, cls: np.ndarray, labels: Sequence[int],
     """Weighted logistic regression of the probe on ``cls`` tokens ``[N, 12, 768]`` (full
     batch, L-BFGS, L2 penalty ``l2`` on the weights). Deterministic."""
     x = probe_inputs(torch.from_numpy(np.asarray(cls, np.float32)), probe.blocks)
+    fit_linear(probe.linear, x, labels, weights, l2, steps)
+    return probe
+
+
+def fit_linear(lin: nn.Linear, x: Tensor, labels: Sequence[int],
+               weights: np.ndarray | None = None, l2: float = 1e-3, steps: int = 200
+               ) -> nn.Linear:
+    """Weighted logistic regression of ``lin`` (one output) on features ``x`` ``[N, D]``,
+    from zero, with an L2 penalty on its weights (L-BFGS, full batch). Deterministic."""
     y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     w = torch.as_tensor(np.ones(len(y)) if weights is None else weights, dtype=torch.float32)
-    lin = probe.linear
     with torch.no_grad():
         lin.weight.zero_()
         lin.bias.zero_()
@@ -121,4 +129,4 @@ def fit_probe(probe: ClipProbe, cls: np.ndarray, labels: Sequence[int],
 
     with torch.enable_grad():
         opt.step(closure)
-    return probe
+    return lin

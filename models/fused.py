@@ -25,6 +25,7 @@ from deepaudit.models.clip_branch import CLIP_PREPROCESS, ClipProbe, probe_input
 from deepaudit.models.clip_vit import LAYERS, load_tower
 from deepaudit.models.cnn_lstm import CNNLSTM
 from deepaudit.models.detector import DetectorMixin, Scores
+from deepaudit.models.ln_tune import TunedTail, TunedTower, tower_features
 from deepaudit.models.mask_head import MaskHead
 from deepaudit.models.preprocess import BranchPreprocess
 from deepaudit.models.temporal_attention import AttentionHead, attention_scores
@@ -78,7 +79,7 @@ class FusedDetector(DetectorMixin, nn.Module):
     def __init__(self, cnn: CNNLSTM, cnn_preprocess: BranchPreprocess,
                  blocks: Sequence[int] = (LAYERS,), clip_frames: int | None = 4,
                  quantiles: int = 101, temporal_head: bool = False,
-                 mask_block: int | None = None) -> None:
+                 mask_block: int | None = None, tuned_blocks: Sequence[int] = ()) -> None:
         super().__init__()
         self.cnn = cnn
         self.cnn.config = _cnn_config(cnn_preprocess)  # the branch's own preprocessing
@@ -90,6 +91,9 @@ class FusedDetector(DetectorMixin, nn.Module):
         # The learnt localisation head (models/mask_head.py) on the patch tokens after
         # ``mask_block``: evidence only, it never changes a score.
         self.mask_head = MaskHead(mask_block) if mask_block else None
+        # The tower's last blocks with trained LayerNorms (models/ln_tune.py); None: the
+        # frozen tower as shipped.
+        self.tail = TunedTail(tuned_blocks) if tuned_blocks else None
         self.clip_frames = clip_frames
         levels = torch.linspace(0.0, 1.0, quantiles)
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
@@ -106,7 +110,15 @@ class FusedDetector(DetectorMixin, nn.Module):
         groups["clip_probe"] = list(self.probe.parameters())
         if self.head is not None:
             groups["clip_head"] = list(self.head.parameters())
+        if self.tail is not None:
+            groups["clip_norms"] = list(self.tail.parameters())
         return groups
+
+    def tower(self, device: torch.device) -> nn.Module:
+        """The CLIP tower this model reads: the shared frozen one, through its tuned
+        LayerNorms when it has them."""
+        tower = shared_tower(device)
+        return tower if self.tail is None else TunedTower(tower, self.tail)
 
     def clip_positions(self, lengths: Sequence[int], device: torch.device) -> list[list[int]]:
         k = None if device.type == "cuda" else self.clip_frames
@@ -124,7 +136,7 @@ class FusedDetector(DetectorMixin, nn.Module):
         out = []
         with torch.inference_mode():
             for c in crops.split(chunk):
-                cls = tower(norm(c), blocks=self.probe.blocks)[0]
+                cls = tower_features(tower, self.tail, norm(c), self.probe.blocks)
                 out.append(probe_inputs(cls, range(1, cls.shape[1] + 1)).float())
         return torch.cat(out) if out else torch.zeros(0, len(self.probe.blocks) * 768)
 
@@ -142,8 +154,8 @@ class FusedDetector(DetectorMixin, nn.Module):
 
         norm = CLIP_PREPROCESS.normaliser(pixels.device)
         if self.head is None:
-            return clip_probe_logits(shared_tower(pixels.device), self.probe, norm)(pixels)
-        cls = shared_tower(pixels.device)(norm(pixels), blocks=self.probe.blocks)[0]
+            return clip_probe_logits(self.tower(pixels.device), self.probe, norm)(pixels)
+        cls = self.tower(pixels.device)(norm(pixels), blocks=self.probe.blocks)[0]
         feats = probe_inputs(cls, range(1, cls.shape[1] + 1))
         return self.head(feats[:, None, :], [1] * len(feats))[0]
 
@@ -249,7 +261,7 @@ class FusedDetector(DetectorMixin, nn.Module):
         from deepaudit.models.gradcam import Explanation
 
         device = next(self.parameters()).device
-        tower = shared_tower(device)
+        tower = self.tower(device)
         x = CLIP_PREPROCESS.normaliser(device)(
             torch.from_numpy(np.ascontiguousarray(crops)))
         first = min(self.probe.blocks)

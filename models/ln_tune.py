@@ -116,3 +116,44 @@ def tower_features(tower: nn.Module, tail: TunedTail | None, pixels: Tensor,
             out.append(tuned[:, j])
             j += 1
     return torch.stack(out, dim=1)
+
+
+class _TunedBlock(nn.Module):
+    """A frozen block run with a tail's LayerNorms (whole sequence out)."""
+
+    def __init__(self, block: nn.Module, tail: TunedTail, k: int) -> None:
+        super().__init__()
+        self.__dict__["block"], self.__dict__["tail"], self.k = block, tail, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, k = self.tail.norms, self.k
+        return block_forward(self.block, x, (n[f"b{k}_ln1_weight"], n[f"b{k}_ln1_bias"]),
+                             (n[f"b{k}_ln2_weight"], n[f"b{k}_ln2_bias"]))
+
+
+class TunedTower(nn.Module):
+    """The frozen tower seen through a tail's LayerNorms, with the tower's interface
+    (``tokens``, ``encoder.layers``, ``forward(pixels, blocks)``), for the paths that
+    differentiate through it (Grad-CAM, PGD). Holds no weights of its own: the tower's
+    and the tail's are referenced, never copied or saved."""
+
+    def __init__(self, tower: nn.Module, tail: TunedTail) -> None:
+        super().__init__()
+        self.__dict__["tower"] = tower
+        layers = [(_TunedBlock(b, tail, k) if k in tail.tuned else b)
+                  for k, b in enumerate(tower.encoder.layers, start=1)]
+        self.__dict__["encoder"] = type("Encoder", (), {"layers": layers})()
+
+    def tokens(self, pixels: Tensor) -> Tensor:
+        return self.tower.tokens(pixels)
+
+    def forward(self, pixels: Tensor, blocks: tuple[int, ...] = (LAYERS,)
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.tokens(pixels)
+        taken = []
+        for k, block in enumerate(self.encoder.layers, start=1):
+            x = block(x)
+            if k in blocks:
+                taken.append(x[:, 0])
+        t = self.tower
+        return torch.stack(taken, 1), t.visual_projection(t.post_layernorm(x[:, 0])), x

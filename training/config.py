@@ -81,6 +81,15 @@ class TrainConfig:
     clip_max_per_source: int | None = None
     clip_frames: int | None = None
     clip_cnn_weight: float | None = None  # None: chosen on validation within sources
+    # What the probe's training weights balance: each label's "source"s or "family"s
+    # (square root of their counts), and the share of training views downscaled and back.
+    clip_balance: str = "source"
+    clip_lowres: float = 0.0
+    # The tower's last blocks whose LayerNorms train with the probe (models/ln_tune.py;
+    # None: the frozen tower), for this many epochs at this Adam learning rate.
+    clip_tune: tuple[int, ...] | None = None
+    clip_tune_epochs: int = 3
+    clip_tune_lr: float = 1e-2
     # Audit outputs or ledgers whose reviews join the training split (fused recipes), and
     # the share of the probe's training weight those reviewed items carry.
     reviews: tuple[str, ...] = ()
@@ -164,6 +173,16 @@ class TrainConfig:
             PGDConfig(eps=self.adv_eps, steps=self.adv_steps)  # validates
             if self.adv_crops < 2:
                 bad(f"adv_crops must be >= 2, got {self.adv_crops}")
+        if self.clip_balance not in ("source", "family"):
+            bad(f"clip_balance must be source or family, got {self.clip_balance!r}")
+        if self.clip_tune and (min(self.clip_tune) <= 10 or sorted(self.clip_tune) != list(
+                range(min(self.clip_tune), 13))):
+            bad(f"clip_tune must be the last CLIP blocks after block 10 (e.g. [12] or [11, 12]), "
+                f"got {list(self.clip_tune)}")
+        if self.clip_tune_epochs < 1 or self.clip_tune_lr <= 0:
+            bad("clip_tune_epochs must be >= 1 and clip_tune_lr > 0")
+        if not 0.0 <= self.clip_lowres <= 1.0:
+            bad(f"clip_lowres must be in [0, 1], got {self.clip_lowres}")
         if self.clip_l2 < 0:
             bad(f"clip_l2 must be >= 0, got {self.clip_l2}")
         if self.clip_frames is not None and self.clip_frames < 1:

@@ -214,6 +214,7 @@ def from_shared(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]
             skipped[f"label {rec.get('label')!r}"] += 1
             continue
         repo = (rec.get("source_repo") or "").strip()
+        family = (rec.get("family") or "").strip()
         source = _SHARED_SOURCES.get(repo.lower(), repo.split("/")[-1] or "unknown")
         uri = f"{root}/{rel}"
         stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -238,7 +239,7 @@ def from_shared(path: str, storage: StorageConfig) -> tuple[list[dict], Counter]
             group = f"utkface:{stem.rsplit('_', 1)[-1]}"
         rows.append(_row(uri, label, group, links=links, sequence=sequence, source=source,
                          method=method, media_id=rel, media_type=media_type,
-                         family=(rec.get("family") or "").strip()))
+                         family=family))
     return rows, skipped
 
 
@@ -536,24 +537,36 @@ class SplitConfig:
 def split_table(table: pa.Table, config: SplitConfig) -> tuple[pa.Table, dict]:
     """Add ``component`` and ``split`` (train/val) columns; return the table and the
     split record (settings, group → split, counts) that goes into the model card.
-    Components are stratified by source, label make-up and whether they hold a video."""
+    Components are stratified by source, label make-up and whether they hold a video; a
+    source with too few components to send any to validation (one repository of the later
+    sources, say) is stratified with the rest of its family instead."""
     comps, links_ignored = group_components(table)
     labels = table["label"].to_pylist()
     sources = table["source"].to_pylist()
+    families = (table["family"].to_pylist() if "family" in table.column_names
+                else [None] * table.num_rows)
     members: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(comps):
         members[c].append(i)
     media = table["media_type"].to_pylist()
+    main = {c: Counter(sources[i] for i in idx).most_common(1)[0][0] for c, idx in members.items()}
+    n_comps = Counter(main.values())
+    few = config.folds or 1.0 / config.val_fraction  # components a stratum needs
     strata: dict[tuple[str, str, bool], list[str]] = defaultdict(list)
     for c, idx in members.items():
-        src = Counter(sources[i] for i in idx).most_common(1)[0][0]
+        src = main[c]
+        fam = Counter(families[i] for i in idx).most_common(1)[0][0]
+        if n_comps[src] < few and fam:
+            src = f"family:{fam}"
         labs = {labels[i] for i in idx}
         kind = "mixed" if len(labs) > 1 else ("fake" if 1 in labs else "real")
         # Components with a video form their own strata, so validation gets videos too.
         strata[(src, kind, any(media[i] == "video" for i in idx))].append(c)
     rng = np.random.default_rng(config.seed)
     val: set[str] = set()
-    for key in sorted(strata):
+    # Family strata last: the sources' strata draw exactly as before they existed, so a
+    # split of the older sources (and a CNN branch trained on it) is unchanged.
+    for key in sorted(strata, key=lambda k: (k[0].startswith("family:"), k)):
         comps_here = sorted(strata[key])
         order = [comps_here[i] for i in rng.permutation(len(comps_here))]
         if config.folds is None:

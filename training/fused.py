@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from deepaudit.training.config import TrainConfig
+from deepaudit.training.ln_tune import TOKENS_AFTER
 
 QUANTILES = 101
 CLIP_PROVENANCE = (
@@ -193,23 +194,41 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     torch.manual_seed(cfg.seed)
     emit({"type": "info", "message": f"CLIP features: {len(train)} training items"})
-    bank_cfg = BankConfig(frames=8, seed=cfg.seed, sbi_frames=4 if cfg.sbi else 0)
+    bank_cfg = BankConfig(frames=8, seed=cfg.seed, sbi_frames=4 if cfg.sbi else 0,
+                          lowres=cfg.clip_lowres)
     crop_arrays = load_crops(crops.directory, [r["item_key"] for r in train + val])
+    tune = tuple(cfg.clip_tune or ())
+    if tune and (cfg.adv_eps is not None or kwargs.get("temporal_head")):
+        raise ValueError("clip_tune does not combine with adv_eps or the attention head")
+    tokens_after = TOKENS_AFTER if tune else None
     bank = build_bank(train, crop_arrays, crops.key, bank_cfg,
-                      on_progress=progress("train", len(train)))
-    meta, cls = bank["meta"], bank["cls"]
+                      on_progress=progress("train", len(train)), tokens_after=tokens_after)
+    meta, cls, tokens = bank["meta"], bank["cls"], bank.get("tokens")
     if not cfg.sbi:
         keep = [j for j, m in enumerate(meta) if m["view"] == "orig"]
         meta, cls = [meta[j] for j in keep], cls[keep]
+        tokens = None if tokens is None else tokens[keep]
     labels = np.array([m["label"] for m in meta])
-    sources = np.array([m["source"] for m in meta])
-    weights = balanced_weights(labels, sources)
+    source_of = {r["item_key"]: r["source"] for r in train}  # the bank may hold older names
+    sources = np.array([source_of[m["item_key"]] for m in meta])
+    if cfg.clip_balance == "family":
+        from deepaudit.training.families import family_of
+
+        family = {r["item_key"]: family_of(r) for r in train}
+        weights = balanced_weights(labels, np.array([family[m["item_key"]] for m in meta]))
+    else:
+        weights = balanced_weights(labels, sources)
     reviewed = sources == "reviews"
     if reviewed.any() and not reviewed.all():  # the user's own archive: a fixed share
         total, rest = weights.sum(), ~reviewed
         weights[reviewed] *= cfg.review_weight * total / weights[reviewed].sum()
         weights[rest] *= (1 - cfg.review_weight) * total / weights[rest].sum()
-    probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels, weights, l2=cfg.clip_l2)
+    tail = None
+    if tune:
+        tail, probe = _fit_tail(tune, cfg, kwargs["blocks"], tokens, cls, labels, weights, emit)
+        kwargs["tuned_blocks"] = tune
+    else:
+        probe = fit_probe(ClipProbe(kwargs["blocks"]), cls, labels, weights, l2=cfg.clip_l2)
     adv = None
     if cfg.adv_eps is not None:
         probe, adv = _adversarial_refit(probe, cfg, meta, cls, labels, sources, weights,
@@ -233,8 +252,16 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     val_bank = build_bank(val, crop_arrays, crops.key,
                           BankConfig(frames=kwargs["clip_frames"] or 8, augment=False,
                                      seed=cfg.seed),
-                          on_progress=progress("val", len(val)))
-    if head is None:
+                          on_progress=progress("val", len(val)), tokens_after=tokens_after)
+    if tail is not None:
+        from deepaudit.models.fused import shared_tower
+        from deepaudit.training.ln_tune import tail_inputs, tuned_logits
+
+        tower = shared_tower(torch.device("cpu"))
+        vlog = tuned_logits(tower, tail, probe, tail_inputs(tower, val_bank["tokens"], tune[0]),
+                            val_bank["cls"])
+        val_logits = _item_logits(val_bank["meta"], vlog, kwargs["clip_frames"])
+    elif head is None:
         with torch.no_grad():
             vlog = probe(torch.from_numpy(val_bank["cls"].astype(np.float32))).numpy()
         val_logits = _item_logits(val_bank["meta"], vlog, kwargs["clip_frames"])
@@ -246,6 +273,8 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
     cnn_model = cnn_handle.load("cpu")
     model.cnn.load_state_dict(cnn_model.state_dict(), strict=True)
     model.probe.load_state_dict(probe.state_dict())
+    if tail is not None:
+        model.tail.load_state_dict(tail.state_dict())
     if head is not None:
         model.head.load_state_dict(head.state_dict())
     if mask_head is not None:
@@ -267,10 +296,10 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
 
     u_cnn, u_clip = cdf(c_cnn, model.cdf_cnn), cdf(c_clip, model.cdf_clip)
     sources = [r["source"] for r in val]
-    if cfg.clip_cnn_weight is not None:
-        weight, choice = cfg.clip_cnn_weight, {"rule": "fixed (clip_cnn_weight)"}
-    else:
-        weight, choice = choose_weight(u_cnn, u_clip, y, sources)
+    weight, choice = choose_weight(u_cnn, u_clip, y, sources)
+    if cfg.clip_cnn_weight is not None:  # the grid is still recorded, for the card
+        weight, choice = cfg.clip_cnn_weight, {**choice, "chosen_by_rule": weight,
+                                               "rule": "fixed (clip_cnn_weight)"}
     model.cnn_weight.fill_(weight)
     fused_raw = weight * u_cnn + (1 - weight) * u_clip
     knots = fit_calibration(fused_raw, y)
@@ -310,7 +339,11 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
                         "provenance": CLIP_PROVENANCE,
                         "probe_items": len(train), "probe_crops": len(meta),
                         "bank": asdict(bank_cfg), "adversarial": adv,
-                        "head": "bilstm_attention" if head is not None else "probe_mean"},
+                        "head": "bilstm_attention" if head is not None else "probe_mean",
+                        "tuned_norms": None if tail is None else {
+                            "blocks": list(tune), "epochs": cfg.clip_tune_epochs,
+                            "lr": cfg.clip_tune_lr,
+                            "values": sum(p.numel() for p in tail.parameters())}},
         "val_items": len(val), "crop_settings": cache_cfg.settings(), "split": record,
         "reviews": {"from": list(cfg.reviews), "latest": review_counts,
                     "weight": cfg.review_weight} if cfg.reviews else None,
@@ -331,6 +364,25 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
             "val_accuracy": overall.get("accuracy"),
             "branches_val_auc": metrics["branches_val_auc"],
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _fit_tail(tune: tuple[int, ...], cfg: TrainConfig, blocks, tokens: np.ndarray,
+              cls: np.ndarray, labels: np.ndarray, weights: np.ndarray, emit):
+    """The tower's last LayerNorms and the probe, trained together from the frozen fit
+    (models/ln_tune.py) on the bank's cached tokens."""
+    import torch
+
+    from deepaudit.models.fused import shared_tower
+    from deepaudit.training.ln_tune import LnTuneConfig, fit_tuned, tail_inputs
+
+    emit({"type": "info", "message": f"tuning the LayerNorms of CLIP blocks {list(tune)} "
+          f"({cfg.clip_tune_epochs} epochs)"})
+    tower = shared_tower(torch.device("cpu"))
+    tune_cfg = LnTuneConfig(tuned=tune, epochs=cfg.clip_tune_epochs, lr=cfg.clip_tune_lr,
+                            l2=cfg.clip_l2, seed=cfg.seed)
+    return fit_tuned(tower, tail_inputs(tower, tokens, tune[0]), cls, labels, weights,
+                     blocks, tune_cfg, on_progress=lambda e: emit(
+                         {"type": "info", "message": f"LayerNorm tuning: {e}"}))
 
 
 def branch_frames(frames: int, clip_frames: int | None, cnn_weight: float) -> dict:

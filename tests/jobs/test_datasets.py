@@ -257,3 +257,17 @@ def test_shared_training_set_split_by_ffpp_identity(shared_data):
     crops = [r for r in rows if "ffpp_crop__036_035__" in r["media_id"]]
     assert len(crops) == 8 and len({r["sequence"] for r in crops}) == 1
     assert {"ffpp", "ciplab", "stylegan3", "ismaolen"} <= {s for s in rec["counts"]["val"]}
+
+
+def test_sources_too_small_to_split_are_split_with_their_family():
+    """Ten one-repository sources of one family (each repository one group): split by
+    source, none could reach validation; stratified by family, some do."""
+    rows = [{"uri": f"/{r}/{i}.jpg", "media_id": f"{r}{i}", "label": i % 2,
+             "group": f"repo:{r}", "links": [], "sequence": None, "source": f"repo{r}",
+             "method": None, "media_type": "image", "family": "face-swap"}
+            for r in range(10) for i in range(6)]
+    t, _ = split_table(pa.Table.from_pylist(rows, schema=LABELLED_SCHEMA),
+                       SplitConfig(val_fraction=0.2, seed=0))
+    _never_cut(t)
+    val = {s for s, sp in zip(t["source"].to_pylist(), t["split"].to_pylist()) if sp == "val"}
+    assert 1 <= len(val) <= 4

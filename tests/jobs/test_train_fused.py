@@ -129,3 +129,35 @@ def test_attention_head_with_pgd_trains_audits_and_is_attacked(ray_local, toy, t
     metrics = json.loads(result.output.strip().splitlines()[-1])
     runs = metrics["robustness"]["by_perturbation"]
     assert set(runs) == {"none", "pgd:4"} and metrics["robustness"]["items"] == 4
+
+
+def test_tuned_layernorms_train_from_the_recipe(ray_local, toy, tmp_path):
+    """clip_tune: the last CLIP block's LayerNorms train with the probe (a tiny run: one
+    epoch); the card records them, the checkpoint holds only their values, and the
+    detector scores through them, an item's score the same to the bit whatever else is
+    in the batch."""
+    import numpy as np
+
+    from deepaudit.models.checkpoint import resolve_model
+    from deepaudit.models.fused import shared_tower
+
+    cnn_path, _ = save_checkpoint(create_model("effnet_lite_lstm_tiny"),
+                                  tmp_path / "cnn" / "tiny_cnn.safetensors")
+    recipe = tmp_path / "tuned.toml"
+    recipe.write_text((ROOT / "recipes" / "tiny_fused.toml").read_text().replace(
+        "clip_blocks = [8, 12]", "clip_blocks = [8, 11, 12]")
+        + f'cnn_from = "{cnn_path}"\nclip_cnn_weight = 0.0\nclip_tune = [12]\n'
+        "clip_tune_epochs = 1\n")
+    trained = _train(recipe, toy, tmp_path / "a", tmp_path / "cache")
+    card = json.loads(Path(trained["card"]).read_text())
+    assert card["config"]["arch_kwargs"]["tuned_blocks"] == [12]
+    assert card["training_data"]["clip_branch"]["tuned_norms"]["values"] == 4 * 768
+    assert card["metrics"]["branches_val_auc"]["clip"] >= 0.8
+    model = resolve_model(trained["card"]).load("cpu")
+    frozen = shared_tower(torch.device("cpu")).encoder.layers[11].layer_norm1.weight
+    assert not torch.equal(model.tail.norms["b12_ln1_weight"], frozen)
+
+    crops = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), np.uint8)
+    both = model.score(crops, [2, 3]).video_p
+    assert model.score(crops[:2], [2]).video_p[0] == both[0]
+    assert model.score(crops[2:], [3]).video_p[0] == both[1]
