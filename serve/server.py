@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 100
+LINGER_S = 2.0  # how long a refused client may go on sending before the socket closes
 UPLOAD_PREFIX = "deepaudit-serve-"
 PID_FILE = "serve.pid"
 _BUSY_TEXT = b"503: too many connections; try again later\n"
@@ -115,7 +116,16 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
                                        reason=HTTPStatus(status).phrase.encode()),
                           h11.Data(data=text.encode()), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
-            self.transport.close()
+            # Half-close, and drain what the client is still sending for a moment: closing
+            # with unread bytes makes the kernel send a reset, which can destroy the reply.
+            self._lingering = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not getattr(self, "_lingering", False):
+                super().data_received(data)
 
         def on_response_complete(self) -> None:
             self._cycle_no += 1

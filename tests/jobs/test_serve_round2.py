@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,10 @@ def _raw(url: str, head: bytes, parts: int = 1) -> bytes:
     with socket.create_connection((host, int(port)), timeout=10) as s:
         step = -(-len(head) // parts)
         for i in range(0, len(head), step):
+            # The client is still sending when the 431 goes out: the server must let it
+            # finish (a reset here lost the reply on a slow CI machine).
             s.sendall(head[i:i + step])
+            time.sleep(0.05 if parts > 1 else 0)
         answer = b""
         try:
             while b"\r\n\r\n" not in answer:
