@@ -9,8 +9,10 @@ output and the ledger all live on a moto S3 server on 127.0.0.1, reached only th
 SlowDown or a ``--slow-s`` delay, ``--reset-rate`` a TCP reset (before the answer or
 halfway through a GET's body). Meanwhile ``WorkerKiller`` SIGKILLs a random decode or
 classifier actor process every ``--kill-every`` seconds (never the driver, the raylet or
-the GCS). Then a rerun with the same ledger, under the same chaos. Moto and the proxy run
-in a child process, so the driver's memory is the audit's alone.
+the GCS): the first as soon as an actor runs a task, a missed one retried every second.
+Then a rerun with the same ledger, under the same chaos. Moto and the proxy run in a child
+process, so the driver's memory is the audit's alone. A progress line goes to stderr every
+minute.
 
 The line holds, per run: rows in and out, ``duplicates`` (rows beyond the first per
 media id), ``missing``, ``lost`` (rows whose error starts with ``lost:``), ``inconsistent``
@@ -63,6 +65,7 @@ LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "chaos-bench-key",
 # minute and declared the only node dead (a 100k-row soak died so at 22k rows). The bench
 # kills workers, never nodes: give the checks 100 misses (about 20 minutes) instead of 5.
 RAY_ENV = {"RAY_health_check_failure_threshold": "100", "RAY_USAGE_STATS_ENABLED": "0"}
+PROGRESS_S = 60.0  # a progress line on stderr at most this often
 
 
 # --------------------------------------------------------------------------- media
@@ -317,11 +320,21 @@ def audit_under_chaos(cfg, rows: int, kill_every: float, seed: int) -> dict:
 
     watch = Watch(rows)
     killer = WorkerKiller(kill_every, seed=seed)
+    last = [0.0]
+
+    def on_rows(done: int, total: int) -> None:
+        watch.on_rows(done, total)
+        now = time.perf_counter() - t0
+        if now - last[0] >= PROGRESS_S or done == total:  # where a long soak is, on stderr
+            last[0] = now
+            print(f"chaos: {done}/{total} rows at {now:.0f} s, {len(killer.kills)} "
+                  f"workers killed", file=sys.stderr, flush=True)
+
     watch.start()
     killer.start()
     t0 = time.perf_counter()
     try:
-        summary = run_audit(cfg, on_rows=watch.on_rows)
+        summary = run_audit(cfg, on_rows=on_rows)
     finally:
         killer.stop()
         watch.stop()

@@ -323,19 +323,24 @@ def process_title(pid: int) -> str:
 
 class WorkerKiller:
     """SIGKILLs one random Ray Data actor process of ``stages`` every ``every_s`` seconds,
-    among the processes below ``root`` (default: this process). ``kills`` lists what it
-    killed; ``misses`` when a tick found no such process (Ray starting up, actors
-    restarting or between passes)."""
+    among the processes below ``root`` (default: this process).
+
+    The first kill comes as soon as an actor is seen running a task (looked for every
+    ``retry_s``), or at ``every_s`` whatever the actors do; each later one ``every_s``
+    after the one before. A kill that finds no target (Ray starting up, actors restarting
+    or between passes) is a miss, and is tried again every ``retry_s`` until one is found:
+    a short run is never spared by an unlucky tick. ``kills`` lists what it killed,
+    ``misses`` when a due kill first found no target (once per due kill)."""
 
     def __init__(self, every_s: float, stages=("DecodeCropStage", "ClassifyStage"),
-                 seed: int = 0, root: int | None = None) -> None:
-        if every_s <= 0 or not stages:
-            raise ValueError("every_s must be > 0 and stages not empty")
-        self.every_s, self.stages = every_s, tuple(stages)
+                 seed: int = 0, root: int | None = None, retry_s: float = 1.0) -> None:
+        if every_s <= 0 or retry_s <= 0 or not stages:
+            raise ValueError("every_s and retry_s must be > 0 and stages not empty")
+        self.every_s, self.retry_s, self.stages = every_s, retry_s, tuple(stages)
         self.root = os.getpid() if root is None else root
         self.rng = random.Random(seed)
         self.kills: list[Kill] = []
-        self.misses: list[float] = []  # when a tick found no target
+        self.misses: list[float] = []  # when a due kill first found no target
         self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-killer", daemon=True)
@@ -356,25 +361,34 @@ class WorkerKiller:
                 found.append((pid, stage, title.endswith(".submit")))
         return sorted(found)
 
-    def kill_one(self) -> Kill | None:
-        found = self.targets()
+    def kill_one(self, busy_only: bool = False, miss: bool = True) -> Kill | None:
+        """Kill a random target (only one running a task with ``busy_only``); None, and
+        a miss recorded when ``miss``, when there is none."""
+        found = [t for t in self.targets() if t[2] or not busy_only]
         at = round(time.monotonic() - self.t0, 1)
-        if not found:
+        for pid, stage, busy in self.rng.sample(found, len(found)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # gone meanwhile: another
+            kill = Kill(at, pid, stage, busy)
+            self.kills.append(kill)
+            return kill
+        if miss:
             self.misses.append(at)
-            return None
-        pid, stage, busy = self.rng.choice(found)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            self.misses.append(at)
-            return None
-        kill = Kill(at, pid, stage, busy)
-        self.kills.append(kill)
-        return kill
+        return None
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.kill_one()
+        due, missed = self.every_s, False
+        while not self._stop.wait(self.retry_s):
+            now = time.monotonic() - self.t0
+            early = not self.kills and now < due  # the first kill: a busy actor, if seen
+            if now < due and not early:
+                continue
+            if self.kill_one(busy_only=early, miss=not early and not missed):
+                due, missed = now + self.every_s, False
+            elif not early:
+                missed = True
 
     def start(self) -> WorkerKiller:
         self.t0 = time.monotonic()

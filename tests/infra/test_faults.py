@@ -158,3 +158,37 @@ def test_killer_targets_only_actor_processes_below_this_one():
             p.wait(10)
         for pid in (fork_child, orphan):
             subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+
+
+def test_killer_kills_the_first_busy_actor_at_once_and_retries_a_missed_kill():
+    """The first kill does not wait a period when an actor is running a task, and a due
+    kill that finds no actor is tried again every retry_s, not a period later (a short
+    run in CI once saw no kill at all: every tick fell before or after the actors)."""
+    decode = "ray::MapWorker(MapBatches(DecodeCropStage))"
+    procs = []
+    early = WorkerKiller(every_s=60, seed=1, retry_s=0.1).start()
+    try:
+        time.sleep(0.5)
+        procs.append(_titled(decode))  # idle: the first kill waits for a busy one
+        time.sleep(0.5)
+        assert early.kills == [] and procs[0].poll() is None
+        procs.append(_titled(decode + ".submit"))
+        assert procs[1].wait(5) == -9  # within a few retries, far before 60 s
+        assert [k.pid for k in early.kills] == [procs[1].pid] and early.kills[0].busy
+        assert early.misses == [] and procs[0].poll() is None
+    finally:
+        early.stop()
+    procs[0].kill()
+    procs[0].wait(10)
+    late = WorkerKiller(every_s=0.5, seed=1, retry_s=0.1).start()
+    try:
+        time.sleep(1.5)  # due at 0.5 s, nothing to kill: one miss, then retries
+        procs.append(_titled(decode))
+        assert procs[2].wait(5) == -9
+        assert [k.pid for k in late.kills] == [procs[2].pid] and late.kills[0].at_s < 2.5
+        assert len(late.misses) == 1 and late.misses[0] < 1.0
+    finally:
+        late.stop()
+        for p in procs:
+            p.kill()
+            p.wait(10)
