@@ -79,7 +79,9 @@ class Int8Linear(nn.Module):
                 torch.backends.quantized.engine = before
         # W @ 1 of the int8 weights: adds back the row minimum the codes leave out.
         self.register_buffer("row_sum", q.dequantize().sum(1), persistent=False)
-        self.register_buffer("codes", q.int_repr() if outliers else None, persistent=False)
+        # For the outlier channels: the int8 codes by input channel, and the scales.
+        codes = q.int_repr().t().contiguous() if outliers else None
+        self.register_buffer("codes_t", codes, persistent=False)
         self.register_buffer("scale", scale if outliers else None, persistent=False)
         bias = (linear.bias.detach().float().clone() if linear.bias is not None
                 else torch.zeros(self.out_features))
@@ -91,7 +93,8 @@ class Int8Linear(nn.Module):
         n, extra = len(x), None
         if self.outliers:
             idx = torch.maximum(x.amax(0), -x.amin(0)).topk(self.outliers).indices
-            extra = x[:, idx] @ (self.codes[:, idx].float() * self.scale[:, None]).T
+            w = self.codes_t.index_select(0, idx).float().mul_(self.scale)
+            extra = x.index_select(1, idx) @ w
             x = x.index_fill(1, idx, 0.0)
         lo = x.amin(1, keepdim=True)  # (torch.aminmax is 10x slower here)
         span = (x.amax(1, keepdim=True) - lo).clamp_min_(1e-12)
@@ -196,8 +199,11 @@ class FastTower(nn.Module):
         b, t, _ = x.shape
         a = block.self_attn
         h = block.layer_norm1(x)
-        q, k, v = (p(h).view(b, t, HEADS, WIDTH // HEADS).transpose(1, 2)
-                   for p in (a.q_proj, a.k_proj, a.v_proj))
+        if hasattr(a, "qkv"):  # one product for the three projections
+            q, k, v = a.qkv(h).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (p(h).view(b, t, HEADS, WIDTH // HEADS).transpose(1, 2)
+                       for p in (a.q_proj, a.k_proj, a.v_proj))
         # Proportional attention: a token standing for n patches counts n times.
         bias = None if size is None else size.log().view(b, 1, 1, t)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -232,13 +238,20 @@ Plan = Callable[[int, str], tuple[int, int]]
 def int8_linears(tower: FastTower, plan: Plan = lambda block, name: (0, 1)) -> FastTower:
     """``tower`` with every block ``nn.Linear`` run in int8 (on a copy of its weights);
     ``plan(block, name)`` gives each layer's ``(outliers, passes)`` (block 1..12, name
-    one of q_proj, k_proj, v_proj, out_proj, fc1, fc2)."""
+    one of qkv, out_proj, fc1, fc2). The q, k and v projections read the same input
+    and become one int8 product (the same per-row codes, one call instead of three)."""
     inner = copy.deepcopy(tower.tower)
     for k, block in enumerate(inner.encoder.layers, start=1):
-        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj")),
-                              (block.mlp, ("fc1", "fc2"))):
-            for name in names:
-                setattr(parent, name, Int8Linear(getattr(parent, name), *plan(k, name)))
+        a = block.self_attn
+        qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            qkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        a.qkv = Int8Linear(qkv, *plan(k, "qkv"))
+        del a.q_proj, a.k_proj, a.v_proj
+        a.out_proj = Int8Linear(a.out_proj, *plan(k, "out_proj"))
+        for name in ("fc1", "fc2"):
+            setattr(block.mlp, name, Int8Linear(getattr(block.mlp, name), *plan(k, name)))
     return FastTower(inner, size=tower.size, merge=tower.merge)
 
 
