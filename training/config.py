@@ -81,6 +81,9 @@ class TrainConfig:
     clip_max_per_source: int | None = None
     clip_frames: int | None = None
     clip_cnn_weight: float | None = None  # None: chosen on validation within sources
+    # The tower the CLIP branch scores with on CPU (the card's arch_kwargs; models/
+    # clip_fast.py): float, or a candidate measured against it (docs/performance.md).
+    clip_tower: str = "float"
     # What the probe's training weights balance: each label's "source"s or "family"s
     # (square root of their counts), and the share of training views downscaled and back.
     clip_balance: str = "source"
@@ -179,6 +182,12 @@ class TrainConfig:
                 range(min(self.clip_tune), 13))):
             bad(f"clip_tune must be the last CLIP blocks after block 10 (e.g. [12] or [11, 12]), "
                 f"got {list(self.clip_tune)}")
+        from deepaudit.models.clip_fast import CANDIDATES
+
+        if self.clip_tower not in CANDIDATES:
+            bad(f"clip_tower must be one of {sorted(CANDIDATES)}, got {self.clip_tower!r}")
+        if self.clip_tower != "float" and self.clip_tune:
+            bad("clip_tower other than float does not combine with clip_tune")
         if self.clip_tune_epochs < 1 or self.clip_tune_lr <= 0:
             bad("clip_tune_epochs must be >= 1 and clip_tune_lr > 0")
         if not 0.0 <= self.clip_lowres <= 1.0:

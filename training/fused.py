@@ -153,6 +153,7 @@ def run_fused(cfg: TrainConfig, on_event: Callable[[dict], None] | None = None) 
         kwargs["blocks"] = tuple(int(b) for b in cfg.clip_blocks)
     if cfg.clip_frames is not None:
         kwargs["clip_frames"] = cfg.clip_frames
+    kwargs["clip_tower"] = cfg.clip_tower  # the audit's CPU tower; training reads float
     mc = replace(base, input_size=cfg.input_size or base.input_size,
                  frames=cfg.frames or base.frames, arch_kwargs=kwargs)
     name = cfg.name or mc.arch
