@@ -64,7 +64,11 @@ LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "chaos-bench-key",
 # On a machine loaded far past its cores, Ray's GCS missed the raylet's health checks for a
 # minute and declared the only node dead (a 100k-row soak died so at 22k rows). The bench
 # kills workers, never nodes: give the checks 100 misses (about 20 minutes) instead of 5.
-RAY_ENV = {"RAY_health_check_failure_threshold": "100", "RAY_USAGE_STATS_ENABLED": "0"}
+# At nice 19 beside a busy machine the GCS also went 100 s without CPU and the driver, which
+# exits after 60 s without its GCS, died with it: 30 minutes; workers 10 to register.
+RAY_ENV = {"RAY_health_check_failure_threshold": "100", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_gcs_rpc_server_reconnect_timeout_s": "1800",
+           "RAY_worker_register_timeout_seconds": "600"}
 PROGRESS_S = 60.0  # a progress line on stderr at most this often
 
 
