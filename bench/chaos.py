@@ -9,7 +9,8 @@ output and the ledger all live on a moto S3 server on 127.0.0.1, reached only th
 SlowDown or a ``--slow-s`` delay, ``--reset-rate`` a TCP reset (before the answer or
 halfway through a GET's body). Meanwhile ``WorkerKiller`` SIGKILLs a random decode or
 classifier actor process every ``--kill-every`` seconds (never the driver, the raylet or
-the GCS): the first as soon as an actor runs a task, a missed one retried every second.
+the GCS): the first as soon as an actor runs a task, a missed one retried every second,
+none before the last victim's stage is back to strength.
 Then a rerun with the same ledger, under the same chaos. Moto and the proxy run in a child
 process, so the driver's memory is the audit's alone. A progress line goes to stderr every
 minute.
@@ -348,7 +349,7 @@ def audit_under_chaos(cfg, rows: int, kill_every: float, seed: int) -> dict:
             "workers_killed": len(killer.kills), "killed_by_stage": killer.by_stage(),
             "killed_busy": sum(k.busy for k in killer.kills),
             "kills": [(k.at_s, k.stage, k.busy) for k in killer.kills],
-            "kill_misses": killer.misses,
+            "kill_misses": killer.misses, "kill_waited_s": round(killer.waited_s, 1),
             "progress": [(round(t, 1), done) for t, done, _ in watch.points][::max(
                 1, len(watch.points) // 20)],
             "driver_peak_rss_mb": round(watch.peak, 1)}

@@ -327,10 +327,14 @@ class WorkerKiller:
 
     The first kill comes as soon as an actor is seen running a task (looked for every
     ``retry_s``), or at ``every_s`` whatever the actors do; each later one ``every_s``
-    after the one before. A kill that finds no target (Ray starting up, actors restarting
-    or between passes) is a miss, and is tried again every ``retry_s`` until one is found:
+    after the one before, and not before the stage of the last victim has as many actors
+    up (past ``__init__``) as it had before the kill: on a starved machine a restart can
+    take longer than ``every_s``, and killing each new actor as it comes up would stop the
+    run, not test it. A kill that finds no target (Ray starting up, actors restarting or
+    between passes) is a miss, and is tried again every ``retry_s`` until one is found:
     a short run is never spared by an unlucky tick. ``kills`` lists what it killed,
-    ``misses`` when a due kill first found no target (once per due kill)."""
+    ``misses`` when a due kill first found no target (once per due kill), ``waited_s``
+    how long kills waited for a victim's stage to come back."""
 
     def __init__(self, every_s: float, stages=("DecodeCropStage", "ClassifyStage"),
                  seed: int = 0, root: int | None = None, retry_s: float = 1.0) -> None:
@@ -341,12 +345,14 @@ class WorkerKiller:
         self.rng = random.Random(seed)
         self.kills: list[Kill] = []
         self.misses: list[float] = []  # when a due kill first found no target
+        self.waited_s = 0.0
+        self._back: tuple[str, int] | None = None  # (stage, actors up) before the last kill
         self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-killer", daemon=True)
 
-    def targets(self) -> list[tuple[int, str, bool]]:
-        """(pid, stage, busy) of every actor process of ``stages`` below ``root``. A
+    def _scan(self) -> list[tuple[int, str, str]]:
+        """(pid, stage, title) of every actor process of ``stages`` below ``root``. A
         process whose parent has a Ray title is an actor's child caught between fork and
         exec (its ffmpeg, still wearing the actor's title): never a target."""
         found = []
@@ -358,13 +364,25 @@ class WorkerKiller:
                 continue
             stage = next((s for s in self.stages if f"({s})" in title), None)
             if stage:
-                found.append((pid, stage, title.endswith(".submit")))
+                found.append((pid, stage, title))
         return sorted(found)
+
+    def targets(self) -> list[tuple[int, str, bool]]:
+        """(pid, stage, busy) of every actor process of ``stages`` below ``root``."""
+        return [(pid, stage, title.endswith(".submit")) for pid, stage, title in self._scan()]
+
+    def up(self, stage: str) -> int:
+        """How many actors of ``stage`` are up: past ``__init__`` (a restarted actor's
+        new process builds its stage first)."""
+        return sum(s == stage and not title.endswith(".__init__")
+                   for _, s, title in self._scan())
 
     def kill_one(self, busy_only: bool = False, miss: bool = True) -> Kill | None:
         """Kill a random target (only one running a task with ``busy_only``); None, and
         a miss recorded when ``miss``, when there is none."""
-        found = [t for t in self.targets() if t[2] or not busy_only]
+        scanned = self._scan()
+        found = [(pid, stage, title.endswith(".submit")) for pid, stage, title in scanned
+                 if title.endswith(".submit") or not busy_only]
         at = round(time.monotonic() - self.t0, 1)
         for pid, stage, busy in self.rng.sample(found, len(found)):
             try:
@@ -373,6 +391,8 @@ class WorkerKiller:
                 continue  # gone meanwhile: another
             kill = Kill(at, pid, stage, busy)
             self.kills.append(kill)
+            self._back = (stage, sum(s == stage and not t.endswith(".__init__")
+                                     for _, s, t in scanned))
             return kill
         if miss:
             self.misses.append(at)
@@ -384,6 +404,9 @@ class WorkerKiller:
             now = time.monotonic() - self.t0
             early = not self.kills and now < due  # the first kill: a busy actor, if seen
             if now < due and not early:
+                continue
+            if self._back and self.up(self._back[0]) < self._back[1]:
+                self.waited_s += self.retry_s  # the last victim is not back yet
                 continue
             if self.kill_one(busy_only=early, miss=not early and not missed):
                 due, missed = now + self.every_s, False

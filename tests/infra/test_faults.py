@@ -192,3 +192,28 @@ def test_killer_kills_the_first_busy_actor_at_once_and_retries_a_missed_kill():
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+def test_killer_waits_for_the_last_victims_stage_to_be_back():
+    """On a starved machine a restarted actor can take longer than the period to build
+    its stage: the next kill waits until the stage has its actors up again, instead of
+    killing each replacement as it comes up (which stopped a 10k-row soak at 0 rows)."""
+    decode = "ray::MapWorker(MapBatches(DecodeCropStage))"
+    procs = [_titled(decode + ".submit")]
+    killer = WorkerKiller(every_s=0.3, seed=1, retry_s=0.1).start()
+    try:
+        assert procs[0].wait(5) == -9  # the first kill: the busy actor
+        procs.append(_titled(decode + ".__init__"))  # its replacement, building
+        time.sleep(1.5)  # five periods
+        assert len(killer.kills) == 1 and procs[1].poll() is None
+        assert killer.up("DecodeCropStage") == 0 and killer.waited_s > 0.5
+        procs.append(_titled(decode))  # one actor up again: kills resume
+        deadline = time.monotonic() + 5
+        while len(killer.kills) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(killer.kills) == 2 and killer.kills[1].pid in (procs[1].pid, procs[2].pid)
+    finally:
+        killer.stop()
+        for p in procs:
+            p.kill()
+            p.wait(10)
