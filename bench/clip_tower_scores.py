@@ -2,9 +2,10 @@
 item of ``--data`` scored by the card as it is (the float tower) and with
 ``clip_tower`` set to a candidate of models/clip_fast.py, on CPU, item by item, on the
 frames the audit reads on CPU (the card's ``frames_for("cpu")``, evenly spaced over the
-training crop cache's frames). Prints one JSON line: max and mean |delta p_fake|, the
-items whose verdict flips at the card's threshold, and the ROC AUC with either tower;
-appended to ``bench/results/clip_tower.jsonl`` (bench ``clip_tower_scores``).
+training crop cache's frames; items that cache lacks are counted and left out). Prints
+one JSON line: max and mean |delta p_fake|, the items whose verdict flips at the card's
+threshold, and the ROC AUC with either tower; appended to
+``bench/results/clip_tower.jsonl`` (bench ``clip_tower_scores``).
 ``--data`` is for reporting only: nothing is chosen on it.
 
     python bench/clip_tower_scores.py --candidate int8x2
@@ -34,7 +35,6 @@ def main(
         = 16,
     record: Annotated[bool, typer.Option(help="Append to bench/results.")] = True,
 ) -> None:
-    import pyarrow.compute as pc
     import torch
     from record import append_record
 
@@ -42,7 +42,13 @@ def main(
     from deepaudit.models.checkpoint import resolve_model
     from deepaudit.models.metrics import roc_auc
     from deepaudit.pipeline.media import sample_indices
-    from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
+    from deepaudit.training.crop_cache import (
+        CropCacheConfig,
+        item_key,
+        load_crops,
+        quick_fingerprints,
+        read_index,
+    )
     from deepaudit.training.datasets import load_inputs
 
     t0 = time.perf_counter()
@@ -58,10 +64,14 @@ def main(
     models = {"float": handle.load("cpu"), candidate: fast.load("cpu")}
     k = cfg.frames_for("cpu")
     labelled = load_inputs([data], StorageConfig())
-    cache = build_crop_cache(labelled.table,
-                             CropCacheConfig(frames=cache_frames, size=cfg.input_size))
-    items = cache.items.filter(pc.equal(cache.items["status"], "ok")).to_pylist()
-    crops = load_crops(cache.directory, [r["item_key"] for r in items])
+    # The items the training crop cache holds with a face (nothing is decoded here).
+    cache = CropCacheConfig(frames=cache_frames, size=cfg.input_size)
+    rows = labelled.table.to_pylist()
+    quick = quick_fingerprints([r["uri"] for r in rows], cache.storage())
+    index = {r["item_key"]: r for r in read_index(cache).to_pylist()}
+    items = [{**r, "item_key": item_key(r["uri"], q)} for r, q in zip(rows, quick)]
+    items = [r for r in items if (index.get(r["item_key"]) or {}).get("status") == "ok"]
+    crops = load_crops(cache.directory(), [r["item_key"] for r in items])
     p: dict[str, list[float]] = {name: [] for name in models}
     for r in items:
         arr = crops[r["item_key"]][0]
@@ -75,7 +85,8 @@ def main(
     worst = int(np.argmax(delta)) if len(delta) else None
     result = {
         "bench": "clip_tower_scores", "model": handle.model_id, "candidate": candidate,
-        "data": data, "items": len(items), "frames_cpu": k,
+        "data": data, "items": len(items), "not_in_cache_or_faceless": len(rows) - len(items),
+        "frames_cpu": k,
         "crops_scored": int(sum(min(k, len(crops[r["item_key"]][0])) if
                                 r["media_type"] == "video" else 1 for r in items)),
         "max_abs_delta_p_fake": round(float(delta.max()), 6),
