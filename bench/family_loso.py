@@ -75,10 +75,13 @@ K = 4  # frames per video a CPU audit scores
 TALKING = "talking-head,lip-sync,real-talking"
 
 
-def load(train: str, tokens: bool, lowres: float = 0.0) -> tuple[list[dict], dict]:
+def load(train: str, tokens: bool, lowres: float = 0.0,
+         perturb: str | None = None) -> tuple[list[dict], dict]:
     """Usable, capped items of the training collection (with their family) and the
     recipe's feature bank of them (with each view's tokens after block 10 if asked;
-    ``lowres``: the bank whose training views are partly downscaled)."""
+    ``lowres``: the bank whose training views are partly downscaled; ``perturb``: a bank
+    of the items' untouched views with that perturbation, e.g. ``resize:0.5``, to score
+    held-out items on)."""
     from deepaudit.infra.storage import StorageConfig
     from deepaudit.training.clip_features import BankConfig, build_bank
     from deepaudit.training.crop_cache import CropCacheConfig, build_crop_cache, load_crops
@@ -93,7 +96,8 @@ def load(train: str, tokens: bool, lowres: float = 0.0) -> tuple[list[dict], dic
     items = cap_items(items, CAP, 0)
     crops = load_crops(cache.directory, [r["item_key"] for r in items])
     t0 = time.perf_counter()
-    bank = build_bank(items, crops, cache.key, BankConfig(lowres=lowres),
+    cfg = BankConfig(augment=False, perturb=perturb) if perturb else BankConfig(lowres=lowres)
+    bank = build_bank(items, crops, cache.key, cfg,
                       tokens_after=TOKENS_AFTER if tokens else None,
                       on_progress=lambda n: print(f"  embedded {n}", flush=True)
                       if n % 320 == 0 else None)
@@ -468,6 +472,11 @@ def main(
     card: Annotated[Optional[str], typer.Option(
         help="Write the (first) candidate's table into this model card's "
              "metrics.leave_one_family_out.")] = None,
+    eval_perturb: Annotated[Optional[str], typer.Option(
+        help="Score the held-out (and calibration) items on their views with this "
+             "perturbation, e.g. resize:0.5: both classes lose the same detail, so a "
+             "candidate that leans on resolution differences between them is found out. "
+             "Training views stay as they are.")] = None,
 ) -> None:
     import torch
     from record import append_record  # bench/record.py
@@ -475,6 +484,8 @@ def main(
     from deepaudit.training.families import family_folds, parse_merge
 
     torch.set_num_threads(threads)
+    if card and eval_perturb:
+        raise typer.BadParameter("--card records the clean table: leave out --eval-perturb")
     names = only.split(",") if only else list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
@@ -486,6 +497,7 @@ def main(
         folds = [f for f in folds if f.name in folds_only.split(",")]
     print("folds: " + "; ".join(f"{f.name} (+{','.join(f.pools)})" for f in folds), flush=True)
     ctx = Context(items, bank)
+    scored = Context(*load(train, False, perturb=eval_perturb)) if eval_perturb else None
     others: dict[float, Context] = {}
     results = []
     for name in names:
@@ -495,8 +507,12 @@ def main(
             if spec["lowres"] not in others:
                 others[spec["lowres"]] = Context(*load(train, False, spec["lowres"]))
             train_ctx = others[spec["lowres"]]
-        res = run_candidate(name, spec, ctx, folds, set(talking.split(",")), video_scorers,
-                            train_ctx)
+        if scored is not None:
+            train_ctx = train_ctx or ctx
+        res = run_candidate(name, spec, scored or ctx, folds, set(talking.split(",")),
+                            video_scorers, train_ctx)
+        if eval_perturb:
+            res["eval_perturb"] = eval_perturb
         results.append(res)
         print(json.dumps(res), flush=True)
         if record:

@@ -13,7 +13,8 @@ def ood_figures(handle) -> dict[str, float]:
     """The card's out-of-domain ROC AUC figures, as the card holds them: ``overall``
     (what every verdict surface shows, :attr:`ModelHandle.quality`), then each other
     top-level ``*auc`` figure of ``metrics.out_of_domain`` (``image``, ``video``, ...), and
-    the leave-one-source-out mean when the card has one."""
+    the leave-one-family-out (or, older cards, leave-one-source-out) mean when the card
+    has one."""
     quality = handle.quality
     out = {} if quality.get("ood_auc") is None else {"overall": float(quality["ood_auc"])}
     ood = ((handle.card or {}).get("metrics") or {}).get("out_of_domain") or {}
@@ -21,8 +22,10 @@ def ood_figures(handle) -> dict[str, float]:
         if key != "roc_auc" and "auc" in key and isinstance(value, (int, float)) \
                 and not isinstance(value, bool):
             out[key.removesuffix("_roc_auc").removesuffix("_auc") or key] = float(value)
-    if quality.get("loso_auc") is not None:  # on the training collection, by held-out source
-        out["leave-one-source-out"] = float(quality["loso_auc"])
+    if quality.get("loso_auc") is not None:  # on the training collection, held out in turn
+        held_out = "family" if (handle.card or {}).get("metrics", {}).get(
+            "leave_one_family_out") else "source"
+        out[f"leave-one-{held_out}-out"] = float(quality["loso_auc"])
     return out
 
 
