@@ -10,7 +10,9 @@ SlowDown or a ``--slow-s`` delay, ``--reset-rate`` a TCP reset (before the answe
 halfway through a GET's body). Meanwhile ``WorkerKiller`` SIGKILLs a random decode or
 classifier actor process every ``--kill-every`` seconds (never the driver, the raylet or
 the GCS): the first as soon as an actor runs a task, a missed one retried every second,
-none before the last victim's stage is back to strength.
+none before the last victim's stage is back to strength. Seconds of the pipeline's clock
+by default (``--kill-clock``): its processes' CPU-seconds over the Ray CPUs, so that a
+machine shared with other work sees as many kills per row as one left to the bench.
 Then a rerun with the same ledger, under the same chaos. Moto and the proxy run in a child
 process, so the driver's memory is the audit's alone. A progress line goes to stderr every
 minute.
@@ -318,13 +320,14 @@ def start_ray(num_cpus: int, attempts: int = 3) -> str:
     raise AssertionError("unreachable")
 
 
-def audit_under_chaos(cfg, rows: int, kill_every: float, seed: int) -> dict:
+def audit_under_chaos(cfg, rows: int, kill_every: float, seed: int,
+                      kill_cpus: float | None) -> dict:
     """One audit with the worker killer on; its summary, kills and the driver's RSS."""
     from deepaudit.infra.faults import WorkerKiller
     from deepaudit.pipeline.audit import run_audit
 
     watch = Watch(rows)
-    killer = WorkerKiller(kill_every, seed=seed)
+    killer = WorkerKiller(kill_every, seed=seed, cpus=kill_cpus)
     last = [0.0]
 
     def on_rows(done: int, total: int) -> None:
@@ -350,6 +353,7 @@ def audit_under_chaos(cfg, rows: int, kill_every: float, seed: int) -> dict:
             "killed_busy": sum(k.busy for k in killer.kills),
             "kills": [(k.at_s, k.stage, k.busy) for k in killer.kills],
             "kill_misses": killer.misses, "kill_waited_s": round(killer.waited_s, 1),
+            "kill_clock_s": round(killer.clock(), 1),
             "progress": [(round(t, 1), done) for t, done, _ in watch.points][::max(
                 1, len(watch.points) // 20)],
             "driver_peak_rss_mb": round(watch.peak, 1)}
@@ -360,6 +364,10 @@ def run(
     rows: Annotated[int, typer.Option(help="Manifest rows (distinct media ids).")] = 10_000,
     objects: Annotated[int, typer.Option(help="Distinct S3 objects the rows point at.")] = 100,
     kill_every: Annotated[float, typer.Option(help="Seconds between worker kills.")] = 30.0,
+    kill_clock: Annotated[str, typer.Option(help="'pipeline': those seconds are the CPU-s of "
+                                                 "the bench's processes over the Ray CPUs "
+                                                 "(a shared machine kills no more often per "
+                                                 "row); 'wall': wall seconds.")] = "pipeline",
     fault_rate: Annotated[float, typer.Option(help="Share of S3 requests answered 500, 503 "
                                                    "SlowDown or late.")] = 0.10,
     reset_rate: Annotated[float, typer.Option(help="Share of S3 requests whose connection "
@@ -387,6 +395,9 @@ def run(
 
     if rows < 10 or objects < len(MIX):
         raise typer.BadParameter(f"--rows must be >= 10 and --objects >= {len(MIX)}")
+    if kill_clock not in ("pipeline", "wall"):
+        raise typer.BadParameter("--kill-clock must be 'pipeline' or 'wall'")
+    kill_cpus = float(num_cpus or os.cpu_count() or 1) if kill_clock == "pipeline" else None
     for key, value in {**LOCAL_S3_ENV, **RAY_ENV}.items():
         os.environ.setdefault(key, value)
     workdir = workdir.absolute()
@@ -413,7 +424,7 @@ def run(
 
         runs, expected = [], media_ids
         for k in range(2 if rerun else 1):
-            got = audit_under_chaos(cfg, rows, kill_every, seed + k)
+            got = audit_under_chaos(cfg, rows, kill_every, seed + k, kill_cpus)
             summary = got.pop("summary")
             table = read_verdicts(summary["output"], direct)
             runs.append({
@@ -443,7 +454,8 @@ def run(
         "rows": rows, "objects": objects,
         "mix": dict(Counter(kind for kind, _ in plan)),
         "model": "resnext_lstm_tiny (random weights)", "frames": frames,
-        "kill_every_s": kill_every, "fault_rate": fault_rate, "reset_rate": reset_rate,
+        "kill_every_s": kill_every, "kill_clock": kill_clock,
+        "fault_rate": fault_rate, "reset_rate": reset_rate,
         "slow_s": slow_s, "evidence_max": evidence_max, "seed": seed,
         # The first run's figures, then each run's in full.
         "rows_in": first["rows_in"], "rows_out": first["rows_out"],

@@ -277,6 +277,7 @@ class FaultProxy:
 # Ray Data names an actor's process after its stage: ``ray::MapWorker(MapBatches(Stage))``,
 # with ``.submit`` appended while it runs a task.
 RAY_DATA_ACTOR = "ray::MapWorker("
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -290,9 +291,12 @@ class Kill:
     busy: bool
 
 
-def descendants(root: int) -> dict[int, int]:
-    """The pids below ``root`` in the process tree (from /proc), each with its parent."""
+def descendants(root: int, cpu: dict[int, float] | None = None) -> dict[int, int]:
+    """The pids below ``root`` in the process tree (from /proc), each with its parent.
+    With ``cpu``, also fills it with the CPU-seconds of ``root`` and of each of them,
+    their reaped children's included (utime, stime, cutime, cstime)."""
     children: dict[int, list[int]] = {}
+    seconds: dict[int, float] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -301,14 +305,18 @@ def descendants(root: int) -> dict[int, int]:
                 text = f.read()
         except OSError:
             continue  # gone meanwhile
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        fields = text[text.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+        if cpu is not None:
+            seconds[int(name)] = sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
     out, todo = {}, [root]
     while todo:
         pid = todo.pop()
         kids = children.get(pid, [])
         out.update((kid, pid) for kid in kids)
         todo.extend(kids)
+    if cpu is not None:
+        cpu.update((pid, seconds.get(pid, 0.0)) for pid in [root, *out])
     return out
 
 
@@ -334,13 +342,22 @@ class WorkerKiller:
     between passes) is a miss, and is tried again every ``retry_s`` until one is found:
     a short run is never spared by an unlucky tick. ``kills`` lists what it killed,
     ``misses`` when a due kill first found no target (once per due kill), ``waited_s``
-    how long kills waited for a victim's stage to come back."""
+    how long kills waited for a victim's stage to come back.
+
+    The period runs on the wall clock, or with ``cpus`` on the pipeline's clock: the
+    CPU-seconds of ``root`` and everything below it over ``cpus``, the time a pipeline
+    that keeps ``cpus`` cores busy takes. On a machine shared with other work the wall
+    clock kills as often per unit of work done as the share the pipeline gets is small;
+    the pipeline's clock keeps the kills per unit of work of a machine to itself."""
 
     def __init__(self, every_s: float, stages=("DecodeCropStage", "ClassifyStage"),
-                 seed: int = 0, root: int | None = None, retry_s: float = 1.0) -> None:
-        if every_s <= 0 or retry_s <= 0 or not stages:
-            raise ValueError("every_s and retry_s must be > 0 and stages not empty")
+                 seed: int = 0, root: int | None = None, retry_s: float = 1.0,
+                 cpus: float | None = None) -> None:
+        if every_s <= 0 or retry_s <= 0 or not stages or (cpus is not None and cpus <= 0):
+            raise ValueError("every_s, retry_s and cpus must be > 0 and stages not empty")
         self.every_s, self.retry_s, self.stages = every_s, retry_s, tuple(stages)
+        self.cpus = cpus
+        self._cpu_base = self._cpu_last = 0.0
         self.root = os.getpid() if root is None else root
         self.rng = random.Random(seed)
         self.kills: list[Kill] = []
@@ -398,10 +415,24 @@ class WorkerKiller:
             self.misses.append(at)
         return None
 
+    def _tree_cpu_s(self) -> float:
+        """CPU-seconds of root and the processes below it, never decreasing (a child's
+        seconds move to its parent's cutime when it is reaped)."""
+        cpu: dict[int, float] = {}
+        descendants(self.root, cpu)
+        self._cpu_last = max(self._cpu_last, sum(cpu.values()))
+        return self._cpu_last
+
+    def clock(self) -> float:
+        """Seconds since start: wall, or the pipeline's with ``cpus``."""
+        if self.cpus is None:
+            return time.monotonic() - self.t0
+        return (self._tree_cpu_s() - self._cpu_base) / self.cpus
+
     def _loop(self) -> None:
         due, missed = self.every_s, False
         while not self._stop.wait(self.retry_s):
-            now = time.monotonic() - self.t0
+            now = self.clock()
             early = not self.kills and now < due  # the first kill: a busy actor, if seen
             if now < due and not early:
                 continue
@@ -415,6 +446,8 @@ class WorkerKiller:
 
     def start(self) -> WorkerKiller:
         self.t0 = time.monotonic()
+        if self.cpus is not None:
+            self._cpu_base = self._tree_cpu_s()
         self._thread.start()
         return self
 

@@ -217,3 +217,23 @@ def test_killer_waits_for_the_last_victims_stage_to_be_back():
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+def test_killer_on_the_pipelines_clock_waits_for_work_done():
+    """With cpus, the period counts the CPU-seconds of the processes below the killer's
+    root over cpus: no kill while the pipeline idles (a starved shared machine), one
+    once it has worked a period's worth."""
+    decode = "ray::MapWorker(MapBatches(DecodeCropStage))"
+    procs = [_titled(decode)]  # idle: never busy, so no early first kill
+    killer = WorkerKiller(every_s=1.0, seed=1, retry_s=0.1, cpus=1).start()
+    try:
+        time.sleep(2.0)  # two wall periods, almost no CPU below this process
+        assert killer.kills == [] and procs[0].poll() is None and killer.clock() < 0.5
+        procs.append(_titled("ray::IDLE", "while :; do :; done"))  # the pipeline works
+        assert procs[0].wait(10) == -9
+        assert [k.pid for k in killer.kills] == [procs[0].pid] and killer.clock() >= 1.0
+    finally:
+        killer.stop()
+        for p in procs:
+            p.kill()
+            p.wait(10)
