@@ -70,6 +70,9 @@ def main(
         help="The audit's model (default: the shipped default).")] = None,
     workdir: Annotated[Path, typer.Option(help="Clip cache and outputs.")] = Path("bench-out"),
     record: Annotated[bool, typer.Option(help="Append to bench/results/.")] = True,
+    baseline: Annotated[Optional[Path], typer.Option(
+        help="Another build's deepaudit executable (e.g. an older commit's venv), timed in "
+             "the same rounds: before and after on the same machine.")] = None,
     loop: Annotated[Optional[Path], typer.Option(
         help="Internal: run the seed-style loop over this manifest.")] = None,
 ) -> None:
@@ -89,19 +92,26 @@ def main(
             w.writerows([[str(p.absolute())] for p in paths])
         bin_dir = Path(sys.executable).parent
         seed = [sys.executable, str(Path(__file__).resolve()), "--loop", str(manifest)]
-        audit = [str(bin_dir / "deepaudit"), "audit", str(manifest), "-o",
-                 str(Path(tmp) / "out"), "--no-evidence", "--no-progress",
-                 *(["--model", model] if model else [])]
+        def audit(exe: Path, out: str) -> list[str]:
+            return [str(exe), "audit", str(manifest), "-o", str(Path(tmp) / out),
+                    "--no-evidence", "--no-progress", *(["--model", model] if model else [])]
+
         pairs = []
         timed(seed)  # warm-up: page cache, compiled kernels
         for r in range(rounds):
-            a, b = timed(seed), timed(audit)
+            a, b = timed(seed), timed(audit(bin_dir / "deepaudit", f"out{r}"))
             pairs.append({"seed_loop_s": round(a, 2), "audit_s": round(b, 2),
                           "speedup": round(a / b, 3)})
+            if baseline:
+                c = timed(audit(baseline, f"base{r}"))
+                pairs[-1].update(baseline_audit_s=round(c, 2),
+                                 baseline_speedup=round(a / c, 3))
             print(json.dumps({"round": r, **pairs[-1]}), file=sys.stderr, flush=True)
     result = {"bench": "seed_loop", "clips": clips, "clip_seconds": 10.0,
               "model": model or "default", "rounds": rounds,
               "speedup_median": statistics.median(p["speedup"] for p in pairs),
+              **({"baseline": str(baseline), "baseline_speedup_median": statistics.median(
+                  p["baseline_speedup"] for p in pairs)} if baseline else {}),
               "per_round": pairs}
     print(json.dumps(result))
     if record:
