@@ -43,6 +43,17 @@ _PREFIX = "vision_model."
 _PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+def run_blocks(x: Tensor, layers, blocks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``x`` through ``layers``: the CLS token after each of ``blocks`` (1-based),
+    ``[N, B, 768]``, and the last residual stream."""
+    taken = []
+    for k, block in enumerate(layers, start=1):
+        x = block(x)
+        if k in blocks:
+            taken.append(x[:, 0])
+    return torch.stack(taken, dim=1), x
+
+
 def cache_dir() -> Path:
     """Where the wheel and the converted tensors live: ``$DEEPAUDIT_CACHE`` or
     ``~/.cache/deepaudit``."""
@@ -272,14 +283,8 @@ class ClipVisionTower(nn.Module):
         """``pixels`` ``[N, 3, 224, 224]`` (CLIP-normalised) -> ``(cls [N, B, 768],
         embeds [N, 512], last_hidden [N, 197, 768])``; block ``k`` is the residual
         stream after ``k`` blocks (1..12)."""
-        x = self.tokens(pixels)
-        taken = []
-        for k, block in enumerate(self.encoder.layers, start=1):
-            x = block(x)
-            if k in blocks:
-                taken.append(x[:, 0])
-        embeds = self.visual_projection(self.post_layernorm(x[:, 0]))
-        return torch.stack(taken, dim=1), embeds, x
+        cls, x = run_blocks(self.tokens(pixels), self.encoder.layers, blocks)
+        return cls, self.visual_projection(self.post_layernorm(x[:, 0])), x
 
 
 def load_tower(device: str | torch.device = "cpu") -> ClipVisionTower:

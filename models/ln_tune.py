@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from deepaudit.models.clip_vit import HEADS, LAYERS, WIDTH
+from deepaudit.models.clip_vit import HEADS, LAYERS, WIDTH, run_blocks
 
 EPS = 1e-5
 
@@ -149,11 +149,6 @@ class TunedTower(nn.Module):
 
     def forward(self, pixels: Tensor, blocks: tuple[int, ...] = (LAYERS,)
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.tokens(pixels)
-        taken = []
-        for k, block in enumerate(self.encoder.layers, start=1):
-            x = block(x)
-            if k in blocks:
-                taken.append(x[:, 0])
+        cls, x = run_blocks(self.tokens(pixels), self.encoder.layers, blocks)
         t = self.tower
-        return torch.stack(taken, 1), t.visual_projection(t.post_layernorm(x[:, 0])), x
+        return cls, t.visual_projection(t.post_layernorm(x[:, 0])), x
