@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,32 @@ class StorageConfig:
         )
 
 
+# The environment an S3 client reads its endpoint, credentials and region from: a change
+# to any of them gets a new client.
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+            "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE")
+_S3_CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
+_S3_CLIENTS_MAX = 8
+_S3_LOCK = threading.Lock()
+
+
 def s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
-    """An s3fs filesystem with retries and timeouts configured."""
+    """An s3fs filesystem with retries and timeouts configured, one per process for each
+    config and AWS environment: building a client costs about 0.3 CPU-s (botocore loads
+    its service model), which a decode actor paid on every item before."""
+    key = (config, os.getpid(), tuple(os.environ.get(name) for name in _AWS_ENV))
+    with _S3_LOCK:
+        fs = _S3_CLIENTS.get(key)
+        if fs is None:
+            if len(_S3_CLIENTS) >= _S3_CLIENTS_MAX:
+                _S3_CLIENTS.pop(next(iter(_S3_CLIENTS)))
+            fs = _S3_CLIENTS[key] = _new_s3_filesystem(config)
+        return fs
+
+
+def _new_s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
     import s3fs  # imported lazily: local-only runs never pay for aiobotocore
 
     client_kwargs = {}
@@ -68,6 +93,7 @@ def s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
         },
         # Listings can change between runs of a scheduled audit: never serve stale ones.
         use_listings_cache=False,
+        # fsspec's own instance cache ignores the environment; ours above keys on it.
         skip_instance_cache=True,
     )
 
