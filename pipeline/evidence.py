@@ -36,6 +36,7 @@ import math
 import posixpath
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -412,26 +413,40 @@ def staging_root(root: str, run_id: str) -> str:
     return join(root, STAGING, safe_filename(run_id))
 
 
+# Moves promote() runs at once: each is a few sequential requests (HEAD, copy, delete on
+# S3), and the driver's writer waits for all of them before it ledgers the file.
+PROMOTE_THREADS = 16
+
+
 def promote(root: str, staging: str, uris: list[str], storage: StorageConfig | None = None
             ) -> int:
     """Move the evidence of ``uris`` (PNG URIs under ``root``, from verdict rows now on
     disk) and their JSON from ``staging`` to ``root``. Returns the items moved."""
     fs, _ = filesystem_for(root, storage)
-    moved = 0
+    moves = []  # (source, destination, counts as an item)
     for uri in uris:
         if not uri or not uri.startswith(root.rstrip("/") + "/"):
             continue
         rel = uri[len(root.rstrip("/")) + 1:]
-        for suffix in ("", ".json"):
-            src = filesystem_for(join(staging, rel), storage)[1]
-            dst = filesystem_for(uri, storage)[1]
-            if suffix:
-                src, dst = src.removesuffix(".png") + ".json", dst.removesuffix(".png") + ".json"
-            if fs.exists(src):
-                fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-                fs.mv(src, dst)
-                moved += not suffix
-    return moved
+        src = filesystem_for(join(staging, rel), storage)[1]
+        dst = filesystem_for(uri, storage)[1]
+        moves.append((src, dst, True))
+        moves.append((src.removesuffix(".png") + ".json", dst.removesuffix(".png") + ".json",
+                      False))
+
+    def move(job: tuple[str, str, bool]) -> int:
+        src, dst, item = job
+        if not fs.exists(src):
+            return 0
+        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        fs.mv(src, dst)
+        return int(item)
+
+    if not moves:
+        return 0
+    with ThreadPoolExecutor(min(PROMOTE_THREADS, len(moves)),
+                            thread_name_prefix="promote") as pool:
+        return sum(pool.map(move, moves))
 
 
 def drop_staging(staging: str, storage: StorageConfig | None = None) -> None:
