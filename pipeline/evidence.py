@@ -434,12 +434,21 @@ def promote(root: str, staging: str, uris: list[str], storage: StorageConfig | N
         moves.append((src.removesuffix(".png") + ".json", dst.removesuffix(".png") + ".json",
                       False))
 
+    local = "file" in fs.protocol
+
     def move(job: tuple[str, str, bool]) -> int:
         src, dst, item = job
-        if not fs.exists(src):
-            return 0
-        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-        fs.mv(src, dst)
+        if local:
+            if not fs.exists(src):
+                return 0
+            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            fs.mv(src, dst)
+        else:  # a HEAD, a copy and a delete; fsspec's mv would also list the source twice
+            try:
+                fs.cp_file(src, dst)
+            except FileNotFoundError:
+                return 0
+            fs.rm_file(src)
         return int(item)
 
     if not moves:
