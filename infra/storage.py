@@ -89,7 +89,9 @@ def _new_s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
         config_kwargs={
             "connect_timeout": config.connect_timeout_s,
             "read_timeout": config.read_timeout_s,
-            "retries": {"max_attempts": config.max_attempts, "mode": "adaptive"},
+            # Not "adaptive": its client-side rate limit lives as long as the kept client,
+            # and a few 503 SlowDown answers slowed a whole process 3x (docs/performance.md).
+            "retries": {"max_attempts": config.max_attempts, "mode": "standard"},
         },
         # Listings can change between runs of a scheduled audit: never serve stale ones.
         use_listings_cache=False,
