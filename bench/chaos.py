@@ -521,7 +521,7 @@ def memory(
     model = tiny_model(workdir / "model")
     runs = [soak(n, workdir, model, num_cpus, real_every) for n in (base_rows, rows)]
     keep = ("rows", "images", "empty", "state", "rows_out", "seconds", "startup_s",
-            "items_per_s", "rss_mb_before",
+            "items_per_s", "rss_mb_before", "marks",
             "rss_mb", "rss_ratio", "rss_mb_hwm", "parquet_files", "plan", "other_cores")
     base, big = runs
     ratio = round(big["rss_mb"]["100%"] / base["rss_mb"]["100%"], 3)
@@ -532,6 +532,10 @@ def memory(
         "memory_ratio": ratio,
         # The large run's own RSS when it had done base_rows (10 %) and all of them.
         "memory_ratio_within_run": big["rss_ratio"],
+        # The RSS at the end by kind: the driver's own heap (anon) against the shared
+        # object-store pages it has touched (shmem), which are not its to free.
+        "driver_rss_parts_mb": [r.get("marks", {}).get("100%", {}).get("rss_now_mb")
+                                for r in runs],
         "memory_goal": goal, "memory_ok": ratio <= goal,
         "soak": [{k: r.get(k) for k in keep} for r in runs],
     }

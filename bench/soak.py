@@ -59,6 +59,18 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def rss_parts_mb() -> dict[str, float]:
+    """This process's RSS now, by kind: ``anon`` (its own heap), ``file`` (mapped files,
+    libraries) and ``shmem`` (shared memory it has touched: Ray's object store pages)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            for kind in ("Anon", "File", "Shmem"):
+                if line.startswith(f"Rss{kind}:"):
+                    parts[kind.lower()] = round(int(line.split()[1]) / 1024, 1)
+    return parts
+
+
 def hwm_mb() -> float:
     """This process's peak resident set size since it started (VmHWM), in MiB."""
     with open("/proc/self/status") as f:
@@ -236,7 +248,7 @@ class Watch:
             key = f"{round(frac * 100)}%"
             if key not in self.marks and done >= round(frac * self.rows):
                 self.marks[key] = {"rows": done, "seconds": round(t, 1),
-                                   "rss_mb": round(peak, 1)}
+                                   "rss_mb": round(peak, 1), "rss_now_mb": rss_parts_mb()}
 
     def time_at(self, rows: float) -> float | None:
         """When ``rows`` were done, interpolated between the callbacks around it."""
