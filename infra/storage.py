@@ -65,7 +65,7 @@ _S3_LOCK = threading.Lock()
 
 def s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
     """An s3fs filesystem with retries and timeouts configured, one per process for each
-    config and AWS environment: building a client costs about 0.3 CPU-s (botocore loads
+    config and AWS environment: building a client costs about 0.2 CPU-s (botocore loads
     its service model), which a decode actor paid on every item before."""
     key = (config, os.getpid(), tuple(os.environ.get(name) for name in _AWS_ENV))
     with _S3_LOCK:
