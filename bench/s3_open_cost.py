@@ -1,8 +1,8 @@
 """CPU of opening an s3:// item as the decode stage does (``open_source``: a HEAD and a
 presigned URL), with the process's cached S3 client against a new client per item, the
 way every item was opened before 16ccc63. Both alternate in one run, against a moto
-server on 127.0.0.1 in the same process (its CPU counts in both). Prints one JSON line; ``--record`` appends it to
-``bench/results/s3_open_cost.jsonl``.
+server on 127.0.0.1 in the same process (its CPU counts in both). Prints one JSON line;
+``--record`` appends it to ``bench/results/s3_open_cost.jsonl``.
 
     python bench/s3_open_cost.py [--items 40] [--repeats 3]
 """
@@ -16,7 +16,8 @@ import time
 from typing import Annotated
 
 import typer
-from record import append_record, machine  # bench/record.py, beside this script
+from local_s3 import local_s3  # bench/local_s3.py, beside this script
+from record import append_record, machine
 
 from deepaudit.infra import storage
 from deepaudit.infra.storage import StorageConfig
@@ -42,18 +43,8 @@ def main(items: Annotated[int, typer.Option(help="Objects opened per measurement
          repeats: Annotated[int, typer.Option(help="Alternating rounds.")] = 3,
          record: Annotated[bool, typer.Option(help="Append the line to bench/results/.")] = False,
          ) -> None:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        cfg = StorageConfig(endpoint_url=f"http://{host}:{port}")
+    with local_s3() as endpoint:
+        cfg = StorageConfig(endpoint_url=endpoint)
         fs = storage.s3_filesystem(cfg)
         fs.mkdir("bench")
         uris = []
@@ -65,8 +56,6 @@ def main(items: Annotated[int, typer.Option(help="Objects opened per measurement
         for _ in range(repeats):
             fresh.append(_cpu_ms_per_item(uris, cfg, fresh=True))
             cached.append(_cpu_ms_per_item(uris, cfg, fresh=False))
-    finally:
-        server.stop()
     result = {"bench": "s3_open_cost", "items": items, "repeats": repeats,
               "cpu_ms_per_item_new_client": round(statistics.median(fresh), 1),
               "cpu_ms_per_item_cached_client": round(statistics.median(cached), 1),

@@ -12,7 +12,6 @@ alternate in one run. Prints one JSON line; ``--record`` appends it to
 from __future__ import annotations
 
 import json
-import logging
 import os
 import statistics
 import time
@@ -20,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import typer
-from record import append_record, machine  # bench/record.py, beside this script
+from local_s3 import local_s3  # bench/local_s3.py, beside this script
+from record import append_record, machine
 
 RESULTS = "bench/results/s3_retry_mode.jsonl"
 BUCKET = "retry-bench"
@@ -63,34 +63,28 @@ def main(seconds: Annotated[float, typer.Option(help="Seconds per mode and round
          rounds: Annotated[int, typer.Option(help="Rounds; the modes alternate.")] = 2,
          record: Annotated[bool, typer.Option(help="Append the line to bench/results/.")] = False,
          ) -> None:
-    from moto.server import ThreadedMotoServer
-
     from deepaudit.infra.faults import FaultProxy
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    proxy = FaultProxy(f"http://{host}:{port}", fault_rate=0.10, reset_rate=0.02,
-                       slow_s=1.0, seed=1).start()
     copies: dict[str, list[int]] = {"standard": [], "adaptive": []}
     failures = {"standard": 0, "adaptive": 0}
-    try:
-        direct = _client(f"http://{host}:{port}", "standard")
-        direct.create_bucket(Bucket=BUCKET)
-        sources = 400
-        for i in range(sources):
-            direct.put_object(Bucket=BUCKET, Key=f"src/{i}", Body=os.urandom(20_000))
-        for r in range(rounds):
-            for mode in (("adaptive", "standard") if r % 2 == 0 else ("standard", "adaptive")):
-                done, failed = _copies(_client(proxy.endpoint, mode), mode, seconds, sources)
-                copies[mode].append(done)
-                failures[mode] += failed
-    finally:
-        proxy.stop()
-        server.stop()
+    with local_s3() as endpoint:
+        proxy = FaultProxy(endpoint, fault_rate=0.10, reset_rate=0.02, slow_s=1.0,
+                           seed=1).start()
+        try:
+            direct = _client(endpoint, "standard")
+            direct.create_bucket(Bucket=BUCKET)
+            sources = 400
+            for i in range(sources):
+                direct.put_object(Bucket=BUCKET, Key=f"src/{i}", Body=os.urandom(20_000))
+            for r in range(rounds):
+                for mode in (("adaptive", "standard") if r % 2 == 0
+                             else ("standard", "adaptive")):
+                    done, failed = _copies(_client(proxy.endpoint, mode), mode, seconds,
+                                           sources)
+                    copies[mode].append(done)
+                    failures[mode] += failed
+        finally:
+            proxy.stop()
     result = {"bench": "s3_retry_mode", "threads": THREADS, "seconds": seconds,
               "rounds": rounds, "fault_rate": 0.10, "reset_rate": 0.02,
               "copies": copies, "failed": failures,

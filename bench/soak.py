@@ -50,34 +50,32 @@ WINDOWS = 10
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb() -> float:
-    """This process's resident set size, in MiB."""
+def _status_mb(*fields: str) -> dict[str, float]:
+    """Fields of /proc/self/status (kB), in MiB."""
+    found = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            name, _, value = line.partition(":")
+            if name in fields:
+                found[name] = int(value.split()[0]) / 1024
+    return found
+
+
+def rss_mb() -> float:
+    """This process's resident set size, in MiB."""
+    return _status_mb("VmRSS").get("VmRSS", float("nan"))
 
 
 def rss_parts_mb() -> dict[str, float]:
     """This process's RSS now, by kind: ``anon`` (its own heap), ``file`` (mapped files,
     libraries) and ``shmem`` (shared memory it has touched: Ray's object store pages)."""
-    parts = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            for kind in ("Anon", "File", "Shmem"):
-                if line.startswith(f"Rss{kind}:"):
-                    parts[kind.lower()] = round(int(line.split()[1]) / 1024, 1)
-    return parts
+    parts = _status_mb("RssAnon", "RssFile", "RssShmem")
+    return {name[3:].lower(): round(mb, 1) for name, mb in parts.items()}
 
 
 def hwm_mb() -> float:
     """This process's peak resident set size since it started (VmHWM), in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM").get("VmHWM", float("nan"))
 
 
 def _proc_stat(pid: str) -> tuple[int, float]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from deepaudit.infra.storage import StorageConfig, filesystem_for, join
+from deepaudit.infra.storage import StorageConfig, filesystem_for, is_s3, join
 
 log = logging.getLogger(__name__)
 
@@ -434,11 +434,9 @@ def promote(root: str, staging: str, uris: list[str], storage: StorageConfig | N
         moves.append((src.removesuffix(".png") + ".json", dst.removesuffix(".png") + ".json",
                       False))
 
-    local = "file" in fs.protocol
-
     def move(job: tuple[str, str, bool]) -> int:
         src, dst, item = job
-        if local:
+        if not is_s3(root):
             if not fs.exists(src):
                 return 0
             fs.makedirs(posixpath.dirname(dst), exist_ok=True)
